@@ -1,0 +1,29 @@
+"""VisionZip (CVPR 2025) for Hugging Face transformers LLaVA-NeXT and LLaVA-1.5.
+
+    handle = visionzip.apply(model, processor, dominant=54, contextual=10)
+    inputs = processor(images=image, text=prompt, return_tensors="pt")   # <image> -> reduced count
+    model.generate(**inputs)                                            # unchanged call
+    with handle.use(enabled=False):                                     # stock, this block only
+        ...
+"""
+
+from .budget import PRESETS, Budget, preset_budget
+from .core import Call, Settings, VisionZip, apply
+from .merge import choose_tokens, cls_attention, merge_tokens
+from .selection import ImageSelection, TileSelection
+
+__all__ = [
+    "PRESETS",
+    "Budget",
+    "Call",
+    "ImageSelection",
+    "Settings",
+    "TileSelection",
+    "VisionZip",
+    "apply",
+    "choose_tokens",
+    "cls_attention",
+    "merge_tokens",
+    "preset_budget",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,114 @@
+"""VisionZip as pure tensor functions: no model, no hooks, no state.
+
+Shapes: T tiles (336x336 crops), S = 1 + P tokens per tile (CLS first, then P patches in raster
+order), C channels, H heads, d head width, D dominant and K contextual tokens kept per tile.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+MERGE_MODES = ("sum", "mean")
+
+
+def cls_attention(query_cls: torch.Tensor, keys: torch.Tensor, scale: float) -> torch.Tensor:
+    """The CLS query's softmax attention over all keys, summed over heads.
+
+    query_cls: (T, H, d) the CLS token's query; keys: (T, H, S, d).  Returns (T, S) in float32.
+    Only this one row of the attention map is computed, so the tower keeps its fused attention.
+    """
+    logits = torch.einsum("thd,thsd->ths", query_cls.float(), keys.float()) * scale  # (T, H, S)
+    return logits.softmax(dim=-1).sum(dim=1)
+
+
+@dataclass
+class TileChoice:
+    """What VisionZip chose in each of T tiles; all indices are token positions (0 = CLS)."""
+
+    dominant: torch.Tensor  # (T, D) ascending, CLS (0) first
+    targets: torch.Tensor  # (T, K) ascending: the contextual tokens' anchors
+    merged: torch.Tensor  # (T, M) ascending: tokens folded into a target, M = S - D - K
+    merged_into: torch.Tensor  # (T, M) the target slot (0..K-1) each merged token went to
+
+
+def choose_tokens(cls_attn: torch.Tensor, keys_mean: torch.Tensor, dominant: int, contextual: int) -> TileChoice:
+    """Pick dominant tokens by CLS attention and group the rest around evenly spaced targets.
+
+    cls_attn: (T, S); keys_mean: (T, S, d) keys averaged over heads.
+    """
+    num_tiles, seq_len = cls_attn.shape
+    device = cls_attn.device
+    # Dominant: CLS always, plus the D-1 patches the CLS attends to most; kept in position order.
+    top_patches = cls_attn[:, 1:].topk(dominant - 1, dim=1).indices + 1  # (T, D-1)
+    cls_index = torch.zeros(num_tiles, 1, dtype=torch.long, device=device)
+    dominant_idx = torch.cat([cls_index, top_patches], dim=1).sort(dim=1).values  # (T, D)
+
+    is_dominant = torch.zeros(num_tiles, seq_len, dtype=torch.bool, device=device)
+    is_dominant.scatter_(1, dominant_idx, True)
+    positions = torch.arange(seq_len, device=device).expand(num_tiles, seq_len)
+    remaining = positions[~is_dominant].view(num_tiles, seq_len - dominant)  # (T, N) ascending
+
+    num_remaining = seq_len - dominant
+    if contextual == 0:
+        empty = remaining[:, :0]
+        return TileChoice(dominant_idx, empty, empty, empty)
+    # Targets: every step-th remaining token, a 1-D stride over the list (the authors' layout).
+    step = max(1, num_remaining // contextual)
+    is_target = torch.zeros(num_remaining, dtype=torch.bool, device=device)
+    is_target[torch.arange(contextual, device=device) * step] = True
+    target_idx = remaining[:, is_target]  # (T, K)
+    merged_idx = remaining[:, ~is_target]  # (T, M)
+
+    unit_keys = torch.nn.functional.normalize(keys_mean, dim=-1)
+    target_keys = _gather_tokens(unit_keys, target_idx)  # (T, K, d)
+    merged_keys = _gather_tokens(unit_keys, merged_idx)  # (T, M, d)
+    similarity = merged_keys @ target_keys.transpose(1, 2)  # (T, M, K)
+    merged_into = similarity.argmax(dim=-1)  # first maximum on ties
+    return TileChoice(dominant_idx, target_idx, merged_idx, merged_into)
+
+
+def merge_tokens(hidden: torch.Tensor, choice: TileChoice, mode: str = "sum") -> torch.Tensor:
+    """The kept tokens of each tile: (T, S, C) -> (T, D + K, C), dominant first, then contextual.
+
+    mode "sum" is the authors' (and the paper's): target + mean(members); a target with no
+    members stays itself.  mode "mean" averages the target with its members.
+    """
+    if mode not in MERGE_MODES:
+        raise ValueError(f"merge mode must be one of {MERGE_MODES}, got {mode!r}")
+    dominant_tokens = _gather_tokens(hidden, choice.dominant)  # (T, D, C)
+    num_targets = choice.targets.shape[1]
+    if num_targets == 0:
+        return dominant_tokens
+    target_tokens = _gather_tokens(hidden, choice.targets)  # (T, K, C)
+    member_tokens = _gather_tokens(hidden, choice.merged)  # (T, M, C)
+    slots = choice.merged_into.unsqueeze(-1).expand_as(member_tokens)
+    member_sum = torch.zeros_like(target_tokens).scatter_add_(1, slots, member_tokens)  # (T, K, C)
+    counts = torch.zeros(target_tokens.shape[:2], dtype=hidden.dtype, device=hidden.device)
+    counts.scatter_add_(1, choice.merged_into, torch.ones_like(choice.merged_into, dtype=hidden.dtype))
+    counts = counts.unsqueeze(-1)  # (T, K, 1)
+    if mode == "sum":
+        contextual_tokens = target_tokens + member_sum / counts.clamp(min=1)
+    else:
+        contextual_tokens = (target_tokens + member_sum) / (counts + 1)
+    return torch.cat([dominant_tokens, contextual_tokens], dim=1)
+
+
+def stitched_dominant_order(dominant: torch.Tensor, grid_rows: int, grid_cols: int, side: int) -> torch.Tensor:
+    """Order of the sub-crops' dominant patches in raster order over the stitched patch grid.
+
+    dominant: (n, D) token positions of the n = grid_rows * grid_cols sub-crops (CLS in column 0).
+    Returns a permutation of the n * (D - 1) flattened patch tokens (crop-major order).
+    """
+    n, _ = dominant.shape
+    patch = dominant[:, 1:] - 1  # (n, D-1) raster index inside each crop
+    crop = torch.arange(n, device=dominant.device).unsqueeze(1)
+    row = (crop // grid_cols) * side + patch // side
+    col = (crop % grid_cols) * side + patch % side
+    return (row * (grid_cols * side) + col).flatten().argsort()
+
+
+def _gather_tokens(tokens: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """tokens (T, S, C), index (T, k) -> (T, k, C)."""
+    return tokens.gather(1, index.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))

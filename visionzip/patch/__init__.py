@@ -1,0 +1,1 @@
+"""Model integrations: one module per transformers model family."""

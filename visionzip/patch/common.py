@@ -1,0 +1,115 @@
+"""What the LLaVA and LLaVA-NeXT patches share: swapping `get_image_features` and the processor's
+placeholder count on the instances (never the classes), and running the tower with the hooks on."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from ..merge import TileChoice, choose_tokens, merge_tokens
+
+if TYPE_CHECKING:
+    from ..core import Settings, VisionZip
+
+
+class _Override:
+    """A callable stored on a processor instance.  Processors deep-copy their `__dict__` when
+    saved or printed; this one must not drag the model along."""
+
+    def __init__(self, function: Callable) -> None:
+        self.function = function
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.function(*args, **kwargs)
+
+    def __deepcopy__(self, memo: dict) -> "_Override":
+        return self
+
+
+def install(
+    handle: "VisionZip",
+    reduced_features: Callable[..., Any],
+    reduced_count: Callable[["VisionZip", tuple[int, int], "Settings"], int],
+) -> Callable[[], None]:
+    """Route image features and placeholder counts through VisionZip when it is enabled.
+    Returns the function that restores the stock methods."""
+    base, processor = handle.base, handle.processor
+    stock_features = base.get_image_features
+
+    def get_image_features(
+        pixel_values: torch.Tensor,
+        image_sizes: torch.Tensor | None = None,
+        vision_feature_layer: int | list[int] | None = None,
+        vision_feature_select_strategy: str | None = None,
+        **kwargs: Any,
+    ):
+        settings = handle.settings
+        if not settings.enabled:
+            return stock_features(
+                pixel_values=pixel_values,
+                image_sizes=image_sizes,
+                vision_feature_layer=vision_feature_layer,
+                vision_feature_select_strategy=vision_feature_select_strategy,
+                **kwargs,
+            )
+        if vision_feature_layer not in (None, base.config.vision_feature_layer):
+            raise ValueError(
+                f"VisionZip was applied at vision_feature_layer={base.config.vision_feature_layer}, "
+                f"this call asks for {vision_feature_layer}"
+            )
+        kwargs.pop("return_dict", None)
+        kwargs.pop("output_hidden_states", None)
+        return reduced_features(handle, pixel_values, image_sizes, settings, **kwargs)
+
+    base.get_image_features = get_image_features
+    restores = [lambda: base.__dict__.pop("get_image_features", None)]
+
+    if processor is not None:
+        stock_replace = processor.replace_image_token
+        stock_counts = processor._get_num_multimodal_tokens
+
+        def replace_image_token(image_inputs: dict, image_idx: int, **kwargs: Any) -> str:
+            settings = handle.settings
+            if not settings.enabled:
+                return stock_replace(image_inputs, image_idx, **kwargs)
+            sizes = image_inputs.get("image_sizes")
+            size = _as_size(sizes[image_idx]) if sizes is not None else None
+            return processor.image_token * reduced_count(handle, size, settings)
+
+        def get_num_multimodal_tokens(image_sizes=None, **kwargs: Any):
+            settings = handle.settings
+            if not settings.enabled or image_sizes is None:
+                return stock_counts(image_sizes=image_sizes, **kwargs)
+            counts = [reduced_count(handle, _as_size(size), settings) for size in image_sizes]
+            return type(stock_counts(image_sizes=image_sizes, **kwargs))(
+                num_image_tokens=counts, num_image_patches=[1] * len(counts)
+            )
+
+        processor.replace_image_token = _Override(replace_image_token)
+        processor._get_num_multimodal_tokens = _Override(get_num_multimodal_tokens)
+        restores.append(lambda: processor.__dict__.pop("replace_image_token", None))
+        restores.append(lambda: processor.__dict__.pop("_get_num_multimodal_tokens", None))
+
+    def unpatch() -> None:
+        for restore in restores:
+            restore()
+
+    return unpatch
+
+
+def reduce_tiles(handle: "VisionZip", tiles: torch.Tensor, settings: "Settings", **tower_kwargs: Any):
+    """Run the tower on (T, 3, H, W) tiles and return (projected (T, D+K, E), choice, cls_attn)."""
+    with handle.capture() as signals:
+        handle.base.vision_tower(tiles, **tower_kwargs)
+    budget = settings.budget
+    choice: TileChoice = choose_tokens(signals.cls_attn, signals.keys_mean, budget.dominant, budget.contextual)
+    tokens = merge_tokens(signals.hidden, choice, settings.merge)  # (T, D+K, C)
+    return handle.base.multi_modal_projector(tokens), choice, signals.cls_attn
+
+
+def _as_size(size: Any) -> tuple[int, int]:
+    if isinstance(size, torch.Tensor):
+        size = size.tolist()
+    return int(size[0]), int(size[1])

@@ -1,0 +1,189 @@
+"""Tiny LLaVA-NeXT and LLaVA-1.5 checkpoints built offline: random weights, real geometry.
+
+The vision tower is narrow and shallow, but its tiles (336x336), patches (14x14, so 24x24 + CLS)
+and `image_grid_pinpoints` are those of CLIP-L/14-336 and the llava-hf checkpoints, so every token
+count equals the real models'.  Its answers are noise; its counts and timings are real.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import (
+    AutoProcessor,
+    CLIPVisionConfig,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaNextConfig,
+    LlavaNextForConditionalGeneration,
+    LlavaNextProcessor,
+    LlavaProcessor,
+    PreTrainedTokenizerFast,
+)
+from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
+from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
+
+TINY_VERSION = 1  # bump when the recipe changes, so caches rebuild
+PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
+CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
+CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
+SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]
+
+# Vicuna v1 with llava-hf's content blocks: images first, then text, per message.
+VICUNA_CHAT_TEMPLATE = (
+    "{%- set ns = namespace(system=\"A chat between a curious human and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the human's questions.\") -%}"
+    "{%- for message in messages if message['role'] == 'system' -%}"
+    "{%- set ns.system = message['content'] if message['content'] is string "
+    "else message['content'] | selectattr('type', 'equalto', 'text') | map(attribute='text') | join(' ') -%}"
+    "{%- endfor -%}"
+    "{{- ns.system + ' ' -}}"
+    "{%- for message in messages if message['role'] != 'system' -%}"
+    "{{- 'USER: ' if message['role'] == 'user' else 'ASSISTANT: ' -}}"
+    "{%- if message['content'] is string -%}{{- message['content'] -}}"
+    "{%- else -%}"
+    "{%- for block in message['content'] if block['type'] in ('image', 'video') -%}{{- '<image>\n' -}}{%- endfor -%}"
+    "{{- message['content'] | selectattr('type', 'equalto', 'text') | map(attribute='text') | join(' ') -}}"
+    "{%- endif -%}"
+    "{{- '</s>' if message['role'] == 'assistant' else ' ' -}}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- 'ASSISTANT:' -}}{%- endif -%}"
+)
+
+_WORDS = (
+    "a an the this that these those is are was were be been has have had do does did what which who where when why "
+    "how many much color colour red green blue yellow black white orange purple brown grey gray pink picture image "
+    "photo video frame clip scene shown show describe detail details left right top bottom middle center background "
+    "foreground person people man woman child dog cat bird car bus tree trees sky cloud clouds water sea river road "
+    "street building house city field grass flower flowers mountain snow sun light dark large small big little one two "
+    "three four five six seven eight nine ten number count text sign written say says read there here in on at of to "
+    "for with and or not no yes it its they them he she we you your i me my please tell about answer question chat "
+    "between curious human artificial intelligence assistant gives helpful detailed polite answers questions user "
+    "visual token tokens zip kept merged dominant contextual fast faster speed model language vision"
+).split()
+
+
+def build_tokenizer() -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer trained in memory on generated English-like text."""
+    rng = random.Random(0)
+    corpus = [" ".join(rng.choice(_WORDS) for _ in range(24)) + "." for _ in range(4000)]
+    corpus.append(VICUNA_CHAT_TEMPLATE)
+    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=1024,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(corpus, trainer=trainer)
+    bos = tokenizer.token_to_id("<s>")
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos)]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        pad_token="<pad>",
+        extra_special_tokens={"image_token": "<image>"},
+        padding_side="left",
+    )
+
+
+def _vision_config(num_layers: int) -> CLIPVisionConfig:
+    return CLIPVisionConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=num_layers,
+        num_attention_heads=4,
+        image_size=336,
+        patch_size=14,
+        projection_dim=64,
+    )
+
+
+def _text_config(vocab_size: int, tokenizer: PreTrainedTokenizerFast) -> LlamaConfig:
+    return LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=4096,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+
+
+def build_tiny(path: str | os.PathLike, family: str = "llava_next", seed: int = 0, vision_layers: int = 4) -> Path:
+    """Write a tiny LLaVA-NeXT (`family="llava_next"`) or LLaVA-1.5 (`"llava"`) checkpoint to `path`."""
+    path = Path(path)
+    tokenizer = build_tokenizer()
+    image_token_id = tokenizer.convert_tokens_to_ids("<image>")
+    common = dict(
+        vision_config=_vision_config(vision_layers),
+        text_config=_text_config(len(tokenizer), tokenizer),
+        image_token_id=image_token_id,
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        projector_hidden_act="gelu",
+    )
+    processor_args = dict(
+        tokenizer=tokenizer,
+        patch_size=14,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+        chat_template=VICUNA_CHAT_TEMPLATE,
+    )
+    image_args = dict(image_mean=CLIP_MEAN, image_std=CLIP_STD, crop_size={"height": 336, "width": 336})
+    if family == "llava_next":
+        config = LlavaNextConfig(image_grid_pinpoints=PINPOINTS, **common)
+        model_class = LlavaNextForConditionalGeneration
+        image_processor = LlavaNextImageProcessorPil(
+            size={"shortest_edge": 336}, image_grid_pinpoints=PINPOINTS, **image_args
+        )
+        processor = LlavaNextProcessor(image_processor=image_processor, **processor_args)
+    elif family == "llava":
+        config = LlavaConfig(**common)
+        model_class = LlavaForConditionalGeneration
+        image_processor = LlavaImageProcessorPil(size={"shortest_edge": 336}, **image_args)
+        processor = LlavaProcessor(image_processor=image_processor, **processor_args)
+    else:
+        raise ValueError(f"family must be 'llava_next' or 'llava', got {family!r}")
+
+    torch.manual_seed(seed)
+    model = model_class(config)
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
+    return path
+
+
+def tiny_checkpoint(family: str = "llava_next", cache_dir: str | os.PathLike | None = None) -> Path:
+    """Path of the cached tiny checkpoint, built on first use (a few seconds)."""
+    root = Path(cache_dir or os.environ.get("VISIONZIP_CACHE") or Path.home() / ".cache" / "visionzip")
+    path = root / f"tiny-{family}-v{TINY_VERSION}"
+    if not (path / "config.json").exists():
+        staging = path.with_name(path.name + f".tmp{os.getpid()}")
+        build_tiny(staging, family)
+        staging.replace(path) if not path.exists() else None
+    return path
+
+
+def load_tiny(family: str = "llava_next", dtype: torch.dtype = torch.float32):
+    """(model, processor) of the tiny checkpoint, loaded with `from_pretrained` like any other."""
+    path = tiny_checkpoint(family)
+    model_class = LlavaNextForConditionalGeneration if family == "llava_next" else LlavaForConditionalGeneration
+    model = model_class.from_pretrained(path, dtype=dtype).eval()
+    return model, AutoProcessor.from_pretrained(path)

@@ -1,0 +1,98 @@
+"""Reading VisionZip's signals out of a ViT vision tower (CLIP and its kin) without eager attention.
+
+Two hooks sit on the feature layer for the life of a handle: a pre-hook on its self-attention
+(whose input is already layer-normed) computes the CLS attention row and head-mean keys with the
+layer's own q/k projections, and a forward hook keeps the layer's output.  They act only while a
+`TowerSignals` sink is active in the calling context, so concurrent stock calls see plain hooks
+that return at once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from contextvars import ContextVar
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .merge import cls_attention
+
+
+@dataclass
+class TowerSignals:
+    hidden: torch.Tensor | None = None  # (T, S, C) the feature layer's output
+    cls_attn: torch.Tensor | None = None  # (T, S) CLS attention summed over heads (float32)
+    keys_mean: torch.Tensor | None = None  # (T, S, d) keys averaged over heads
+
+
+def encoder_layers(vision_tower: nn.Module) -> nn.ModuleList:
+    """The tower's transformer layers, found by shape rather than by attribute path (the path
+    differs between transformers 4.x and 5.x and between towers)."""
+    for module in vision_tower.modules():
+        if isinstance(module, nn.ModuleList) and len(module) > 0:
+            attention = getattr(module[0], "self_attn", None)
+            if attention is not None and hasattr(attention, "q_proj") and hasattr(attention, "k_proj"):
+                return module
+    raise ValueError(f"VisionZip found no ViT encoder layers (with self_attn.q_proj/k_proj) in {type(vision_tower).__name__}")
+
+
+def feature_layer_index(vision_feature_layer: int | list[int], num_layers: int) -> int:
+    """Index of the layer whose output `hidden_states[vision_feature_layer]` is.
+
+    hidden_states holds the embeddings then each layer's output, num_layers + 1 entries.
+    """
+    if not isinstance(vision_feature_layer, int):
+        raise ValueError(
+            f"VisionZip needs a single vision_feature_layer; this model concatenates layers {vision_feature_layer}"
+        )
+    position = vision_feature_layer if vision_feature_layer >= 0 else num_layers + 1 + vision_feature_layer
+    if not 1 <= position <= num_layers:
+        raise ValueError(
+            f"vision_feature_layer={vision_feature_layer} does not name a transformer layer of a "
+            f"{num_layers}-layer tower (VisionZip needs that layer's attention)"
+        )
+    return position - 1
+
+
+class SignalHooks:
+    """The two hooks on one feature layer, and the context that turns them on."""
+
+    def __init__(self, layer: nn.Module) -> None:
+        self.layer = layer
+        self._sink: ContextVar[TowerSignals | None] = ContextVar(f"visionzip_sink_{id(self)}", default=None)
+        self._handles = [
+            layer.self_attn.register_forward_pre_hook(self._read_attention_input, with_kwargs=True),
+            layer.register_forward_hook(self._read_output),
+        ]
+
+    @contextlib.contextmanager
+    def capture(self) -> Iterator[TowerSignals]:
+        signals = TowerSignals()
+        token = self._sink.set(signals)
+        try:
+            yield signals
+        finally:
+            self._sink.reset(token)
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+
+    def _read_attention_input(self, attention: nn.Module, args: tuple, kwargs: dict) -> None:
+        signals = self._sink.get()
+        if signals is None:
+            return
+        normed = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]  # (T, S, C)
+        num_tiles, seq_len, _ = normed.shape
+        heads, head_dim = attention.num_heads, attention.head_dim
+        query_cls = attention.q_proj(normed[:, :1]).view(num_tiles, heads, head_dim)  # (T, H, d)
+        keys = attention.k_proj(normed).view(num_tiles, seq_len, heads, head_dim).transpose(1, 2)  # (T, H, S, d)
+        signals.cls_attn = cls_attention(query_cls, keys, attention.scale)
+        signals.keys_mean = keys.mean(dim=1)  # (T, S, d)
+
+    def _read_output(self, layer: nn.Module, args: tuple, output) -> None:
+        signals = self._sink.get()
+        if signals is not None:
+            signals.hidden = output[0] if isinstance(output, tuple) else output
