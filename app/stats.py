@@ -1,0 +1,51 @@
+"""Per-turn measurements of one side of the comparison, and what is derived from them."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from dataclasses import asdict, dataclass, fields
+
+
+@dataclass
+class TurnStats:
+    turn: int  # 1-based turn of the conversation
+    side: str  # "left" or "right"
+    model: str  # model label as shown in the UI
+    mode: str  # "full" or e.g. "VisionZip 54+10/tile"
+    visual_tokens: int
+    text_tokens: int
+    context_tokens: int  # visual + text tokens prefilled this turn
+    vision_ms: float  # vision tower (+ VisionZip) time
+    prefill_ms: float  # time to first token: vision encode + LLM prefill
+    decode_tokens_per_s: float
+    new_tokens: int
+    kv_cache_bytes: int
+    device: str = "cpu"
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+def summary_line(full: TurnStats, reduced: TurnStats) -> str:
+    """E.g. '2928 -> 320 visual tokens, prefill 7.1x faster' for one turn."""
+    if not (full.ok and reduced.ok) or reduced.prefill_ms <= 0:
+        return ""
+    speedup = full.prefill_ms / reduced.prefill_ms
+    return f"{full.visual_tokens} -> {reduced.visual_tokens} visual tokens, prefill {speedup:.1f}x faster"
+
+
+def export_json(turns: list[TurnStats]) -> str:
+    return json.dumps([asdict(turn) for turn in turns], indent=2)
+
+
+def export_csv(turns: list[TurnStats]) -> str:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=[f.name for f in fields(TurnStats)])
+    writer.writeheader()
+    for turn in turns:
+        writer.writerow(asdict(turn))
+    return buffer.getvalue()
