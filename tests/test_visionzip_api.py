@@ -233,6 +233,17 @@ def test_unknown_preset_and_model_are_refused(tiny_next):
         visionzip.apply(torch.nn.Linear(2, 2))
 
 
+def test_applying_twice_is_refused(tiny_next):
+    model, processor = tiny_next
+    handle = visionzip.apply(model, processor)
+    try:
+        with pytest.raises(ValueError, match="already applied"):
+            visionzip.apply(model, processor)
+    finally:
+        handle.remove()
+    visionzip.apply(model, processor).remove()  # and allowed again once removed
+
+
 def test_processor_survives_save_while_applied(tiny_next, tmp_path):
     model, processor = tiny_next
     handle = visionzip.apply(model, processor)

@@ -59,11 +59,11 @@ class VisionZip:
         self.tokens_per_tile = self.side * self.side + 1  # CLS + patches
         layers = encoder_layers(base.vision_tower)
         self.layer_index = feature_layer_index(base.config.vision_feature_layer, len(layers))
-        self._hooks = SignalHooks(layers[self.layer_index])
         self._default = Settings(enabled, self._checked(budget), self._checked_merge(merge))
         self._current: ContextVar[Call | None] = ContextVar(f"visionzip_call_{id(self)}", default=None)
         self._last_selection: list[ImageSelection] | None = None
         self._unpatch = family.patch(self)
+        self._hooks = SignalHooks(layers[self.layer_index])
 
     # -- settings -------------------------------------------------------------------------------
     @property

@@ -36,6 +36,8 @@ def install(
     """Route image features and placeholder counts through VisionZip when it is enabled.
     Returns the function that restores the stock methods."""
     base, processor = handle.base, handle.processor
+    if "get_image_features" in base.__dict__:
+        raise ValueError("VisionZip is already applied to this model: reuse its handle, or call handle.remove() first")
     stock_features = base.get_image_features
 
     def get_image_features(
