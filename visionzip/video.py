@@ -1,0 +1,155 @@
+"""Video on LLaVA-NeXT and LLaVA-1.5: every frame is one 336x336 tile (no anyres grid), 576 tokens
+without VisionZip and D+C with it, packed in time order behind "Frame k (t s):" labels.
+
+    pixels = frame_pixel_values(processor, frames)              # (F, 3, 336, 336)
+    features = frame_features(handle, pixels)                   # (F, tokens_per_frame(handle), E)
+    messages = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": "What happens?"}]}]
+    text = video_prompt(processor, messages, timestamps_s)      # the chat template, frames labelled
+    input_ids = video_input_ids(processor, text, tokens_per_frame(handle))   # counts before any pixel
+    model.generate(**video_inputs(model, input_ids, features), max_new_tokens=64)
+
+The processor cannot expand a run of frames into placeholders, and the model's forward would pack
+them as anyres images, so this module builds the placeholders and the input embeddings itself.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import torch
+from PIL import Image
+
+from .patch.common import reduce_tiles
+from .selection import ImageSelection, tile_selections
+
+if TYPE_CHECKING:
+    from .core import VisionZip
+
+
+def frame_pixel_values(processor: Any, frames: Sequence[Image.Image]) -> torch.Tensor:
+    """(F, 3, H, W) tiles from the processor's own image processor: LLaVA-1.5's resized and
+    centre-cropped image, LLaVA-NeXT's base tile (the whole frame resized to one tile)."""
+    if not frames:
+        raise ValueError("a video needs at least one frame")
+    image_processor = processor.image_processor
+    options = {}
+    if getattr(image_processor, "image_grid_pinpoints", None) is not None:
+        # Only the base tile is used: a one-tile grid keeps the crops it also makes to one.
+        crop = image_processor.crop_size
+        options["image_grid_pinpoints"] = [[crop.height, crop.width]]
+    pixel_values = image_processor(list(frames), return_tensors="pt", **options)["pixel_values"]
+    return pixel_values[:, 0] if pixel_values.dim() == 5 else pixel_values
+
+
+def tokens_per_frame(handle: "VisionZip") -> int:
+    """Visual tokens one frame becomes under the handle's current settings."""
+    settings = handle.settings
+    if settings.enabled:
+        return settings.budget.per_tile
+    keeps_cls = handle.base.config.vision_feature_select_strategy != "default"
+    return handle.side * handle.side + int(keeps_cls)
+
+
+def frame_features(handle: "VisionZip", pixel_values: torch.Tensor, batch_size: int = 16) -> torch.Tensor:
+    """(F, tokens_per_frame(handle), E) projected features of (F, 3, H, W) frame tiles.
+
+    With VisionZip enabled every frame keeps D dominant + C contextual tokens, and one
+    ImageSelection per frame (grid (0, 0), the tile's size) is recorded on the handle; disabled,
+    it is stock LLaVA's per-tile path: the feature layer's patches (CLS dropped under the
+    "default" strategy) through the projector.  Frames go through the tower `batch_size` at a time.
+    """
+    if pixel_values.dim() != 4 or pixel_values.shape[0] == 0:
+        raise ValueError(f"expected (frames, 3, H, W) pixel values, got shape {tuple(pixel_values.shape)}")
+    base = handle.base
+    settings = handle.settings
+    tower = base.vision_tower
+    pixel_values = pixel_values.to(device=tower.device, dtype=tower.dtype)
+    drop_cls = base.config.vision_feature_select_strategy == "default"
+    chunks, tiles = [], []
+    for start in range(0, pixel_values.shape[0], batch_size):
+        batch = pixel_values[start : start + batch_size]
+        if settings.enabled:
+            features, choice, cls_attn = reduce_tiles(handle, batch, settings)
+            tiles.extend(tile_selections(choice, cls_attn, handle.side))
+        else:
+            # The handle's hook already keeps the feature layer's output: no need for every layer's.
+            with handle.capture() as signals:
+                tower(batch)
+            hidden = signals.hidden[:, 1:] if drop_cls else signals.hidden
+            features = base.multi_modal_projector(hidden)
+        chunks.append(features)
+    features = torch.cat(chunks)
+    if settings.enabled:
+        tile_size = (pixel_values.shape[-2], pixel_values.shape[-1])
+        handle.record([ImageSelection(tile_size, (0, 0), [tile], features.shape[1]) for tile in tiles])
+    return features
+
+
+def video_prompt(
+    processor: Any,
+    messages: list[dict],
+    timestamps_s: Sequence[float],
+    add_generation_prompt: bool = True,
+) -> str:
+    """The conversation through the processor's chat template, the clip standing where one
+    `{"type": "video"}` content block is: one image placeholder per frame, each labelled
+    "Frame k (t s): " in time order.  Later turns are plain text messages."""
+    video_blocks = [
+        (m, b)
+        for m, message in enumerate(messages)
+        if not isinstance(message["content"], str)
+        for b, block in enumerate(message["content"])
+        if block.get("type") == "video"
+    ]
+    if len(video_blocks) != 1:
+        raise ValueError(f"the messages must hold exactly one {{'type': 'video'}} block, found {len(video_blocks)}")
+    if not timestamps_s:
+        raise ValueError("a video needs at least one frame")
+    [(message_index, block_index)] = video_blocks
+    expanded = [dict(message) for message in messages]
+    content = list(messages[message_index]["content"])
+    content[block_index : block_index + 1] = [{"type": "image"} for _ in timestamps_s]
+    expanded[message_index]["content"] = content
+
+    text = processor.apply_chat_template(expanded, add_generation_prompt=add_generation_prompt, tokenize=False)
+    image_token = processor.image_token
+    pieces = text.split(image_token)
+    if len(pieces) - 1 != len(timestamps_s):
+        raise ValueError(
+            f"the chat template wrote {len(pieces) - 1} {image_token} placeholders for {len(timestamps_s)} frames"
+        )
+    labelled = [
+        f"Frame {k} ({seconds:.1f} s): {image_token}{piece}"
+        for k, (seconds, piece) in enumerate(zip(timestamps_s, pieces[1:]), start=1)
+    ]
+    return pieces[0] + "".join(labelled)
+
+
+def video_input_ids(processor: Any, text: str, tokens_per_frame: int) -> torch.Tensor:
+    """(1, L) token ids of a `video_prompt` text with each frame's placeholder repeated
+    `tokens_per_frame` times; L is the context the turn needs, known before any frame is encoded."""
+    tokenizer = processor.tokenizer
+    # Templates that write the BOS themselves must not get a second one.
+    add_special_tokens = not (tokenizer.bos_token and text.startswith(tokenizer.bos_token))
+    ids = tokenizer(text, add_special_tokens=add_special_tokens, return_tensors="pt")["input_ids"][0]
+    image_token_id = tokenizer.convert_tokens_to_ids(processor.image_token)
+    repeats = torch.where(ids == image_token_id, tokens_per_frame, 1)
+    return ids.repeat_interleave(repeats)[None]
+
+
+def video_inputs(model: Any, input_ids: torch.Tensor, features: torch.Tensor) -> dict[str, torch.Tensor]:
+    """`inputs_embeds` and `attention_mask` for `model(**...)` / `model.generate(**...)`: the text
+    embeddings with the frame placeholders replaced by `features` (F, N, E), frame by frame."""
+    placeholders = input_ids == model.config.image_token_id
+    if int(placeholders.sum()) != features.shape[0] * features.shape[1]:
+        raise ValueError(
+            f"{int(placeholders.sum())} frame placeholders in the prompt, but {features.shape[0]} frames x "
+            f"{features.shape[1]} tokens of features: build both under the same VisionZip settings"
+        )
+    embeddings = model.get_input_embeddings()
+    input_ids = input_ids.to(embeddings.weight.device)
+    inputs_embeds = embeddings(input_ids)
+    mask = placeholders.to(inputs_embeds.device).unsqueeze(-1).expand_as(inputs_embeds)
+    inputs_embeds = inputs_embeds.masked_scatter(mask, features.to(inputs_embeds).reshape(-1))
+    return {"inputs_embeds": inputs_embeds, "attention_mask": torch.ones_like(input_ids)}
