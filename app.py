@@ -1,0 +1,44 @@
+"""VisionZip Live: `python app.py` serves the demo on the tiny offline model at http://127.0.0.1:7860.
+
+    python app.py --model llava-hf/llava-v1.6-vicuna-7b-hf --host 0.0.0.0   # a real checkpoint
+On Spaces, set VISIONZIP_MODEL instead of --model; PORT or GRADIO_SERVER_PORT pick the port.
+"""
+
+import argparse
+import logging
+import os
+
+from app.models import ModelLoadError, ModelRegistry, resolve_device
+from app.ui import build_demo, launch
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument(
+        "--model",
+        default=os.environ.get("VISIONZIP_MODEL"),
+        help="Hub id or local folder of a LLaVA-NeXT / LLaVA-1.5 checkpoint, selected by default on both sides "
+        "(env VISIONZIP_MODEL; default: the tiny random-weight LLaVA-NeXT, built offline)",
+    )
+    parser.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"))
+    parser.add_argument("--port", type=int, default=int(os.environ.get("PORT") or os.environ.get("GRADIO_SERVER_PORT") or 7860))
+    parser.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    parser.add_argument("--max-new-tokens", type=int, default=128, help="answer length limit per side and turn")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    registry = ModelRegistry(args.model, device=args.device, dtype=args.dtype)
+    try:  # fail at start, with the reason, rather than on the first question
+        resolve_device(args.device)
+        registry.family(registry.default)
+    except ModelLoadError as error:
+        raise SystemExit(f"app.py: {error}") from None
+    launch(build_demo(registry, max_new_tokens=args.max_new_tokens), host=args.host, port=args.port)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,374 @@
+"""One conversation about one image, asked of two sides, and one turn run on one side.
+
+Every turn re-prefills the whole conversation (built with the model's chat template), so the
+saving VisionZip makes on the visual tokens shows on every turn, not only the first.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+from PIL import Image
+from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
+
+import visionzip
+from app.media import load_image
+from app.models import LoadedModel, ModelLoadError, ModelRegistry, clock
+from app.stats import TurnStats
+
+SIDES = ("left", "right")
+FULL = "Full"  # every visual token: no VisionZip
+CUSTOM = "Custom D/C"
+PRESET_PREFIX = "VisionZip "
+
+
+# -- modes --------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Mode:
+    name: str  # as chosen in the UI: FULL, "VisionZip 320", CUSTOM
+    enabled: bool
+    dominant: int = 0
+    contextual: int = 0
+
+    @property
+    def label(self) -> str:
+        return f"VisionZip {self.dominant}+{self.contextual}/tile" if self.enabled else "full"
+
+    @property
+    def key(self) -> tuple[bool, int, int]:
+        return (self.enabled, self.dominant, self.contextual)
+
+
+def mode_choices(family: str) -> list[str]:
+    """FULL, the paper's presets for this model family (largest first), CUSTOM."""
+    return [FULL] + [f"{PRESET_PREFIX}{n}" for n in sorted(visionzip.PRESETS[family], reverse=True)] + [CUSTOM]
+
+
+def make_mode(
+    name: str, family: str, dominant: float | None = None, contextual: float | None = None, tokens_per_tile: int = 577
+) -> Mode:
+    """The Mode a UI choice names; raises ValueError (with the limits) for a budget that a tile of
+    `tokens_per_tile` tokens (CLS + patches; 577 for CLIP-L/14-336) cannot meet."""
+    if name == FULL:
+        return Mode(FULL, False)
+    if name == CUSTOM:
+        budget = visionzip.Budget(_whole(dominant, "dominant"), _whole(contextual, "contextual"))
+    elif name.startswith(PRESET_PREFIX):
+        budget = visionzip.preset_budget(family, name.removeprefix(PRESET_PREFIX))
+    else:
+        raise ValueError(f"unknown mode {name!r}; choose one of {mode_choices(family)}")
+    budget.check(tokens_per_tile)
+    return Mode(name, True, budget.dominant, budget.contextual)
+
+
+def translate_mode(mode: Mode, family: str) -> Mode:
+    """The same mode for another model family: presets map by rank (640 <-> 192, 320 <-> 128,
+    160 <-> 64), as the paper pairs them; full and custom budgets carry over."""
+    if not mode.name.startswith(PRESET_PREFIX) or mode.name in mode_choices(family):
+        return mode
+    for presets in visionzip.PRESETS.values():
+        ranked = sorted(presets, reverse=True)
+        name = int(mode.name.removeprefix(PRESET_PREFIX))
+        if name in ranked:
+            target = sorted(visionzip.PRESETS[family], reverse=True)[ranked.index(name)]
+            return make_mode(f"{PRESET_PREFIX}{target}", family)
+    raise ValueError(f"unknown preset {mode.name!r}")
+
+
+def _whole(value: float | None, name: str) -> int:
+    if value is None or float(value) != int(value):
+        raise ValueError(f"{name} must be a whole number, got {value!r}")
+    return int(value)
+
+
+# -- conversation state (plain data, one per browser session) -------------------------------------
+@dataclass
+class SideConfig:
+    model: str  # registry label
+    mode: Mode
+
+
+@dataclass
+class Turn:
+    question: str
+    answers: dict[str, str] = field(default_factory=lambda: {side: "" for side in SIDES})
+    stats: dict[str, TurnStats] = field(default_factory=dict)  # filled when a side finishes
+    running: str | None = None  # the side generating now
+
+
+@dataclass
+class Conversation:
+    sides: dict[str, SideConfig]
+    media_path: str | None = None
+    media_kind: str = "image"  # the kind of the conversation's upload; video joins with its own issue
+    turns: list[Turn] = field(default_factory=list)
+
+    def all_stats(self) -> list[TurnStats]:
+        return [turn.stats[side] for turn in self.turns for side in SIDES if side in turn.stats]
+
+
+def media_block(conversation: Conversation) -> dict:
+    return {"type": conversation.media_kind}
+
+
+def load_media(conversation: Conversation) -> Image.Image:
+    if conversation.media_path is None:
+        raise ValueError("Upload an image first: every question is about the conversation's image.")
+    image, _ = load_image(conversation.media_path)
+    return image
+
+
+def messages_for(conversation: Conversation, side: str, question: str) -> list[dict]:
+    """The chat so far as this side saw it (its own answers), then `question`; the image goes
+    with the first user message."""
+    questions = [turn.question for turn in conversation.turns] + [question]
+    answers = [turn.answers[side] for turn in conversation.turns]
+    messages = []
+    for index, text in enumerate(questions):
+        content = [media_block(conversation)] if index == 0 else []
+        messages.append({"role": "user", "content": content + [{"type": "text", "text": text}]})
+        if index < len(answers):
+            messages.append({"role": "assistant", "content": [{"type": "text", "text": answers[index]}]})
+    return messages
+
+
+# -- one side, one turn ---------------------------------------------------------------------------
+class ContextTooLong(ValueError):
+    """The conversation would not fit the model's context window; nothing was run."""
+
+
+class TurnRefused(ValueError):
+    """No side could run this turn (each side's reason joined); the conversation is unchanged."""
+
+
+@dataclass
+class Prepared:
+    loaded: LoadedModel
+    mode: Mode
+    inputs: dict
+    visual_tokens: int
+    text_tokens: int
+
+    @property
+    def context_tokens(self) -> int:
+        return self.visual_tokens + self.text_tokens
+
+
+def prepare(loaded: LoadedModel, mode: Mode, messages: list[dict], image: Image.Image, max_new_tokens: int) -> Prepared:
+    """Tokenise the conversation for one side; raise ContextTooLong before anything runs."""
+    processor = loaded.processor
+    prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
+    with use_mode(loaded, mode):
+        inputs = processor(images=[image], text=prompt, return_tensors="pt")
+    input_ids = inputs["input_ids"]
+    visual = int((input_ids == loaded.model.config.image_token_id).sum())
+    total = input_ids.shape[1]
+    if total + max_new_tokens > loaded.context_window:
+        raise ContextTooLong(
+            f"{loaded.label} ({mode.label}): this turn needs {total} context + {max_new_tokens} new tokens, "
+            f"more than its {loaded.context_window}-token context window. Clear the conversation, or use VisionZip."
+        )
+    inputs = {key: value.to(loaded.device) for key, value in inputs.items()}
+    inputs["pixel_values"] = inputs["pixel_values"].to(loaded.dtype)
+    return Prepared(loaded, mode, inputs, visual, total - visual)
+
+
+class TimedStreamer(TextIteratorStreamer):
+    """Streams text and records when each new token reached the host (the first `put` is the prompt)."""
+
+    def __init__(self, tokenizer, device: torch.device) -> None:
+        super().__init__(tokenizer, skip_prompt=True, skip_special_tokens=True)
+        self.device = device
+        self.token_times: list[float] = []
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self.next_tokens_are_prompt:
+            self.token_times.append(clock(self.device))
+        super().put(value)
+
+
+class StopOnEvent(StoppingCriteria):
+    def __init__(self, event: threading.Event) -> None:
+        self.event = event
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
+        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
+
+
+def kv_cache_bytes(config, tokens: int, dtype: torch.dtype) -> int:
+    """Keys and values of every layer for `tokens` positions."""
+    text = config.text_config
+    heads = text.num_attention_heads
+    kv_heads = getattr(text, "num_key_value_heads", None) or heads
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
+    return 2 * text.num_hidden_layers * kv_heads * head_dim * tokens * dtype.itemsize
+
+
+def _encode(prepared: Prepared):
+    """The vision tower (+ VisionZip) on this turn's image, in the caller's `use()` block."""
+    inputs = prepared.inputs
+    return prepared.loaded.model.model.get_image_features(
+        pixel_values=inputs["pixel_values"], image_sizes=inputs.get("image_sizes")
+    )
+
+
+def use_mode(loaded: LoadedModel, mode: Mode):
+    """The handle's `use()` block for `mode` (this thread only)."""
+    if not mode.enabled:
+        return loaded.handle.use(enabled=False)
+    return loaded.handle.use(enabled=True, dominant=mode.dominant, contextual=mode.contextual)
+
+
+def _generate_kwargs(prepared: Prepared, features, max_new_tokens: int) -> dict:
+    text_inputs = {key: value for key, value in prepared.inputs.items() if key not in ("pixel_values", "image_sizes")}
+    return dict(
+        **text_inputs, mm_encoder_outputs={"image": features}, max_new_tokens=max_new_tokens, do_sample=False
+    )
+
+
+def warm_up(prepared: Prepared) -> None:
+    """One untimed pass per model and mode, so the timed turns skip one-off costs (kernel
+    selection, allocator growth, lazy initialisation)."""
+    loaded = prepared.loaded
+    if prepared.mode.key in loaded.warmed:
+        return
+    with torch.inference_mode(), use_mode(prepared.loaded, prepared.mode):
+        loaded.model.generate(**_generate_kwargs(prepared, _encode(prepared), 1))
+    loaded.warmed.add(prepared.mode.key)
+
+
+def stream_side(
+    prepared: Prepared, turn: int, side: str, max_new_tokens: int, stop: threading.Event
+) -> Iterator[tuple[str, TurnStats | None]]:
+    """Run one side: yields (answer so far, None) per streamed piece, then (answer, stats)."""
+    loaded = prepared.loaded
+    warm_up(prepared)
+    with torch.inference_mode(), use_mode(prepared.loaded, prepared.mode):
+        start = clock(loaded.device)
+        features = _encode(prepared)
+        vision_end = clock(loaded.device)
+
+    streamer = TimedStreamer(loaded.processor.tokenizer, loaded.device)
+    failure: list[BaseException] = []
+
+    def generate() -> None:
+        try:  # contextvars do not follow a new thread: enter the mode here
+            with torch.inference_mode(), use_mode(prepared.loaded, prepared.mode):
+                loaded.model.generate(
+                    **_generate_kwargs(prepared, features, max_new_tokens),
+                    streamer=streamer,
+                    stopping_criteria=StoppingCriteriaList([StopOnEvent(stop)]),
+                )
+        except BaseException as error:
+            failure.append(error)
+            streamer.end()
+
+    worker = threading.Thread(target=generate, name=f"generate-{side}", daemon=True)
+    worker.start()
+    answer, finished = "", False
+    try:
+        for piece in streamer:
+            answer += piece
+            yield answer, None
+        finished = True
+    finally:
+        if not finished:  # the caller went away (stop button, closed tab): end generation too
+            stop.set()
+        worker.join()
+    if failure:
+        raise failure[0]
+
+    times = streamer.token_times
+    new_tokens = len(times)
+    decode_s = times[-1] - times[0] if new_tokens > 1 else 0.0
+    yield answer, TurnStats(
+        turn=turn,
+        side=side,
+        model=loaded.label,
+        mode=prepared.mode.label,
+        visual_tokens=prepared.visual_tokens,
+        text_tokens=prepared.text_tokens,
+        context_tokens=prepared.context_tokens,
+        vision_ms=(vision_end - start) * 1000,
+        prefill_ms=(times[0] - start) * 1000 if times else 0.0,
+        decode_tokens_per_s=(new_tokens - 1) / decode_s if decode_s > 0 else 0.0,
+        new_tokens=new_tokens,
+        kv_cache_bytes=kv_cache_bytes(loaded.model.config, prepared.context_tokens + new_tokens, loaded.dtype),
+        device=str(loaded.device),
+    )
+
+
+def failed_stats(turn: int, side: str, config: SideConfig, error: str, prepared: Prepared | None = None) -> TurnStats:
+    visual, text = (prepared.visual_tokens, prepared.text_tokens) if prepared else (0, 0)
+    return TurnStats(turn, side, config.model, config.mode.label, visual, text, visual + text, 0.0, 0.0, 0.0, 0, 0, error=error)
+
+
+def describe_error(error: BaseException) -> str:
+    if isinstance(error, torch.cuda.OutOfMemoryError):
+        torch.cuda.empty_cache()
+        return "Out of GPU memory on this side. Try a smaller model, VisionZip, or clear the conversation."
+    if isinstance(error, (ValueError, ModelLoadError)):
+        return str(error)
+    return f"{type(error).__name__}: {error}"
+
+
+# -- one turn, both sides ------------------------------------------------------------------------
+def run_turn(
+    registry: ModelRegistry, conversation: Conversation, question: str, max_new_tokens: int, stop: threading.Event
+) -> Iterator[Conversation]:
+    """Ask `question` of both sides, one after the other (never at once, so their timings are
+    comparable), the first side alternating per turn.  Yields the conversation as it fills in.
+    A side that fails gets its error in its stats; raises TurnRefused (conversation untouched)
+    only when no side can run."""
+    question = question.strip()
+    if not question:
+        raise ValueError("Type a question first.")
+    image = load_media(conversation)
+    number = len(conversation.turns) + 1
+    prepared: dict[str, Prepared] = {}
+    errors: dict[str, str] = {}
+    for side in SIDES:
+        config = conversation.sides[side]
+        try:
+            loaded = registry.get(config.model)
+            prepared[side] = prepare(loaded, config.mode, messages_for(conversation, side, question), image, max_new_tokens)
+        except Exception as error:
+            errors[side] = describe_error(error)
+    if not prepared:
+        raise TurnRefused(" / ".join(errors[side] for side in SIDES))
+
+    turn = Turn(question)
+    for side, error in errors.items():
+        turn.stats[side] = failed_stats(number, side, conversation.sides[side], error)
+    conversation.turns.append(turn)
+    order = SIDES if number % 2 == 1 else SIDES[::-1]
+    for side in order:
+        if side not in prepared or stop.is_set():
+            continue
+        turn.running = side
+        yield conversation
+        try:
+            for answer, stats in stream_side(prepared[side], number, side, max_new_tokens, stop):
+                turn.answers[side] = answer
+                if stats is not None:
+                    turn.stats[side] = stats
+                yield conversation
+        except Exception as error:
+            turn.stats[side] = failed_stats(number, side, conversation.sides[side], describe_error(error), prepared[side])
+        turn.running = None
+    yield conversation
+
+
+def image_selection(loaded: LoadedModel, image: Image.Image, mode: Mode) -> visionzip.ImageSelection:
+    """What VisionZip keeps and merges on `image` under `mode`'s budget: the vision tower alone,
+    no language model, so the overlay follows the budget without re-running the chat."""
+    pixels = loaded.processor.image_processor(images=[image], return_tensors="pt")
+    sizes = torch.tensor([[image.height, image.width]])
+    with torch.inference_mode(), use_mode(loaded, mode) as call:
+        loaded.model.model.get_image_features(
+            pixel_values=pixels["pixel_values"].to(loaded.device, loaded.dtype), image_sizes=sizes
+        )
+    return call.selection[0]

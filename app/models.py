@@ -1,0 +1,245 @@
+"""The models a side can choose: a registry of labels, lazy loading, one VisionZip handle per
+loaded model (both sides share its weights), least-recently-used unloading, and GPU timing."""
+
+from __future__ import annotations
+
+import gc
+import importlib.util
+import logging
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoProcessor, LlavaForConditionalGeneration, LlavaNextForConditionalGeneration
+
+import visionzip
+from visionzip.tiny import tiny_checkpoint
+
+log = logging.getLogger(__name__)
+
+TINY = "tiny:"  # source prefix of the offline random-weight checkpoints, built on first use
+TINY_LABEL = "Tiny LLaVA-NeXT (random weights)"
+DEFAULT_CHOICES: dict[str, str] = {
+    TINY_LABEL: TINY + "llava_next",
+    "Tiny LLaVA-1.5 (random weights)": TINY + "llava",
+    "LLaVA-NeXT Vicuna 7B": "llava-hf/llava-v1.6-vicuna-7b-hf",
+    "LLaVA-NeXT Vicuna 13B": "llava-hf/llava-v1.6-vicuna-13b-hf",
+    "LLaVA-NeXT Mistral 7B": "llava-hf/llava-v1.6-mistral-7b-hf",
+    "LLaVA-1.5 7B": "llava-hf/llava-1.5-7b-hf",
+}
+FOUR_BIT = " (4-bit)"  # label suffix: 4-bit weights change latency, so the UI says so
+MODEL_CLASSES = {"llava_next": LlavaNextForConditionalGeneration, "llava": LlavaForConditionalGeneration}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class ModelLoadError(RuntimeError):
+    """A model could not be loaded; its message is shown to the user as is."""
+
+
+def has_bitsandbytes() -> bool:
+    return importlib.util.find_spec("bitsandbytes") is not None
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ModelLoadError(f"--device {device} was asked for, but this torch build sees no CUDA GPU")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """bf16 on GPUs that have it, else fp16; fp32 on CPU; or what the user named."""
+    if dtype != "auto":
+        if dtype not in DTYPES:
+            raise ModelLoadError(f"unknown dtype {dtype!r}; choose auto or one of {sorted(DTYPES)}")
+        return DTYPES[dtype]
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def is_tiny(source: str) -> bool:
+    return source.startswith(TINY)
+
+
+# -- timing -------------------------------------------------------------------------------------
+def clock(device: torch.device) -> float:
+    """Host time after the device finished its queued work (CUDA runs asynchronously)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+def timing_method(device: torch.device) -> str:
+    if device.type == "cuda":
+        return "CUDA-synchronised wall clock on " + torch.cuda.get_device_name(device) + ", after one warm-up per model and mode"
+    return "CPU wall clock (time.perf_counter), after one warm-up per model and mode"
+
+
+try:  # Hugging Face ZeroGPU: GPU work must run inside @spaces.GPU; elsewhere a no-op
+    import spaces
+
+    gpu_task = spaces.GPU(duration=120)
+except ImportError:
+
+    def gpu_task(function):
+        return function
+
+
+# -- registry -----------------------------------------------------------------------------------
+@dataclass
+class LoadedModel:
+    label: str
+    source: str
+    family: str  # "llava_next" or "llava"
+    model: torch.nn.Module
+    processor: object
+    handle: visionzip.VisionZip
+    device: torch.device
+    dtype: torch.dtype
+    weight_bytes: int
+    quantized: bool = False
+    warmed: set = field(default_factory=set)  # mode keys that already ran once
+
+    @property
+    def context_window(self) -> int:
+        return self.model.config.text_config.max_position_embeddings
+
+    def describe(self) -> str:
+        precision = "4-bit" if self.quantized else str(self.dtype).removeprefix("torch.")
+        size = f"{self.weight_bytes / 2**30:.1f} GiB" if self.weight_bytes >= 2**30 else f"{self.weight_bytes / 2**20:.1f} MiB"
+        return f"{self.label}: {precision} on {self.device}, {size} of weights"
+
+
+class ModelRegistry:
+    """Labels -> checkpoints, loaded on first use and kept until GPU memory runs short."""
+
+    def __init__(self, extra: str | None = None, device: str = "auto", dtype: str = "auto") -> None:
+        self.choices: dict[str, str] = dict(DEFAULT_CHOICES)
+        self.default = TINY_LABEL
+        if extra:
+            label = Path(extra).name if Path(extra).exists() else extra
+            self.choices[label] = extra
+            self.default = label
+        if has_bitsandbytes():
+            for label, source in list(self.choices.items()):
+                if not is_tiny(source):
+                    self.choices[label + FOUR_BIT] = source
+        self.device_name, self.dtype_name = device, dtype
+        self._loaded: OrderedDict[str, LoadedModel] = OrderedDict()  # least recently used first
+        self._lock = threading.RLock()
+
+    def family(self, label: str) -> str:
+        """"llava_next" or "llava" for a label, without loading its weights."""
+        source = self._source(label)
+        if is_tiny(source):
+            return source.removeprefix(TINY)
+        loaded = self._loaded.get(label)
+        if loaded is not None:
+            return loaded.family
+        try:
+            model_type = AutoConfig.from_pretrained(source, trust_remote_code=False).model_type
+        except Exception as error:
+            raise ModelLoadError(f"could not read the config of {label} ({source}): {error}") from None
+        if model_type not in MODEL_CLASSES:
+            raise ModelLoadError(f"{label} is a {model_type!r} model; this demo runs {sorted(MODEL_CLASSES)}")
+        return model_type
+
+    def is_tiny(self, label: str) -> bool:
+        return is_tiny(self._source(label))
+
+    def loaded(self) -> list[LoadedModel]:
+        return list(self._loaded.values())
+
+    def get(self, label: str) -> LoadedModel:
+        """The loaded model for `label`, loading it (and unloading others if needed) on first use.
+        Raises ModelLoadError with a readable reason; models already loaded stay loaded."""
+        with self._lock:
+            if label in self._loaded:
+                self._loaded.move_to_end(label)
+                return self._loaded[label]
+            source = self._source(label)
+            try:
+                loaded = self._load(label, source)
+            except ModelLoadError:
+                raise
+            except torch.cuda.OutOfMemoryError:
+                raise ModelLoadError(f"{label} does not fit in GPU memory, even with the other models unloaded") from None
+            except Exception as error:
+                log.exception("loading %s failed", source)
+                raise ModelLoadError(f"could not load {label} ({source}): {type(error).__name__}: {error}") from None
+            self._loaded[label] = loaded
+            return loaded
+
+    def _source(self, label: str) -> str:
+        if label not in self.choices:
+            raise ModelLoadError(f"unknown model {label!r}; choose one of {list(self.choices)}")
+        return self.choices[label]
+
+    def _load(self, label: str, source: str) -> LoadedModel:
+        device = resolve_device(self.device_name)
+        dtype = resolve_dtype(self.dtype_name, device)
+        quantized = label.endswith(FOUR_BIT)
+        path = str(tiny_checkpoint(source.removeprefix(TINY))) if is_tiny(source) else source
+        config = AutoConfig.from_pretrained(path, trust_remote_code=False)
+        model_class = MODEL_CLASSES.get(config.model_type)
+        if model_class is None:
+            raise ModelLoadError(
+                f"{label} is a {config.model_type!r} model; this demo runs LLaVA-NeXT and LLaVA-1.5 ({sorted(MODEL_CLASSES)})"
+            )
+        kwargs: dict = dict(dtype=dtype, use_safetensors=True, trust_remote_code=False)
+        if quantized:
+            if device.type != "cuda" or not has_bitsandbytes():
+                raise ModelLoadError("4-bit loading needs a CUDA GPU and the bitsandbytes package")
+            from transformers import BitsAndBytesConfig
+
+            kwargs["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=dtype)
+        if device.type == "cuda":
+            kwargs["device_map"] = str(device) if device.index is not None else "cuda"
+            self._make_room(_weight_bytes(model_class, config, 0.5 if quantized else dtype.itemsize))
+            model = self._from_pretrained(model_class, path, kwargs)
+        else:
+            model = model_class.from_pretrained(path, **kwargs).to(device)
+        model.eval()
+        processor = AutoProcessor.from_pretrained(path, trust_remote_code=False)
+        handle = visionzip.apply(model, processor, enabled=False)  # each call states its own mode
+        weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+        log.info("loaded %s from %s", label, path)
+        return LoadedModel(label, source, config.model_type, model, processor, handle, device, dtype, weight_bytes, quantized)
+
+    def _from_pretrained(self, model_class, path: str, kwargs: dict) -> torch.nn.Module:
+        try:
+            return model_class.from_pretrained(path, **kwargs)
+        except torch.cuda.OutOfMemoryError:  # the estimate was short: free everything and retry once
+            while self._loaded:
+                self._unload(self._loaded.popitem(last=False)[1])
+            return model_class.from_pretrained(path, **kwargs)
+
+    def _make_room(self, needed: int) -> None:
+        """Unload least-recently-used models until `needed` bytes plus working headroom fit."""
+        while self._loaded:
+            free, _ = torch.cuda.mem_get_info()
+            if free >= needed * 1.2:
+                return
+            label, victim = self._loaded.popitem(last=False)
+            log.info("unloading %s to make room", label)
+            self._unload(victim)
+
+    @staticmethod
+    def _unload(loaded: LoadedModel) -> None:
+        loaded.handle.remove()
+        del loaded.model, loaded.handle
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+def _weight_bytes(model_class, config, bytes_per_parameter: float) -> int:
+    """Size of a model's weights, counted on the meta device (no memory, no download)."""
+    with torch.device("meta"):
+        shell = model_class(config)
+    return int(sum(p.numel() for p in shell.parameters()) * bytes_per_parameter)

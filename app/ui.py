@@ -1,0 +1,482 @@
+"""The page: one message box that asks both sides, two chat columns, what VisionZip keeps, charts.
+
+Every event that touches a model shares one queue slot (`concurrency_id="gpu"`), so the two sides
+never run at the same time and no two users' timings overlap.  Named endpoints (`/set_media`,
+`/ask`, `/clear`, `/set_mode`, `/set_model`) let `gradio_client` drive a whole conversation; the
+conversation lives in a per-session `gr.State`, which the client keeps across calls.
+"""
+
+import hashlib
+import logging
+import tempfile
+import threading
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import gradio as gr
+
+import visionzip
+from app import charts, overlay
+from app.chat import (
+    CUSTOM,
+    FULL,
+    SIDES,
+    Conversation,
+    SideConfig,
+    TurnRefused,
+    image_selection,
+    load_media,
+    make_mode,
+    mode_choices,
+    run_turn,
+    translate_mode,
+    use_mode,
+)
+from app.media import MediaError, load_image
+from app.models import ModelLoadError, ModelRegistry, gpu_task, resolve_device, timing_method
+from app.stats import TurnStats, export_csv, export_json, summary_line
+
+log = logging.getLogger(__name__)
+
+SIDE_NAMES = {"left": "Without VisionZip", "right": "With VisionZip"}
+DEFAULT_MODES = {"left": FULL, "right": "VisionZip 320"}
+ASSETS = Path(__file__).resolve().parents[1] / "assets"
+TINY_BANNER = (
+    "⚠️ **Tiny offline model.** Its weights are random, so its *answers are meaningless noise*; "
+    "its *token counts and timings are real*: it has LLaVA-NeXT's exact image geometry (336x336 tiles of "
+    "24x24 patches, the same grids). Start with `--model llava-hf/llava-v1.6-vicuna-7b-hf` on a GPU for real answers."
+)
+CSS = """
+#banner { background: #fff4d6; border: 2px solid #e0a800; border-radius: 8px; padding: 4px 12px; }
+#summary p { font-size: 1.5rem !important; line-height: 1.4; }
+#summary small { font-size: 1rem; }
+.side-header { min-height: 6.2em; }  /* both columns' controls line up whatever the header's length */
+.side-header h3 { margin: 0; }
+.message-wrap .message { font-size: 1.05em; }
+"""
+NO_IMAGE = "Upload an image to see which tokens VisionZip keeps."
+NO_VISIONZIP = "Neither side uses VisionZip: pick a VisionZip mode to see what it keeps."
+STREAM_INTERVAL_S = 0.1  # redraw streaming answers at most this often: a browser re-renders the whole chat each time
+EXPORTS = Path(tempfile.gettempdir()) / "visionzip-live-exports"
+_stops: dict[str, threading.Event] = {}  # per browser session: the Stop button's signal to the running turn
+
+
+# -- rendering (plain functions of the conversation) ---------------------------------------------
+def _ms(value: float) -> str:
+    return f"{value:,.0f} ms" if value >= 10 else f"{value:.1f} ms"
+
+
+def stats_line(stats: TurnStats) -> str:
+    return (
+        f"**{stats.visual_tokens:,}** visual + {stats.text_tokens:,} text = {stats.context_tokens:,} tokens · "
+        f"vision {_ms(stats.vision_ms)} · prefill {_ms(stats.prefill_ms)} · "
+        f"decode {stats.decode_tokens_per_s:,.0f} tok/s · KV cache {stats.kv_cache_bytes / 2**20:,.1f} MiB"
+    )
+
+
+def chat_messages(conversation: Conversation, side: str) -> list[dict]:
+    messages = []
+    for turn in conversation.turns:
+        messages.append({"role": "user", "content": turn.question})
+        answer, stats = turn.answers[side], turn.stats.get(side)
+        if turn.running == side:
+            text = answer + " ▌"
+        elif stats is None:
+            text = "… waiting: the other side runs first this turn" if turn.running else "■ stopped"
+        elif stats.error:
+            text = (answer + "\n\n" if answer else "") + f"⚠️ {stats.error}"
+        else:
+            text = f"{answer.strip() or '(empty answer)'}\n\n<small>{stats_line(stats)}</small>"
+        messages.append({"role": "assistant", "content": text})
+    return messages
+
+
+def summary_markdown(conversation: Conversation) -> str:
+    """The latest turn's ratio large, earlier turns below; full (more visual tokens) -> reduced."""
+    lines = []
+    for number, turn in reversed(list(enumerate(conversation.turns, start=1))):
+        pair = [turn.stats.get(side) for side in SIDES]
+        if None in pair:
+            continue
+        full, reduced = sorted(pair, key=lambda stats: -stats.visual_tokens)
+        line = summary_line(full, reduced)
+        if line:
+            lines.append(f"Turn {number}: {line}")
+    if not lines:
+        return ""
+    return f"**{lines[0]}**" + "".join(f"<br><small>{line}</small>" for line in lines[1:])
+
+
+def stats_records(conversation: Conversation) -> list[dict]:
+    return [asdict(stats) for stats in conversation.all_stats()]
+
+
+def side_header(registry: ModelRegistry, conversation: Conversation, side: str) -> str:
+    config = conversation.sides[side]
+    title = "With VisionZip" if config.mode.enabled else "Without VisionZip"
+    detail = f"{config.model} · {config.mode.label}"
+    loaded = next((m for m in registry.loaded() if m.label == config.model), None)
+    if loaded is not None and conversation.media_path is not None:
+        image, _ = load_image(conversation.media_path)
+        with use_mode(loaded, config.mode):
+            detail += f" · **{loaded.handle.num_image_tokens((image.height, image.width)):,} visual tokens** for this image"
+    return f"### {title}\n{detail}"
+
+
+def banner_update(registry: ModelRegistry, conversation: Conversation) -> dict:
+    tiny = any(registry.is_tiny(conversation.sides[side].model) for side in SIDES)
+    return gr.Markdown(TINY_BANNER, visible=tiny)
+
+
+def models_markdown(registry: ModelRegistry) -> str:
+    loaded = registry.loaded()
+    device = resolve_device(registry.device_name)
+    lines = [f"- {model.describe()}" for model in loaded] or ["- none yet: a model loads on first use"]
+    return (
+        "**Loaded models** (both sides share one copy of each; the least recently used is unloaded when "
+        "a new one does not fit in GPU memory):\n" + "\n".join(lines) + f"\n\n**Timing:** {timing_method(device)}. "
+        "Prefill = vision encode + LLM prefill, up to the first new token."
+    )
+
+
+def new_conversation(registry: ModelRegistry) -> Conversation:
+    family = registry.family(registry.default)
+    sides = {
+        side: SideConfig(registry.default, translate_mode(make_mode(DEFAULT_MODES[side], "llava_next"), family))
+        for side in SIDES
+    }
+    return Conversation(sides)
+
+
+def vision_side(conversation: Conversation) -> str | None:
+    """The side whose budget the overlay shows: the right one if it uses VisionZip, else the left."""
+    return next((side for side in ("right", "left") if conversation.sides[side].mode.enabled), None)
+
+
+def export_files(conversation: Conversation, session: str) -> tuple[str, str]:
+    """The conversation's measurements as JSON and CSV files, one folder per browser session."""
+    folder = EXPORTS / hashlib.sha256(session.encode()).hexdigest()[:16]  # the client picks session ids: no raw paths
+    folder.mkdir(parents=True, exist_ok=True)
+    stats = conversation.all_stats()
+    (folder / "visionzip_turns.json").write_text(export_json(stats))
+    (folder / "visionzip_turns.csv").write_text(export_csv(stats))
+    return str(folder / "visionzip_turns.json"), str(folder / "visionzip_turns.csv")
+
+
+# -- the page -------------------------------------------------------------------------------------
+def build_demo(registry: ModelRegistry | None = None, max_new_tokens: int = 128) -> gr.Blocks:
+    registry = registry or ModelRegistry()
+    start = new_conversation(registry)
+    model_labels = list(registry.choices)
+
+    with gr.Blocks(title="VisionZip Live") as demo:
+        state = gr.State(start)
+        selection_state = gr.State(None)  # the overlay's ImageSelection: view switches redraw without the model
+        question = gr.Textbox(label="question", visible=False)  # the submitted question, once the message box is cleared
+
+        gr.Markdown(
+            "# VisionZip Live\nThe same question, answered twice: with every visual token (left) and with "
+            "[VisionZip](https://arxiv.org/abs/2412.04467)'s few dominant + contextual tokens (right). "
+            "Each side re-reads the whole conversation every turn, so the saving shows on every turn."
+        )
+        banner = gr.Markdown(TINY_BANNER, visible=registry.is_tiny(registry.default), elem_id="banner")
+
+        with gr.Row(equal_height=False):
+            with gr.Column(scale=1, min_width=260):
+                media = gr.Image(type="filepath", label="Image", height=300, elem_id="media")
+                media_info = gr.Markdown(elem_id="media-info")
+                examples = sorted(str(path) for path in ASSETS.glob("*.png"))
+                if examples:
+                    gr.Examples(examples=[[path] for path in examples], inputs=[media], cache_examples=False, label="Examples")
+            columns = {}
+            for side in SIDES:
+                with gr.Column(scale=2):
+                    header = gr.Markdown(side_header(registry, start, side), elem_id=f"{side}-header", elem_classes="side-header")
+                    with gr.Row():
+                        model = gr.Dropdown(model_labels, value=start.sides[side].model, label="Model", elem_id=f"{side}-model", scale=2)
+                        mode = gr.Dropdown(
+                            mode_choices(registry.family(registry.default)),
+                            value=start.sides[side].mode.name,
+                            label="Mode",
+                            elem_id=f"{side}-mode",
+                            scale=1,
+                            min_width=150,
+                        )
+                    with gr.Row(visible=False) as custom_row:
+                        dominant = gr.Number(54, label="Dominant tokens per tile (D, counts CLS)", precision=0, elem_id=f"{side}-dominant")
+                        contextual = gr.Number(10, label="Contextual tokens per tile (C)", precision=0, elem_id=f"{side}-contextual")
+                    chat = gr.Chatbot(label=SIDE_NAMES[side], show_label=False, height=460, elem_id=f"{side}-chat", buttons=["copy"])
+                columns[side] = dict(header=header, model=model, mode=mode, custom_row=custom_row, dominant=dominant, contextual=contextual, chat=chat)
+
+        with gr.Row():
+            message = gr.Textbox(
+                placeholder="Ask both sides about the image, e.g. 'What is in this picture?' (Enter to send)",
+                show_label=False,
+                scale=6,
+                elem_id="message",
+            )
+            send = gr.Button("Send", variant="primary", scale=1, elem_id="send")
+            stop = gr.Button("Stop", variant="stop", scale=1, elem_id="stop")
+            regenerate = gr.Button("Regenerate", scale=1, elem_id="regenerate")
+            clear = gr.Button("Clear", scale=1, elem_id="clear")
+        summary = gr.Markdown(elem_id="summary")
+        models_info = gr.Markdown(models_markdown(registry), elem_id="models-info")
+
+        with gr.Tabs():
+            with gr.Tab("What VisionZip keeps", elem_id="tab-overlay"):
+                view = gr.Dropdown(["all"], value="all", label="Tiles", elem_id="overlay-view")
+                legend = gr.Markdown(NO_IMAGE, elem_id="overlay-legend")
+                with gr.Row():
+                    overlay_image = gr.Image(label="Kept and merged tokens", show_label=False, type="pil", interactive=False, elem_id="overlay")
+                    heatmap_image = gr.Image(label="CLS attention", show_label=False, type="pil", interactive=False, elem_id="heatmap")
+                attention_plot = gr.Plot(show_label=False, elem_id="attention-chart")
+            with gr.Tab("Charts", elem_id="tab-charts"):
+                tokens_plot = gr.Plot(charts.tokens_chart([]), show_label=False, elem_id="tokens-chart")
+                times_plot = gr.Plot(charts.times_chart([]), show_label=False, elem_id="times-chart")
+                speedup_plot = gr.Plot(charts.speedup_chart([]), show_label=False, elem_id="speedup-chart")
+            with gr.Tab("Export", elem_id="tab-export"):
+                with gr.Row():
+                    export_json_button = gr.DownloadButton("Download JSON", elem_id="export-json")
+                    export_csv_button = gr.DownloadButton("Download CSV", elem_id="export-csv")
+                stats_json = gr.JSON(label="Per-turn measurements", elem_id="stats-json")
+
+        chats = [columns[side]["chat"] for side in SIDES]
+        headers = [columns[side]["header"] for side in SIDES]
+        conversation_views = [*chats, stats_json, summary]
+
+        def render(conversation: Conversation) -> list:
+            return [*(chat_messages(conversation, side) for side in SIDES), stats_records(conversation), summary_markdown(conversation)]
+
+        # -- media ---------------------------------------------------------------------------------
+        def set_media(image: str | None, conversation: Conversation):
+            """Make `image` (a file path) the conversation's image; a new image starts a new conversation."""
+            info = ""
+            if image:
+                try:
+                    picture, notes = load_image(image)
+                except MediaError as error:
+                    raise gr.Error(str(error)) from None
+                info = f"{picture.width}x{picture.height} image" + (f" ({'; '.join(notes)})" if notes else "")
+            conversation = replace(conversation, media_path=image or None, turns=[])
+            return conversation, *render(conversation), info, *(side_header(registry, conversation, s) for s in SIDES)
+
+        # -- asking --------------------------------------------------------------------------------
+        def take_message(text: str):
+            return "", text
+
+        @gpu_task
+        def ask(question: str, conversation: Conversation, request: gr.Request):
+            """Ask both sides `question` about the conversation's image; streams both chat columns."""
+            session = request.session_hash if request else ""
+            stop_event = _stops[session] = threading.Event()
+            shown, shown_at = None, 0.0
+            try:
+                for current in run_turn(registry, conversation, question, max_new_tokens, stop_event):
+                    turn = current.turns[-1]
+                    progress = (turn.running, len(turn.stats))
+                    if progress != shown or time.monotonic() - shown_at >= STREAM_INTERVAL_S:
+                        shown, shown_at = progress, time.monotonic()
+                        yield current, *render(current)
+                yield conversation, *render(conversation)
+            except (TurnRefused, ValueError, MediaError, ModelLoadError) as error:
+                raise gr.Error(str(error)) from None
+            except Exception as error:
+                log.exception("turn failed")
+                raise gr.Error(f"The turn failed: {type(error).__name__}: {error}") from None
+            finally:
+                _stops.pop(session, None)
+
+        def request_stop(request: gr.Request):
+            running = _stops.get(request.session_hash)
+            if running is not None:
+                running.set()
+
+        def pop_last_turn(conversation: Conversation):
+            if not conversation.turns:
+                raise gr.Error("Nothing to regenerate yet.")
+            last = conversation.turns[-1]
+            conversation = replace(conversation, turns=conversation.turns[:-1])
+            return conversation, last.question, *render(conversation)
+
+        def clear_conversation(conversation: Conversation):
+            conversation = replace(conversation, turns=[])
+            return conversation, *render(conversation)
+
+        def after_turn(conversation: Conversation, request: gr.Request):
+            turns = conversation.all_stats()
+            return (
+                charts.tokens_chart(turns),
+                charts.times_chart(turns),
+                charts.speedup_chart(turns),
+                *export_files(conversation, request.session_hash if request else ""),
+                models_markdown(registry),
+                *(side_header(registry, conversation, side) for side in SIDES),
+            )
+
+        # -- modes and models ----------------------------------------------------------------------
+        def set_mode(
+            conversation: Conversation,
+            left_mode: str,
+            left_dominant: float,
+            left_contextual: float,
+            right_mode: str,
+            right_dominant: float,
+            right_contextual: float,
+        ):
+            """Both sides' modes: FULL, a preset ("VisionZip 320") or CUSTOM with dominant/contextual per tile."""
+            sides = dict(conversation.sides)
+            values = {"left": (left_mode, left_dominant, left_contextual), "right": (right_mode, right_dominant, right_contextual)}
+            for side, (name, dominant, contextual) in values.items():
+                try:
+                    loaded = registry.get(sides[side].model)
+                    mode = make_mode(name, loaded.family, dominant, contextual, loaded.handle.tokens_per_tile)
+                except (ValueError, ModelLoadError) as error:
+                    raise gr.Error(f"{SIDE_NAMES[side]} side: {error}") from None
+                sides[side] = replace(sides[side], mode=mode)
+            conversation = replace(conversation, sides=sides)
+            rows = [gr.Row(visible=conversation.sides[side].mode.name == CUSTOM) for side in SIDES]
+            return conversation, *rows, *(side_header(registry, conversation, side) for side in SIDES)
+
+        @gpu_task
+        def set_model(conversation: Conversation, left_model: str, right_model: str):
+            """Load (on first use) and select each side's model; a mode preset maps to the new
+            model family's.  On failure the previous models keep serving."""
+            sides = dict(conversation.sides)
+            for side, label in zip(SIDES, (left_model, right_model)):
+                try:
+                    family = registry.get(label).family
+                except ModelLoadError as error:
+                    raise gr.Error(f"{SIDE_NAMES[side]} side keeps {sides[side].model}: {error}") from None
+                sides[side] = SideConfig(label, translate_mode(sides[side].mode, family))
+            conversation = replace(conversation, sides=sides)
+            modes = [
+                gr.Dropdown(choices=mode_choices(registry.get(conversation.sides[side].model).family), value=conversation.sides[side].mode.name)
+                for side in SIDES
+            ]
+            return (
+                conversation,
+                *modes,
+                *(side_header(registry, conversation, side) for side in SIDES),
+                banner_update(registry, conversation),
+                models_markdown(registry),
+            )
+
+        def show_models(conversation: Conversation):
+            return [gr.Dropdown(value=conversation.sides[side].model) for side in SIDES]
+
+        # -- what VisionZip keeps ------------------------------------------------------------------
+        def overlay_views(selection, conversation: Conversation, chosen: str) -> tuple:
+            """(legend, view choices, overlay, heatmap, attention chart) for one view of the selection."""
+            side = vision_side(conversation)
+            if selection is None or side is None:
+                return gr.skip(), gr.Dropdown(choices=["all"], value="all"), None, None, None
+            picture = load_media(conversation)
+            choices = overlay.view_choices(selection)
+            chosen = chosen if chosen in choices else "all"
+            config = conversation.sides[side]
+            budget = visionzip.Budget(config.mode.dominant, config.mode.contextual)
+            title = f"**{SIDE_NAMES[side]} side**: {config.model}, {config.mode.label}.\n\n"
+            return (
+                title + overlay.legend_markdown(selection, chosen),
+                gr.Dropdown(choices=choices, value=chosen),
+                overlay.draw_overlay(picture, selection, chosen),
+                overlay.draw_attention_heatmap(picture, selection, chosen),
+                charts.attention_chart(selection, budget, chosen),
+            )
+
+        @gpu_task
+        def refresh_overlay(conversation: Conversation, chosen: str):
+            """Run the vision tower alone under the VisionZip side's budget and draw what it keeps."""
+            side = vision_side(conversation)
+            if conversation.media_path is None or side is None:
+                note = NO_IMAGE if conversation.media_path is None else NO_VISIONZIP
+                return None, note, *overlay_views(None, conversation, chosen)[1:]
+            config = conversation.sides[side]
+            try:
+                selection = image_selection(registry.get(config.model), load_media(conversation), config.mode)
+            except (ValueError, ModelLoadError, MediaError) as error:
+                raise gr.Error(str(error)) from None
+            return selection, *overlay_views(selection, conversation, chosen)
+
+        # -- wiring --------------------------------------------------------------------------------
+        gpu = dict(concurrency_id="gpu", concurrency_limit=1)
+        quiet = dict(api_visibility="private", show_progress="hidden")  # follow-up refreshes: no spinners
+        overlay_outputs = [selection_state, legend, view, overlay_image, heatmap_image, attention_plot]
+        after_outputs = [tokens_plot, times_plot, speedup_plot, export_json_button, export_csv_button, models_info, *headers]
+
+        media.change(
+            set_media, [media, state], [state, *conversation_views, media_info, *headers], api_name="set_media"
+        ).success(refresh_overlay, [state, view], overlay_outputs, api_visibility="private", **gpu).then(
+            after_turn, [state], after_outputs, **quiet
+        )
+
+        submitted = gr.on(
+            [message.submit, send.click], take_message, [message], [message, question], queue=False, api_visibility="private"
+        )
+        asked = submitted.then(
+            ask, [question, state], [state, *conversation_views], api_name="ask", show_progress="minimal", **gpu
+        )
+        asked.then(after_turn, [state], after_outputs, **quiet)
+        stop.click(request_stop, None, None, queue=False, api_visibility="private")
+
+        regenerated = regenerate.click(
+            pop_last_turn, [state], [state, question, *conversation_views], queue=False, api_visibility="private"
+        ).success(
+            ask, [question, state], [state, *conversation_views], api_visibility="private", show_progress="minimal", **gpu
+        )
+        regenerated.then(after_turn, [state], after_outputs, **quiet)
+
+        clear.click(clear_conversation, [state], [state, *conversation_views], api_name="clear").then(
+            after_turn, [state], after_outputs, **quiet
+        )
+        for chat in chats:  # a chat column's own trash button clears the whole conversation, not just the view
+            chat.clear(clear_conversation, [state], [state, *conversation_views], api_visibility="private").then(
+                after_turn, [state], after_outputs, **quiet
+            )
+
+        mode_inputs, mode_triggers = [state], []
+        for side in SIDES:
+            parts = columns[side]
+            mode_inputs += [parts["mode"], parts["dominant"], parts["contextual"]]
+            mode_triggers += [parts["mode"].input, parts["dominant"].submit, parts["dominant"].blur]
+            mode_triggers += [parts["contextual"].submit, parts["contextual"].blur]
+        gr.on(
+            mode_triggers,
+            set_mode,
+            mode_inputs,
+            [state, *(columns[side]["custom_row"] for side in SIDES), *headers],
+            api_name="set_mode",
+            trigger_mode="always_last",
+            show_progress="hidden",
+            **gpu,  # may load a model on first use
+        ).success(refresh_overlay, [state, view], overlay_outputs, api_visibility="private", **gpu)
+
+        model_change = gr.on(
+            [columns[side]["model"].input for side in SIDES],
+            set_model,
+            [state, *(columns[side]["model"] for side in SIDES)],
+            [state, *(columns[side]["mode"] for side in SIDES), *headers, banner, models_info],
+            api_name="set_model",
+            **gpu,
+        )
+        model_change.success(refresh_overlay, [state, view], overlay_outputs, api_visibility="private", **gpu)
+        model_change.failure(show_models, [state], [columns[side]["model"] for side in SIDES], api_visibility="private")
+
+        view.input(overlay_views, [selection_state, state, view], overlay_outputs[1:], api_visibility="private")
+
+    demo.queue(max_size=32)
+    return demo
+
+
+def launch(demo: gr.Blocks, host: str = "127.0.0.1", port: int | None = 7860, **options) -> tuple:
+    """Serve `demo` with the page's theme and styles (Gradio 6 takes them at launch)."""
+    return demo.launch(
+        server_name=host,
+        server_port=port,
+        theme=gr.themes.Soft(),
+        css=CSS,
+        max_file_size="25mb",
+        ssr_mode=False,
+        **options,
+    )
