@@ -31,11 +31,13 @@ class TurnStats:
 
 
 def summary_line(full: TurnStats, reduced: TurnStats) -> str:
-    """E.g. '2928 -> 320 visual tokens, prefill 7.1x faster' for one turn."""
-    if not (full.ok and reduced.ok) or reduced.prefill_ms <= 0:
+    """E.g. '2928 -> 320 visual tokens, prefill 7.1x faster' for one turn (or 'slower', which
+    happens when the VisionZip side was given more frames, or on a model too small to notice)."""
+    if not (full.ok and reduced.ok) or reduced.prefill_ms <= 0 or full.prefill_ms <= 0:
         return ""
     speedup = full.prefill_ms / reduced.prefill_ms
-    return f"{full.visual_tokens} -> {reduced.visual_tokens} visual tokens, prefill {speedup:.1f}x faster"
+    change = f"{speedup:.1f}x faster" if speedup >= 1 else f"{1 / speedup:.1f}x slower"
+    return f"{full.visual_tokens} -> {reduced.visual_tokens} visual tokens, prefill {change}"
 
 
 def export_json(turns: list[TurnStats]) -> str:

@@ -1,0 +1,23 @@
+"""The summary line a speaker reads out: the ratio must point the right way."""
+
+from app.stats import TurnStats, export_csv, export_json, summary_line
+
+
+def stats(side: str, visual: int, prefill_ms: float, error: str | None = None) -> TurnStats:
+    return TurnStats(1, side, "m", "full", visual, 40, visual + 40, 5.0, prefill_ms, 10.0, 8, 1024, error=error)
+
+
+def test_summary_says_faster_or_slower():
+    assert summary_line(stats("left", 2928, 710.0), stats("right", 320, 100.0)) == "2928 -> 320 visual tokens, prefill 7.1x faster"
+    assert summary_line(stats("left", 2304, 100.0), stats("right", 2304, 300.0)).endswith("prefill 3.0x slower")
+
+
+def test_summary_is_empty_when_a_side_failed():
+    assert summary_line(stats("left", 2928, 700.0), stats("right", 0, 0.0, error="out of memory")) == ""
+
+
+def test_exports_carry_every_field():
+    turns = [stats("left", 2928, 700.0), stats("right", 320, 100.0, error="x")]
+    assert '"visual_tokens": 320' in export_json(turns) and '"error": "x"' in export_json(turns)
+    header, first, second = export_csv(turns).strip().splitlines()
+    assert header.startswith("turn,side,model,mode,visual_tokens") and first.startswith("1,left,m,full,2928")
