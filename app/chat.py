@@ -1,4 +1,4 @@
-"""One conversation about one image, asked of two sides, and one turn run on one side.
+"""One conversation about one image or video clip, asked of two sides, and one turn run on one side.
 
 Every turn re-prefills the whole conversation (built with the model's chat template), so the
 saving VisionZip makes on the visual tokens shows on every turn, not only the first.
@@ -18,6 +18,15 @@ import visionzip
 from app.media import load_image
 from app.models import LoadedModel, ModelLoadError, ModelRegistry, clock
 from app.stats import TurnStats
+from app.video import DEFAULT_FRAMES, Clip, load_clip, same_budget_frames
+from visionzip.video import (
+    frame_features,
+    frame_pixel_values,
+    tokens_per_frame,
+    video_input_ids,
+    video_inputs,
+    video_prompt,
+)
 
 SIDES = ("left", "right")
 FULL = "Full"  # every visual token: no VisionZip
@@ -97,14 +106,17 @@ class Turn:
     answers: dict[str, str] = field(default_factory=lambda: {side: "" for side in SIDES})
     stats: dict[str, TurnStats] = field(default_factory=dict)  # filled when a side finishes
     running: str | None = None  # the side generating now
+    frames: dict[str, int] = field(default_factory=dict)  # video: the frames each side saw
 
 
 @dataclass
 class Conversation:
     sides: dict[str, SideConfig]
     media_path: str | None = None
-    media_kind: str = "image"  # the kind of the conversation's upload; video joins with its own issue
+    media_kind: str = "image"  # "image" or "video": the kind of the conversation's upload
     turns: list[Turn] = field(default_factory=list)
+    num_frames: int = DEFAULT_FRAMES  # video: frames sampled for a full side
+    same_budget: bool = False  # video: a VisionZip side gets as many frames as fit in a full side's tokens
 
     def all_stats(self) -> list[TurnStats]:
         return [turn.stats[side] for turn in self.turns for side in SIDES if side in turn.stats]
@@ -155,6 +167,22 @@ class Prepared:
     @property
     def context_tokens(self) -> int:
         return self.visual_tokens + self.text_tokens
+
+    @property
+    def warm_key(self) -> tuple:
+        return self.mode.key
+
+    def encode(self):
+        """The vision tower (+ VisionZip) on this turn's image, in the caller's `use()` block."""
+        inputs = self.inputs
+        return self.loaded.model.model.get_image_features(
+            pixel_values=inputs["pixel_values"], image_sizes=inputs.get("image_sizes")
+        )
+
+    def generate_inputs(self, features) -> dict:
+        """The keyword arguments `generate` takes for this turn, the image's features already computed."""
+        text_inputs = {key: value for key, value in self.inputs.items() if key not in ("pixel_values", "image_sizes")}
+        return dict(**text_inputs, mm_encoder_outputs={"image": features})
 
 
 def prepare(loaded: LoadedModel, mode: Mode, messages: list[dict], image: Image.Image, max_new_tokens: int) -> Prepared:
@@ -207,14 +235,6 @@ def kv_cache_bytes(config, tokens: int, dtype: torch.dtype) -> int:
     return 2 * text.num_hidden_layers * kv_heads * head_dim * tokens * dtype.itemsize
 
 
-def _encode(prepared: Prepared):
-    """The vision tower (+ VisionZip) on this turn's image, in the caller's `use()` block."""
-    inputs = prepared.inputs
-    return prepared.loaded.model.model.get_image_features(
-        pixel_values=inputs["pixel_values"], image_sizes=inputs.get("image_sizes")
-    )
-
-
 def use_mode(loaded: LoadedModel, mode: Mode):
     """The handle's `use()` block for `mode` (this thread only)."""
     if not mode.enabled:
@@ -223,21 +243,18 @@ def use_mode(loaded: LoadedModel, mode: Mode):
 
 
 def _generate_kwargs(prepared: Prepared, features, max_new_tokens: int) -> dict:
-    text_inputs = {key: value for key, value in prepared.inputs.items() if key not in ("pixel_values", "image_sizes")}
-    return dict(
-        **text_inputs, mm_encoder_outputs={"image": features}, max_new_tokens=max_new_tokens, do_sample=False
-    )
+    return dict(**prepared.generate_inputs(features), max_new_tokens=max_new_tokens, do_sample=False)
 
 
 def warm_up(prepared: Prepared) -> None:
     """One untimed pass per model and mode, so the timed turns skip one-off costs (kernel
     selection, allocator growth, lazy initialisation)."""
     loaded = prepared.loaded
-    if prepared.mode.key in loaded.warmed:
+    if prepared.warm_key in loaded.warmed:
         return
     with torch.inference_mode(), use_mode(prepared.loaded, prepared.mode):
-        loaded.model.generate(**_generate_kwargs(prepared, _encode(prepared), 1))
-    loaded.warmed.add(prepared.mode.key)
+        loaded.model.generate(**_generate_kwargs(prepared, prepared.encode(), 1))
+    loaded.warmed.add(prepared.warm_key)
 
 
 def stream_side(
@@ -248,7 +265,7 @@ def stream_side(
     warm_up(prepared)
     with torch.inference_mode(), use_mode(prepared.loaded, prepared.mode):
         start = clock(loaded.device)
-        features = _encode(prepared)
+        features = prepared.encode()
         vision_end = clock(loaded.device)
 
     streamer = TimedStreamer(loaded.processor.tokenizer, loaded.device)
@@ -315,6 +332,84 @@ def describe_error(error: BaseException) -> str:
     return f"{type(error).__name__}: {error}"
 
 
+# -- video: every frame one 336x336 tile, packed in time order (visionzip.video) ------------------
+@dataclass
+class VideoPrepared(Prepared):
+    """One side's turn over a clip: `inputs` holds the prompt's `input_ids` (frame placeholders
+    expanded) and the frames' `pixel_values`."""
+
+    frames: int
+
+    @property
+    def warm_key(self) -> tuple:
+        return ("video", *self.mode.key)
+
+    def encode(self):
+        """(frames, tokens a frame, E) features, one ImageSelection per frame on the handle."""
+        return frame_features(self.loaded.handle, self.inputs["pixel_values"])
+
+    def generate_inputs(self, features) -> dict:
+        return video_inputs(self.loaded.model, self.inputs["input_ids"], features)
+
+
+def side_frame_count(loaded: LoadedModel, mode: Mode, conversation: Conversation) -> int:
+    """Frames this side sees: the slider's count or, in "same budget" mode on a VisionZip side, as
+    many as fit in the tokens that many full frames take (at most the clip's frames)."""
+    clip = load_clip(conversation.media_path, conversation.num_frames)
+    if not (conversation.same_budget and mode.enabled):
+        return len(clip.frames)
+    with loaded.handle.use(enabled=False):
+        full = tokens_per_frame(loaded.handle)
+    with use_mode(loaded, mode):
+        reduced = tokens_per_frame(loaded.handle)
+    return same_budget_frames(len(clip.frames), full, reduced, clip.info["total_frames"])
+
+
+def video_tokens(
+    loaded: LoadedModel, mode: Mode, conversation: Conversation, messages: list[dict], max_new_tokens: int
+) -> tuple[Clip, torch.Tensor, int]:
+    """This side's clip, the prompt's (1, L) token ids and the tokens a frame takes; raises
+    ContextTooLong when the turn would not fit, before decoding frames that never could."""
+    frames = side_frame_count(loaded, mode, conversation)
+    with use_mode(loaded, mode):
+        per_frame = tokens_per_frame(loaded.handle)
+
+    def refuse_if_too_long(needed: int, what: str) -> None:
+        if needed + max_new_tokens > loaded.context_window:
+            advice = "Use fewer frames, or a smaller VisionZip budget." if mode.enabled else "Use fewer frames, or VisionZip."
+            raise ContextTooLong(
+                f"{loaded.label} ({mode.label}): {frames} frames x {per_frame} = {frames * per_frame:,} visual tokens"
+                f"{what} + {max_new_tokens} new tokens do not fit its {loaded.context_window:,}-token context "
+                f"window, so this side does not run. {advice}"
+            )
+
+    refuse_if_too_long(frames * per_frame, "")
+    clip = load_clip(conversation.media_path, frames)
+    input_ids = video_input_ids(loaded.processor, video_prompt(loaded.processor, messages, clip.timestamps_s), per_frame)
+    text_tokens = input_ids.shape[1] - len(clip.frames) * per_frame
+    refuse_if_too_long(len(clip.frames) * per_frame + text_tokens, f" + {text_tokens} text")
+    return clip, input_ids, per_frame
+
+
+def prepare_video(
+    loaded: LoadedModel, mode: Mode, conversation: Conversation, messages: list[dict], max_new_tokens: int
+) -> VideoPrepared:
+    """Tokenise the conversation over this side's frames; raise ContextTooLong before anything runs."""
+    clip, input_ids, per_frame = video_tokens(loaded, mode, conversation, messages, max_new_tokens)
+    pixel_values = frame_pixel_values(loaded.processor, clip.frames).to(loaded.device, loaded.dtype)
+    visual = len(clip.frames) * per_frame
+    inputs = {"input_ids": input_ids.to(loaded.device), "pixel_values": pixel_values}
+    return VideoPrepared(loaded, mode, inputs, visual, input_ids.shape[1] - visual, frames=len(clip.frames))
+
+
+def frame_selections(loaded: LoadedModel, frames: tuple[Image.Image, ...], mode: Mode) -> list[visionzip.ImageSelection]:
+    """What VisionZip keeps and merges on each frame under `mode`'s budget: the vision tower alone."""
+    pixel_values = frame_pixel_values(loaded.processor, frames).to(loaded.device, loaded.dtype)
+    with torch.inference_mode(), use_mode(loaded, mode) as call:
+        frame_features(loaded.handle, pixel_values)
+    return call.selection
+
+
 # -- one turn, both sides ------------------------------------------------------------------------
 def run_turn(
     registry: ModelRegistry, conversation: Conversation, question: str, max_new_tokens: int, stop: threading.Event
@@ -326,7 +421,7 @@ def run_turn(
     question = question.strip()
     if not question:
         raise ValueError("Type a question first.")
-    image = load_media(conversation)
+    image = load_media(conversation) if conversation.media_kind == "image" else None
     number = len(conversation.turns) + 1
     prepared: dict[str, Prepared] = {}
     errors: dict[str, str] = {}
@@ -334,13 +429,17 @@ def run_turn(
         config = conversation.sides[side]
         try:
             loaded = registry.get(config.model)
-            prepared[side] = prepare(loaded, config.mode, messages_for(conversation, side, question), image, max_new_tokens)
+            messages = messages_for(conversation, side, question)
+            if image is None:
+                prepared[side] = prepare_video(loaded, config.mode, conversation, messages, max_new_tokens)
+            else:
+                prepared[side] = prepare(loaded, config.mode, messages, image, max_new_tokens)
         except Exception as error:
             errors[side] = describe_error(error)
     if not prepared:
         raise TurnRefused(" / ".join(errors[side] for side in SIDES))
 
-    turn = Turn(question)
+    turn = Turn(question, frames={side: p.frames for side, p in prepared.items() if isinstance(p, VideoPrepared)})
     for side, error in errors.items():
         turn.stats[side] = failed_stats(number, side, conversation.sides[side], error)
     conversation.turns.append(turn)
@@ -349,16 +448,19 @@ def run_turn(
         if side not in prepared or stop.is_set():
             continue
         turn.running = side
-        yield conversation
+        stream = stream_side(prepared[side], number, side, max_new_tokens, stop)
         try:
-            for answer, stats in stream_side(prepared[side], number, side, max_new_tokens, stop):
+            yield conversation
+            for answer, stats in stream:
                 turn.answers[side] = answer
                 if stats is not None:
                     turn.stats[side] = stats
                 yield conversation
         except Exception as error:
             turn.stats[side] = failed_stats(number, side, conversation.sides[side], describe_error(error), prepared[side])
-        turn.running = None
+        finally:  # also when the caller goes away mid-turn (cancelled, tab closed): stop generating now
+            stream.close()
+            turn.running = None
     yield conversation
 
 

@@ -28,6 +28,9 @@ SEEK_AFTER_FRAMES = 16  # decode forward over gaps up to this; seek to the keyfr
 _IMAGE_BRANDS = {b"heic", b"heix", b"heim", b"heis", b"hevc", b"mif1", b"msf1", b"avif", b"avis"}
 _QUICKTIME_ATOMS = {b"moov", b"mdat", b"wide", b"free", b"skip", b"pnot"}
 VIDEO_FORMATS = "MP4, MOV, WebM/MKV, AVI or animated GIF"
+# The image formats PIL may open: photos and screenshots. PIL would also open EPS (run by Ghostscript)
+# and dozens of rare formats; an upload in one of those is refused as no image.
+IMAGE_FORMATS = ("JPEG", "MPO", "PNG", "WEBP", "GIF", "BMP", "TIFF", "AVIF", "HEIF")
 
 
 class MediaError(ValueError):
@@ -41,14 +44,14 @@ def detect_media_kind(path: str | os.PathLike) -> Literal["image", "video"]:
     container = _video_container(_read_head(path))
     if container == "gif":
         try:
-            with Image.open(path) as gif:
+            with Image.open(path, formats=image_formats()) as gif:
                 return "video" if getattr(gif, "is_animated", False) else "image"
         except Exception:  # a damaged GIF: let the video reader say what is wrong with it
             return "video"
     if container is not None:
         return "video"
     try:
-        with Image.open(path):
+        with Image.open(path, formats=image_formats()):
             return "image"
     except Image.DecompressionBombError:
         return "image"  # load_image refuses it with the reason
@@ -71,6 +74,12 @@ def _video_container(head: bytes) -> str | None:
     if head[:6] in (b"GIF87a", b"GIF89a"):
         return "gif"
     return None
+
+
+def image_formats() -> tuple[str, ...]:
+    """IMAGE_FORMATS that this PIL can open (AVIF and HEIF need optional plugins)."""
+    Image.init()
+    return tuple(name for name in IMAGE_FORMATS if name in Image.OPEN)
 
 
 def _read_head(path: str | os.PathLike, size: int = 16) -> bytes:
@@ -96,7 +105,7 @@ def load_image(path: str | os.PathLike) -> tuple[Image.Image, list[str]]:
     _read_head(path)
     notes: list[str] = []
     try:
-        with Image.open(path) as opened:
+        with Image.open(path, formats=image_formats()) as opened:
             width, height = opened.size
             if width * height > Image.MAX_IMAGE_PIXELS:  # PIL only warns up to twice its limit
                 raise MediaError(

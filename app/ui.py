@@ -1,9 +1,11 @@
 """The page: one message box that asks both sides, two chat columns, what VisionZip keeps, charts.
 
-Every event that touches a model shares one queue slot (`concurrency_id="gpu"`), so the two sides
-never run at the same time and no two users' timings overlap.  Named endpoints (`/set_media`,
-`/ask`, `/clear`, `/set_mode`, `/set_model`) let `gradio_client` drive a whole conversation; the
-conversation lives in a per-session `gr.State`, which the client keeps across calls.
+Every event that touches a model or changes the conversation shares one queue slot
+(`concurrency_id="gpu"`), so the two sides never run at the same time, no two users' timings overlap,
+and a change made while a turn streams waits for it; the queue and uploads are bounded.  Named
+endpoints (`/set_media`, `/set_frames`, `/ask`, `/clear`, `/set_mode`, `/set_model`) let `gradio_client`
+drive a whole conversation; the conversation lives in a per-session `gr.State`, which the client keeps
+across calls.
 """
 
 import hashlib
@@ -22,25 +24,32 @@ from app.chat import (
     CUSTOM,
     FULL,
     SIDES,
+    ContextTooLong,
     Conversation,
     SideConfig,
     TurnRefused,
+    frame_selections,
     image_selection,
     load_media,
     make_mode,
+    messages_for,
     mode_choices,
     run_turn,
     translate_mode,
     use_mode,
+    video_tokens,
 )
-from app.media import MediaError, load_image
-from app.models import ModelLoadError, ModelRegistry, gpu_task, resolve_device, timing_method
+from app.media import MediaError, detect_media_kind, load_image
+from app.models import LoadedModel, ModelLoadError, ModelRegistry, gpu_task, resolve_device, timing_method
 from app.stats import TurnStats, export_csv, export_json, summary_line
+from app.video import DEFAULT_FRAMES, MAX_FRAMES, describe_clip, filmstrip, load_clip
+from visionzip.video import tokens_per_frame
 
 log = logging.getLogger(__name__)
 
 SIDE_NAMES = {"left": "Without VisionZip", "right": "With VisionZip"}
 DEFAULT_MODES = {"left": FULL, "right": "VisionZip 320"}
+CUSTOM_START = (54, 10)  # the custom D/C boxes' first values: VisionZip 320's budget per tile
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
 TINY_BANNER = (
     "⚠️ **Tiny offline model.** Its weights are random, so its *answers are meaningless noise*; "
@@ -57,9 +66,19 @@ CSS = """
 """
 NO_IMAGE = "Upload an image to see which tokens VisionZip keeps."
 NO_VISIONZIP = "Neither side uses VisionZip: pick a VisionZip mode to see what it keeps."
+VIDEO_TYPES = ["video", ".mp4", ".webm", ".mov", ".avi", ".mkv", ".gif"]
+MAX_UPLOAD = "200mb"  # a phone video of a minute or two; larger uploads are refused before they are stored
+QUEUE_SIZE = 32  # events waiting for the model slot (about 16 visitors' turns); the next visitor is asked to retry
 STREAM_INTERVAL_S = 0.1  # redraw streaming answers at most this often: a browser re-renders the whole chat each time
 EXPORTS = Path(tempfile.gettempdir()) / "visionzip-live-exports"
 _stops: dict[str, threading.Event] = {}  # per browser session: the Stop button's signal to the running turn
+
+
+def uploaded_path(upload: dict | None) -> str | None:
+    """The server path of an upload that reaches its handler unprocessed (as gr.FileData).  Media
+    handlers skip Gradio's preprocessing: gr.Image's opens the file with PIL, so a bad file fails with
+    a bare "Error" and CMYK, 16-bit and transparent images are flattened before app.media sees them."""
+    return upload.get("path") if upload else None
 
 
 # -- rendering (plain functions of the conversation) ---------------------------------------------
@@ -83,11 +102,12 @@ def chat_messages(conversation: Conversation, side: str) -> list[dict]:
         if turn.running == side:
             text = answer + " ▌"
         elif stats is None:
-            text = "… waiting: the other side runs first this turn" if turn.running else "■ stopped"
+            text = "… waiting: the other side runs first this turn" if turn.running else f"{answer} ■ stopped".lstrip()
         elif stats.error:
             text = (answer + "\n\n" if answer else "") + f"⚠️ {stats.error}"
         else:
-            text = f"{answer.strip() or '(empty answer)'}\n\n<small>{stats_line(stats)}</small>"
+            frames = f"{turn.frames[side]} frames · " if side in turn.frames else ""
+            text = f"{answer.strip() or '(empty answer)'}\n\n<small>{frames}{stats_line(stats)}</small>"
         messages.append({"role": "assistant", "content": text})
     return messages
 
@@ -101,6 +121,8 @@ def summary_markdown(conversation: Conversation) -> str:
             continue
         full, reduced = sorted(pair, key=lambda stats: -stats.visual_tokens)
         line = summary_line(full, reduced)
+        if line and turn.frames:
+            line += f" ({turn.frames[full.side]} -> {turn.frames[reduced.side]} frames)"
         if line:
             lines.append(f"Turn {number}: {line}")
     if not lines:
@@ -112,16 +134,35 @@ def stats_records(conversation: Conversation) -> list[dict]:
     return [asdict(stats) for stats in conversation.all_stats()]
 
 
-def side_header(registry: ModelRegistry, conversation: Conversation, side: str) -> str:
+def side_header(registry: ModelRegistry, conversation: Conversation, side: str, max_new_tokens: int) -> str:
     config = conversation.sides[side]
     title = "With VisionZip" if config.mode.enabled else "Without VisionZip"
     detail = f"{config.model} · {config.mode.label}"
     loaded = next((m for m in registry.loaded() if m.label == config.model), None)
-    if loaded is not None and conversation.media_path is not None:
+    if loaded is not None and conversation.media_path is not None and conversation.media_kind == "video":
+        detail += " · " + video_budget(loaded, conversation, side, max_new_tokens)
+    elif loaded is not None and conversation.media_path is not None:
         image, _ = load_image(conversation.media_path)
         with use_mode(loaded, config.mode):
             detail += f" · **{loaded.handle.num_image_tokens((image.height, image.width)):,} visual tokens** for this image"
     return f"### {title}\n{detail}"
+
+
+def video_budget(loaded: LoadedModel, conversation: Conversation, side: str, max_new_tokens: int) -> str:
+    """This side's visual tokens for the clip and whether the next turn fits its context window,
+    known before anything runs (the same check that refuses the turn)."""
+    messages = messages_for(conversation, side, "")
+    try:
+        clip, input_ids, per_frame = video_tokens(loaded, conversation.sides[side].mode, conversation, messages, max_new_tokens)
+    except ContextTooLong as error:
+        return f"**refused:** {error}"
+    except MediaError as error:
+        return f"⚠️ {error}"
+    frames = len(clip.frames)
+    return (
+        f"**{frames} frames × {per_frame} = {frames * per_frame:,} visual tokens** for this clip · **fits** its "
+        f"{loaded.context_window:,}-token context window ({input_ids.shape[1]:,} before the question + {max_new_tokens} to answer)"
+    )
 
 
 def banner_update(registry: ModelRegistry, conversation: Conversation) -> dict:
@@ -170,6 +211,9 @@ def build_demo(registry: ModelRegistry | None = None, max_new_tokens: int = 128)
     start = new_conversation(registry)
     model_labels = list(registry.choices)
 
+    def headers_for(conversation: Conversation) -> list[str]:
+        return [side_header(registry, conversation, side, max_new_tokens) for side in SIDES]
+
     with gr.Blocks(title="VisionZip Live") as demo:
         state = gr.State(start)
         selection_state = gr.State(None)  # the overlay's ImageSelection: view switches redraw without the model
@@ -185,14 +229,20 @@ def build_demo(registry: ModelRegistry | None = None, max_new_tokens: int = 128)
         with gr.Row(equal_height=False):
             with gr.Column(scale=1, min_width=260):
                 media = gr.Image(type="filepath", label="Image", height=300, elem_id="media")
+                video = gr.File(label="… or a video (MP4, WebM, MOV, AVI, GIF)", file_types=VIDEO_TYPES, height=120, elem_id="video")
                 media_info = gr.Markdown(elem_id="media-info")
+                with gr.Group():
+                    frames = gr.Slider(1, MAX_FRAMES, value=DEFAULT_FRAMES, step=1, label="Video frames, sampled uniformly", elem_id="frames")
+                    same_budget = gr.Checkbox(
+                        False, label="Same budget: VisionZip gets as many frames as fit in the full side's tokens", elem_id="same-budget"
+                    )
                 examples = sorted(str(path) for path in ASSETS.glob("*.png"))
                 if examples:
                     gr.Examples(examples=[[path] for path in examples], inputs=[media], cache_examples=False, label="Examples")
             columns = {}
             for side in SIDES:
                 with gr.Column(scale=2):
-                    header = gr.Markdown(side_header(registry, start, side), elem_id=f"{side}-header", elem_classes="side-header")
+                    header = gr.Markdown(side_header(registry, start, side, max_new_tokens), elem_id=f"{side}-header", elem_classes="side-header")
                     with gr.Row():
                         model = gr.Dropdown(model_labels, value=start.sides[side].model, label="Model", elem_id=f"{side}-model", scale=2)
                         mode = gr.Dropdown(
@@ -204,8 +254,8 @@ def build_demo(registry: ModelRegistry | None = None, max_new_tokens: int = 128)
                             min_width=150,
                         )
                     with gr.Row(visible=False) as custom_row:
-                        dominant = gr.Number(54, label="Dominant tokens per tile (D, counts CLS)", precision=0, elem_id=f"{side}-dominant")
-                        contextual = gr.Number(10, label="Contextual tokens per tile (C)", precision=0, elem_id=f"{side}-contextual")
+                        dominant = gr.Number(CUSTOM_START[0], label="Dominant tokens per tile (D, counts CLS)", precision=0, elem_id=f"{side}-dominant")
+                        contextual = gr.Number(CUSTOM_START[1], label="Contextual tokens per tile (C)", precision=0, elem_id=f"{side}-contextual")
                     chat = gr.Chatbot(label=SIDE_NAMES[side], show_label=False, height=460, elem_id=f"{side}-chat", buttons=["copy"])
                 columns[side] = dict(header=header, model=model, mode=mode, custom_row=custom_row, dominant=dominant, contextual=contextual, chat=chat)
 
@@ -226,11 +276,13 @@ def build_demo(registry: ModelRegistry | None = None, max_new_tokens: int = 128)
         with gr.Tabs():
             with gr.Tab("What VisionZip keeps", elem_id="tab-overlay"):
                 view = gr.Dropdown(["all"], value="all", label="Tiles", elem_id="overlay-view")
+                filmstrip_gallery = gr.Gallery(label="Filmstrip", columns=6, height="auto", visible=False, elem_id="filmstrip")
                 legend = gr.Markdown(NO_IMAGE, elem_id="overlay-legend")
-                with gr.Row():
-                    overlay_image = gr.Image(label="Kept and merged tokens", show_label=False, type="pil", interactive=False, elem_id="overlay")
-                    heatmap_image = gr.Image(label="CLS attention", show_label=False, type="pil", interactive=False, elem_id="heatmap")
-                attention_plot = gr.Plot(show_label=False, elem_id="attention-chart")
+                with gr.Column() as image_views:  # hidden, with the view, for a video: its frames are in the filmstrip
+                    with gr.Row():
+                        overlay_image = gr.Image(label="Kept and merged tokens", show_label=False, type="pil", interactive=False, elem_id="overlay")
+                        heatmap_image = gr.Image(label="CLS attention", show_label=False, type="pil", interactive=False, elem_id="heatmap")
+                    attention_plot = gr.Plot(show_label=False, elem_id="attention-chart")
             with gr.Tab("Charts", elem_id="tab-charts"):
                 tokens_plot = gr.Plot(charts.tokens_chart([]), show_label=False, elem_id="tokens-chart")
                 times_plot = gr.Plot(charts.times_chart([]), show_label=False, elem_id="times-chart")
@@ -249,17 +301,65 @@ def build_demo(registry: ModelRegistry | None = None, max_new_tokens: int = 128)
             return [*(chat_messages(conversation, side) for side in SIDES), stats_records(conversation), summary_markdown(conversation)]
 
         # -- media ---------------------------------------------------------------------------------
-        def set_media(image: str | None, conversation: Conversation):
-            """Make `image` (a file path) the conversation's image; a new image starts a new conversation."""
-            info = ""
-            if image:
+        def set_media(
+            image: dict | None,
+            conversation: Conversation,
+            video: dict | None = None,
+            num_frames: float = DEFAULT_FRAMES,
+            same_budget: bool = False,
+            event: gr.EventData = None,
+        ):
+            """Make an uploaded image or video (gr.FileData; told apart by content, a video wins when the
+            API is given both) the conversation's media; new media starts a new conversation.  On an
+            unreadable file the previous media and conversation stay."""
+            image, video = uploaded_path(image), uploaded_path(video)
+            boxes = {"media": image, "video": video}
+            trigger = getattr(event.target, "elem_id", None) if event is not None else None
+            if trigger in boxes:
+                other = "video" if trigger == "media" else "media"
+                # an emptied box (perhaps by an upload in the other) leaves the other box's file in use
+                source = trigger if boxes[trigger] or not boxes[other] else other
+                path = boxes[source]
+                if source != trigger and path == conversation.media_path:
+                    return conversation, *render(conversation), gr.skip(), *headers_for(conversation), gr.skip(), gr.skip()
+            else:  # an API call
+                source, path = None, video or image
+            num_frames = frame_count(num_frames)
+            info, kind = "", "image"
+            if path:
                 try:
-                    picture, notes = load_image(image)
+                    kind = detect_media_kind(path)
+                    if kind == "video":
+                        info = describe_clip(Path(path).name, load_clip(path, num_frames))
+                    else:
+                        picture, notes = load_image(path)
+                        info = f"{picture.width}x{picture.height} image" + (f" ({'; '.join(notes)})" if notes else "")
                 except MediaError as error:
                     raise gr.Error(str(error)) from None
-                info = f"{picture.width}x{picture.height} image" + (f" ({'; '.join(notes)})" if notes else "")
-            conversation = replace(conversation, media_path=image or None, turns=[])
-            return conversation, *render(conversation), info, *(side_header(registry, conversation, s) for s in SIDES)
+            conversation = replace(
+                conversation, media_path=path or None, media_kind=kind, turns=[], num_frames=num_frames, same_budget=bool(same_budget)
+            )
+            # the box that was not used is emptied, so the page shows only the media in use
+            empty_image = None if source == "video" and image else gr.skip()
+            empty_video = None if source == "media" and video else gr.skip()
+            return conversation, *render(conversation), info, *headers_for(conversation), empty_image, empty_video
+
+        def frame_count(value: float) -> int:
+            if value != int(value) or not 1 <= value <= MAX_FRAMES:
+                raise gr.Error(f"The frame count must be a whole number from 1 to {MAX_FRAMES}, got {value}.")
+            return int(value)
+
+        def set_frames(conversation: Conversation, num_frames: float, same_budget: bool):
+            """Frames sampled from the video, and the "same budget" mode; the conversation goes on, as
+            after a mode change (each turn re-reads the clip with the current frames)."""
+            conversation = replace(conversation, num_frames=frame_count(num_frames), same_budget=bool(same_budget))
+            info = gr.skip()
+            if conversation.media_kind == "video":
+                try:
+                    info = describe_clip(Path(conversation.media_path).name, load_clip(conversation.media_path, conversation.num_frames))
+                except MediaError as error:
+                    raise gr.Error(str(error)) from None
+            return conversation, info, *headers_for(conversation)
 
         # -- asking --------------------------------------------------------------------------------
         def take_message(text: str):
@@ -311,7 +411,7 @@ def build_demo(registry: ModelRegistry | None = None, max_new_tokens: int = 128)
                 charts.speedup_chart(turns),
                 *export_files(conversation, request.session_hash if request else ""),
                 models_markdown(registry),
-                *(side_header(registry, conversation, side) for side in SIDES),
+                *headers_for(conversation),
             )
 
         # -- modes and models ----------------------------------------------------------------------
@@ -336,7 +436,7 @@ def build_demo(registry: ModelRegistry | None = None, max_new_tokens: int = 128)
                 sides[side] = replace(sides[side], mode=mode)
             conversation = replace(conversation, sides=sides)
             rows = [gr.Row(visible=conversation.sides[side].mode.name == CUSTOM) for side in SIDES]
-            return conversation, *rows, *(side_header(registry, conversation, side) for side in SIDES)
+            return conversation, *rows, *headers_for(conversation)
 
         @gpu_task
         def set_model(conversation: Conversation, left_model: str, right_model: str):
@@ -357,13 +457,22 @@ def build_demo(registry: ModelRegistry | None = None, max_new_tokens: int = 128)
             return (
                 conversation,
                 *modes,
-                *(side_header(registry, conversation, side) for side in SIDES),
+                *headers_for(conversation),
                 banner_update(registry, conversation),
                 models_markdown(registry),
             )
 
         def show_models(conversation: Conversation):
             return [gr.Dropdown(value=conversation.sides[side].model) for side in SIDES]
+
+        def show_modes(conversation: Conversation) -> list:
+            """Each side's mode controls as the budget in force: a refused budget leaves no trace."""
+            controls = []
+            for side in SIDES:
+                mode = conversation.sides[side].mode
+                dominant, contextual = (mode.dominant, mode.contextual) if mode.enabled else CUSTOM_START
+                controls += [gr.Dropdown(value=mode.name), dominant, contextual, gr.Row(visible=mode.name == CUSTOM)]
+            return controls
 
         # -- what VisionZip keeps ------------------------------------------------------------------
         def overlay_views(selection, conversation: Conversation, chosen: str) -> tuple:
@@ -389,6 +498,8 @@ def build_demo(registry: ModelRegistry | None = None, max_new_tokens: int = 128)
         def refresh_overlay(conversation: Conversation, chosen: str):
             """Run the vision tower alone under the VisionZip side's budget and draw what it keeps."""
             side = vision_side(conversation)
+            if conversation.media_kind == "video":  # the filmstrip shows it, with its own legend
+                return None, gr.skip(), *overlay_views(None, conversation, chosen)[1:]
             if conversation.media_path is None or side is None:
                 note = NO_IMAGE if conversation.media_path is None else NO_VISIONZIP
                 return None, note, *overlay_views(None, conversation, chosen)[1:]
@@ -399,17 +510,66 @@ def build_demo(registry: ModelRegistry | None = None, max_new_tokens: int = 128)
                 raise gr.Error(str(error)) from None
             return selection, *overlay_views(selection, conversation, chosen)
 
+        @gpu_task
+        def refresh_filmstrip(conversation: Conversation):
+            """For a video: each frame the VisionZip side sees (or, with no VisionZip side, the left
+            side's), with what VisionZip keeps and merges on it; the image views are hidden."""
+            if conversation.media_kind != "video":
+                return gr.Gallery(value=None, visible=False), gr.skip(), gr.Dropdown(visible=True), gr.Column(visible=True)
+            side = vision_side(conversation) or "left"
+            config = conversation.sides[side]
+            title = f"**{SIDE_NAMES[side]} side**: {config.model}, {config.mode.label}"
+            try:
+                loaded = registry.get(config.model)
+                messages = messages_for(conversation, side, "")
+                clip, _, per_frame = video_tokens(loaded, config.mode, conversation, messages, max_new_tokens)
+                with loaded.handle.use(enabled=False):
+                    full = tokens_per_frame(loaded.handle)
+                selections = frame_selections(loaded, clip.frames, config.mode) if config.mode.enabled else None
+                strip = gr.Gallery(value=filmstrip(clip, loaded.family, selections, full), label=f"{len(clip.frames)} frames", visible=True)
+                legend_text = (
+                    f"{title}: {len(clip.frames)} frames, each one 336x336 tile of {per_frame} tokens. "
+                    + ("Yellow: kept (dominant) tokens; colours: contextual groups, ⚪ on each group's target. " if selections else NO_VISIONZIP + " ")
+                    + ("Frames are shown squashed to the square base tile the model sees." if loaded.family == "llava_next"
+                       else "Frames are shown centre-cropped, as the model sees them.")
+                )
+            except ContextTooLong as error:
+                strip, legend_text = gr.Gallery(value=None, visible=False), f"{title}: **refused:** {error}"
+            except (ValueError, ModelLoadError, MediaError) as error:
+                raise gr.Error(str(error)) from None
+            return strip, legend_text, gr.Dropdown(visible=False), gr.Column(visible=False)
+
         # -- wiring --------------------------------------------------------------------------------
+        # Model work and every change to the conversation share one slot: a change made while a turn
+        # streams (new media, clear, regenerate) waits for it instead of being overwritten by its next chunk.
         gpu = dict(concurrency_id="gpu", concurrency_limit=1)
         quiet = dict(api_visibility="private", show_progress="hidden")  # follow-up refreshes: no spinners
         overlay_outputs = [selection_state, legend, view, overlay_image, heatmap_image, attention_plot]
         after_outputs = [tokens_plot, times_plot, speedup_plot, export_json_button, export_csv_button, models_info, *headers]
+        filmstrip_outputs = [filmstrip_gallery, legend, view, image_views]
 
-        media.change(
-            set_media, [media, state], [state, *conversation_views, media_info, *headers], api_name="set_media"
+        gr.on(
+            [media.change, video.change],
+            set_media,
+            [media, state, video, frames, same_budget],
+            [state, *conversation_views, media_info, *headers, media, video],
+            api_name="set_media",
+            preprocess=False,  # the files reach set_media unopened (see uploaded_path)
+            **gpu,
         ).success(refresh_overlay, [state, view], overlay_outputs, api_visibility="private", **gpu).then(
-            after_turn, [state], after_outputs, **quiet
-        )
+            refresh_filmstrip, [state], filmstrip_outputs, api_visibility="private", **gpu
+        ).then(after_turn, [state], after_outputs, **quiet)
+
+        gr.on(
+            [frames.change, same_budget.input],  # change: dragged or typed (release misses typing)
+            set_frames,
+            [state, frames, same_budget],
+            [state, media_info, *headers],
+            api_name="set_frames",
+            trigger_mode="always_last",
+            show_progress="hidden",
+            **gpu,
+        ).success(refresh_filmstrip, [state], filmstrip_outputs, api_visibility="private", **gpu)
 
         submitted = gr.on(
             [message.submit, send.click], take_message, [message], [message, question], queue=False, api_visibility="private"
@@ -421,17 +581,17 @@ def build_demo(registry: ModelRegistry | None = None, max_new_tokens: int = 128)
         stop.click(request_stop, None, None, queue=False, api_visibility="private")
 
         regenerated = regenerate.click(
-            pop_last_turn, [state], [state, question, *conversation_views], queue=False, api_visibility="private"
+            pop_last_turn, [state], [state, question, *conversation_views], api_visibility="private", **gpu
         ).success(
             ask, [question, state], [state, *conversation_views], api_visibility="private", show_progress="minimal", **gpu
         )
         regenerated.then(after_turn, [state], after_outputs, **quiet)
 
-        clear.click(clear_conversation, [state], [state, *conversation_views], api_name="clear").then(
+        clear.click(clear_conversation, [state], [state, *conversation_views], api_name="clear", **gpu).then(
             after_turn, [state], after_outputs, **quiet
         )
         for chat in chats:  # a chat column's own trash button clears the whole conversation, not just the view
-            chat.clear(clear_conversation, [state], [state, *conversation_views], api_visibility="private").then(
+            chat.clear(clear_conversation, [state], [state, *conversation_views], api_visibility="private", **gpu).then(
                 after_turn, [state], after_outputs, **quiet
             )
 
@@ -441,7 +601,7 @@ def build_demo(registry: ModelRegistry | None = None, max_new_tokens: int = 128)
             mode_inputs += [parts["mode"], parts["dominant"], parts["contextual"]]
             mode_triggers += [parts["mode"].input, parts["dominant"].submit, parts["dominant"].blur]
             mode_triggers += [parts["contextual"].submit, parts["contextual"].blur]
-        gr.on(
+        mode_change = gr.on(
             mode_triggers,
             set_mode,
             mode_inputs,
@@ -450,7 +610,12 @@ def build_demo(registry: ModelRegistry | None = None, max_new_tokens: int = 128)
             trigger_mode="always_last",
             show_progress="hidden",
             **gpu,  # may load a model on first use
-        ).success(refresh_overlay, [state, view], overlay_outputs, api_visibility="private", **gpu)
+        )
+        mode_controls = [columns[side][part] for side in SIDES for part in ("mode", "dominant", "contextual", "custom_row")]
+        mode_change.failure(show_modes, [state], mode_controls, api_visibility="private", show_progress="hidden")
+        mode_change.success(refresh_overlay, [state, view], overlay_outputs, api_visibility="private", **gpu).then(
+            refresh_filmstrip, [state], filmstrip_outputs, api_visibility="private", **gpu
+        )
 
         model_change = gr.on(
             [columns[side]["model"].input for side in SIDES],
@@ -460,12 +625,14 @@ def build_demo(registry: ModelRegistry | None = None, max_new_tokens: int = 128)
             api_name="set_model",
             **gpu,
         )
-        model_change.success(refresh_overlay, [state, view], overlay_outputs, api_visibility="private", **gpu)
+        model_change.success(refresh_overlay, [state, view], overlay_outputs, api_visibility="private", **gpu).then(
+            refresh_filmstrip, [state], filmstrip_outputs, api_visibility="private", **gpu
+        )
         model_change.failure(show_models, [state], [columns[side]["model"] for side in SIDES], api_visibility="private")
 
         view.input(overlay_views, [selection_state, state, view], overlay_outputs[1:], api_visibility="private")
 
-    demo.queue(max_size=32)
+    demo.queue(max_size=QUEUE_SIZE)
     return demo
 
 
@@ -476,7 +643,7 @@ def launch(demo: gr.Blocks, host: str = "127.0.0.1", port: int | None = 7860, **
         server_port=port,
         theme=gr.themes.Soft(),
         css=CSS,
-        max_file_size="25mb",
+        max_file_size=MAX_UPLOAD,
         ssr_mode=False,
         **options,
     )

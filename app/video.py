@@ -1,0 +1,89 @@
+"""Video clips in the app: sampled frames cached per file and frame count, how many frames the
+"same budget" mode gives a VisionZip side, and the filmstrip of what VisionZip keeps on each frame."""
+
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from PIL import Image, ImageOps
+
+from app import overlay
+from app.media import load_video
+from visionzip import ImageSelection
+
+DEFAULT_FRAMES = 4  # a 4096-token context holds about 6 full frames (576 tokens each)
+MAX_FRAMES = 32  # the slider's top: far past what a full side fits, so a refusal can be seen
+FRAME_SIDE = 672  # frames are decoded no larger: the model sees 336x336 tiles, and many frames stay cached
+FILMSTRIP_PX = 320  # drawn size of each filmstrip frame
+
+
+@dataclass(frozen=True)
+class Clip:
+    """Frames sampled uniformly from a video, their times, and load_video's info (backend, fps,
+    duration_s, total_frames, indices, width, height, notes).  Shared from a cache: never mutate."""
+
+    frames: tuple[Image.Image, ...]
+    timestamps_s: tuple[float, ...]
+    info: dict[str, Any]
+
+
+def load_clip(path: str, num_frames: int) -> Clip:
+    """`num_frames` frames of the video at `path` (all of them if it has fewer); raises MediaError.
+    Cached: every turn, side, header and filmstrip of a conversation reads the same frames."""
+    stat = os.stat(path)
+    return _load_clip(path, num_frames, stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=6)
+def _load_clip(path: str, num_frames: int, mtime_ns: int, size: int) -> Clip:
+    frames, timestamps, info = load_video(path, num_frames, max_side=FRAME_SIDE)
+    return Clip(tuple(frames), tuple(timestamps), info)
+
+
+def same_budget_frames(num_frames: int, full_tokens_per_frame: int, tokens_per_frame: int, total_frames: int) -> int:
+    """Frames a side with `tokens_per_frame` tokens a frame fits in the tokens `num_frames` full
+    frames take (the VisionZip authors' demonstration: more frames in the same context), at most
+    the clip's `total_frames` and never fewer than `num_frames`."""
+    return min(total_frames, max(num_frames, num_frames * full_tokens_per_frame // tokens_per_frame))
+
+
+def describe_clip(name: str, clip: Clip) -> str:
+    """One line for the user: the clip, how many frames were sampled, which decoder read them."""
+    info = clip.info
+    notes = "; ".join(info["notes"])
+    return (
+        f"{info['width']}x{info['height']} video `{name}`, {info['duration_s']:.1f} s at {info['fps']:.0f} fps "
+        f"({info['total_frames']} frames): {len(clip.frames)} sampled, decoded with {info['backend']}"
+        + (f" ({notes})" if notes else "")
+    )
+
+
+def frame_tile(frame: Image.Image, family: str) -> Image.Image:
+    """The 336x336 picture the model's single tile sees: LLaVA-NeXT squashes the whole frame into its
+    base tile; LLaVA-1.5 resizes the shortest edge and crops the centre."""
+    size = (overlay.TILE_PX, overlay.TILE_PX)
+    return frame.resize(size, Image.Resampling.BICUBIC) if family == "llava_next" else ImageOps.fit(frame, size)
+
+
+def filmstrip(
+    clip: Clip, family: str, selections: list[ImageSelection] | None, full_tokens_per_frame: int
+) -> list[tuple[Image.Image, str]]:
+    """(picture, caption) per frame for a gr.Gallery: each frame's tile with its kept and merged
+    tokens drawn on it, or the plain tile when no side uses VisionZip (`selections` None)."""
+    if selections is not None and len(selections) != len(clip.frames):
+        raise ValueError(f"{len(selections)} selections for {len(clip.frames)} frames")
+    strip = []
+    for k, (frame, seconds) in enumerate(zip(clip.frames, clip.timestamps_s)):
+        tile = frame_tile(frame, family)
+        if selections is None:
+            picture, tokens = tile, f"all {full_tokens_per_frame} tokens"
+        else:
+            chosen = selections[k].tiles[0]
+            picture = overlay.draw_overlay(tile, selections[k])
+            tokens = f"{len(chosen.kept) + 1} kept + {len(chosen.targets)} merged tokens"
+        picture = picture.resize((FILMSTRIP_PX, FILMSTRIP_PX), Image.Resampling.BICUBIC)
+        strip.append((picture, f"frame {k + 1} · {seconds:.1f} s · {tokens}"))
+    return strip
