@@ -1,12 +1,15 @@
 """VisionZip Live: `python app.py` serves the demo on the tiny offline model at http://127.0.0.1:7860.
 
     python app.py --model llava-hf/llava-v1.6-vicuna-7b-hf --host 0.0.0.0   # a real checkpoint
-On Spaces, set VISIONZIP_MODEL instead of --model; PORT or GRADIO_SERVER_PORT pick the port.
+    python app.py --projector runs/llava-64/projector.safetensors           # + a tuned projector (visionzip.tune)
+On Spaces, set VISIONZIP_MODEL instead of --model and VISIONZIP_PROJECTOR instead of --projector;
+PORT or GRADIO_SERVER_PORT pick the port.
 """
 
 import argparse
 import logging
 import os
+import re
 
 from app.models import ModelLoadError, ModelRegistry, resolve_device
 from app.ui import build_demo, launch
@@ -25,18 +28,39 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     parser.add_argument("--max-new-tokens", type=int, default=128, help="answer length limit per side and turn")
-    return parser.parse_args(argv)
+    parser.add_argument(
+        "--projector",
+        action="append",
+        metavar="PATH",
+        help="a projector tuned with `python -m visionzip.tune`, offered on the model it was trained for (repeatable; "
+        "env VISIONZIP_PROJECTOR: paths separated by commas or the OS path separator)",
+    )
+    args = parser.parse_args(argv)
+    if args.projector is None:
+        listed = os.environ.get("VISIONZIP_PROJECTOR", "")
+        args.projector = [path.strip() for path in re.split(f"[,{re.escape(os.pathsep)}]", listed) if path.strip()]
+    return args
+
+
+def make_registry(args: argparse.Namespace) -> ModelRegistry:
+    """The app's models with their tuned projectors; raises SystemExit with the reason when one of
+    them cannot serve (at start, rather than on the first question)."""
+    registry = ModelRegistry(args.model, device=args.device, dtype=args.dtype)
+    try:
+        resolve_device(args.device)
+        registry.family(registry.default)
+        for path in args.projector:
+            labels = registry.add_projector(path)
+            logging.getLogger("app").info("tuned projector %s offered on %s", path, ", ".join(labels))
+    except ModelLoadError as error:
+        raise SystemExit(f"app.py: {error}") from None
+    return registry
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    registry = ModelRegistry(args.model, device=args.device, dtype=args.dtype)
-    try:  # fail at start, with the reason, rather than on the first question
-        resolve_device(args.device)
-        registry.family(registry.default)
-    except ModelLoadError as error:
-        raise SystemExit(f"app.py: {error}") from None
+    registry = make_registry(args)
     launch(build_demo(registry, max_new_tokens=args.max_new_tokens), host=args.host, port=args.port)
 
 

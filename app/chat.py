@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
 
 import torch
 from PIL import Image
@@ -19,6 +20,7 @@ from app.media import load_image
 from app.models import LoadedModel, ModelLoadError, ModelRegistry, clock
 from app.stats import TurnStats
 from app.video import DEFAULT_FRAMES, Clip, load_clip, same_budget_frames
+from visionzip.tune import use_projector
 from visionzip.video import (
     frame_features,
     frame_pixel_values,
@@ -41,14 +43,16 @@ class Mode:
     enabled: bool
     dominant: int = 0
     contextual: int = 0
+    tuned: str | None = None  # the tuned projector's description ("trained at 54+10, 200 steps"); None: the model's own
 
     @property
     def label(self) -> str:
-        return f"VisionZip {self.dominant}+{self.contextual}/tile" if self.enabled else "full"
+        budget = f"VisionZip {self.dominant}+{self.contextual}/tile" if self.enabled else "full"
+        return budget + (f" + tuned projector ({self.tuned})" if self.tuned else "")
 
     @property
-    def key(self) -> tuple[bool, int, int]:
-        return (self.enabled, self.dominant, self.contextual)
+    def key(self) -> tuple[bool, int, int, bool]:
+        return (self.enabled, self.dominant, self.contextual, self.tuned is not None)
 
 
 def mode_choices(family: str) -> list[str]:
@@ -85,6 +89,15 @@ def translate_mode(mode: Mode, family: str) -> Mode:
             target = sorted(visionzip.PRESETS[family], reverse=True)[ranked.index(name)]
             return make_mode(f"{PRESET_PREFIX}{target}", family)
     raise ValueError(f"unknown preset {mode.name!r}")
+
+
+def tuned_mode(mode: Mode, loaded: LoadedModel, tuned: bool) -> Mode:
+    """`mode` with `loaded`'s tuned projector, or with the model's own.  The projector's weights
+    load here, so one that does not fit fails when chosen (ModelLoadError), not mid-turn."""
+    if not tuned:
+        return replace(mode, tuned=None)
+    loaded.tuned_projector()
+    return replace(mode, tuned=loaded.projector.describe())
 
 
 def _whole(value: float | None, name: str) -> int:
@@ -235,11 +248,16 @@ def kv_cache_bytes(config, tokens: int, dtype: torch.dtype) -> int:
     return 2 * text.num_hidden_layers * kv_heads * head_dim * tokens * dtype.itemsize
 
 
-def use_mode(loaded: LoadedModel, mode: Mode):
-    """The handle's `use()` block for `mode` (this thread only)."""
-    if not mode.enabled:
-        return loaded.handle.use(enabled=False)
-    return loaded.handle.use(enabled=True, dominant=mode.dominant, contextual=mode.contextual)
+@contextmanager
+def use_mode(loaded: LoadedModel, mode: Mode) -> Iterator[visionzip.Call]:
+    """The handle's `use()` block for `mode`, with the mode's projector (tuned or the model's own),
+    for this thread only: the other side, on the same weights, keeps its own."""
+    budget = dict(dominant=mode.dominant, contextual=mode.contextual) if mode.enabled else {}
+    projector = loaded.tuned_projector() if mode.tuned else None
+    if projector is not None and mode.enabled:
+        budget["merge"] = projector.info.merge  # a projector runs under the merge it was trained with
+    with loaded.handle.use(enabled=mode.enabled, **budget) as call, use_projector(loaded.model, projector):
+        yield call
 
 
 def _generate_kwargs(prepared: Prepared, features, max_new_tokens: int) -> dict:

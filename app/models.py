@@ -1,5 +1,6 @@
 """The models a side can choose: a registry of labels, lazy loading, one VisionZip handle per
-loaded model (both sides share its weights), least-recently-used unloading, and GPU timing."""
+loaded model (both sides share its weights), tuned projectors offered per model, least-recently-used
+unloading, and GPU timing."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import importlib.util
 import logging
 import threading
 import time
+import warnings
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,7 +18,9 @@ import torch
 from transformers import AutoConfig, AutoProcessor, LlavaForConditionalGeneration, LlavaNextForConditionalGeneration
 
 import visionzip
+from app.tuned import ProjectorError, ProjectorFile, check_fits, read_projector_file
 from visionzip.tiny import tiny_checkpoint
+from visionzip.tune import TunedProjector, load_projector
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +108,24 @@ class LoadedModel:
     weight_bytes: int
     quantized: bool = False
     warmed: set = field(default_factory=set)  # mode keys that already ran once
+    projector: ProjectorFile | None = None  # the tuned projector offered for this model, if any
+    _tuned: TunedProjector | None = field(default=None, repr=False)  # its weights, once loaded
+
+    def tuned_projector(self) -> TunedProjector:
+        """The tuned projector's weights, loaded on first use; raises ModelLoadError when there is
+        none or it does not fit this model."""
+        if self.projector is None:
+            raise ModelLoadError(f"{self.label} has no tuned projector: start the app with --projector PATH to add one")
+        if self._tuned is None:
+            with warnings.catch_warnings(record=True) as caught:  # another path to the same model: matched at start
+                warnings.simplefilter("always")
+                try:
+                    self._tuned = load_projector(self.model, self.projector.path)
+                except (OSError, ValueError) as error:
+                    raise ModelLoadError(f"the tuned projector for {self.label} does not load: {error}") from None
+            for warning in caught:
+                log.info("%s", warning.message)
+        return self._tuned
 
     @property
     def context_window(self) -> int:
@@ -130,6 +152,7 @@ class ModelRegistry:
                 if not is_tiny(source):
                     self.choices[label + FOUR_BIT] = source
         self.device_name, self.dtype_name = device, dtype
+        self.projectors: dict[str, ProjectorFile] = {}  # model source -> its tuned projector
         self._loaded: OrderedDict[str, LoadedModel] = OrderedDict()  # least recently used first
         self._lock = threading.RLock()
 
@@ -151,6 +174,35 @@ class ModelRegistry:
 
     def is_tiny(self, label: str) -> bool:
         return is_tiny(self._source(label))
+
+    def add_projector(self, path: str | Path) -> list[str]:
+        """Offer the tuned projector at `path` on the model it was trained for (matched by the base
+        model its metadata records), checked against that model's config; its weights load on first
+        use.  Returns the labels it serves; raises ModelLoadError saying why it fits none."""
+        try:
+            projector = read_projector_file(path)
+            base = projector.info.base_model
+            sources = {source for label, source in self.choices.items() if base == label or same_model(base, source)}
+            if not sources:
+                raise ProjectorError(
+                    f"tuned projector {path} was trained on {base!r}, which is none of this app's models "
+                    f"({', '.join(self.choices)}): start the app with --model {base} to add it"
+                )
+            for source in sources:
+                check_fits(projector, read_config(source), source)
+                if source in self.projectors and self.projectors[source].path != projector.path:
+                    raise ProjectorError(
+                        f"two tuned projectors for {source}: {self.projectors[source].path} and {path}; give one per model"
+                    )
+        except ProjectorError as error:
+            raise ModelLoadError(str(error)) from None
+        for source in sources:
+            self.projectors[source] = projector
+        return [label for label, source in self.choices.items() if source in sources]
+
+    def projector_for(self, label: str) -> ProjectorFile | None:
+        """The tuned projector offered for `label`'s model, without loading anything."""
+        return self.projectors.get(self._source(label))
 
     def loaded(self) -> list[LoadedModel]:
         return list(self._loaded.values())
@@ -209,7 +261,10 @@ class ModelRegistry:
         handle = visionzip.apply(model, processor, enabled=False)  # each call states its own mode
         weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
         log.info("loaded %s from %s", label, path)
-        return LoadedModel(label, source, config.model_type, model, processor, handle, device, dtype, weight_bytes, quantized)
+        return LoadedModel(
+            label, source, config.model_type, model, processor, handle, device, dtype, weight_bytes, quantized,
+            projector=self.projectors.get(source),
+        )
 
     def _from_pretrained(self, model_class, path: str, kwargs: dict) -> torch.nn.Module:
         try:
@@ -236,6 +291,29 @@ class ModelRegistry:
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+
+
+def same_model(base_model: str, source: str) -> bool:
+    """Whether a projector recorded as trained on `base_model` (the id or folder it was loaded from)
+    was trained on the registry's `source`: the same id, the same folder, or the same tiny checkpoint
+    (built identically in any cache folder)."""
+    if base_model == source:
+        return True
+    if is_tiny(source):
+        return Path(base_model).name == tiny_checkpoint(source.removeprefix(TINY)).name
+    try:
+        return Path(base_model).exists() and Path(source).exists() and Path(base_model).samefile(source)
+    except OSError:
+        return False
+
+
+def read_config(source: str):
+    """A registry source's config, without loading weights; raises ModelLoadError."""
+    path = str(tiny_checkpoint(source.removeprefix(TINY))) if is_tiny(source) else source
+    try:
+        return AutoConfig.from_pretrained(path, trust_remote_code=False)
+    except Exception as error:
+        raise ModelLoadError(f"could not read the config of {source}: {error}") from None
 
 
 def _weight_bytes(model_class, config, bytes_per_parameter: float) -> int:

@@ -4,7 +4,8 @@ Every event that touches a model or changes the conversation shares one queue sl
 (`concurrency_id="gpu"`), so the two sides never run at the same time, no two users' timings overlap,
 and a change made while a turn streams waits for it; the queue and uploads are bounded.  Named
 endpoints (`/set_media`, `/set_frames`, `/ask`, `/clear`, `/set_mode`, `/set_model`) let `gradio_client`
-drive a whole conversation; the conversation lives in a per-session `gr.State`, which the client keeps
+drive a whole conversation (`/set_mode` also switches a side to its model's tuned projector, given
+with `--projector`); the conversation lives in a per-session `gr.State`, which the client keeps
 across calls.
 """
 
@@ -36,6 +37,7 @@ from app.chat import (
     mode_choices,
     run_turn,
     translate_mode,
+    tuned_mode,
     use_mode,
     video_tokens,
 )
@@ -88,7 +90,7 @@ def _ms(value: float) -> str:
 
 def stats_line(stats: TurnStats) -> str:
     return (
-        f"**{stats.visual_tokens:,}** visual + {stats.text_tokens:,} text = {stats.context_tokens:,} tokens · "
+        f"{stats.mode} · **{stats.visual_tokens:,}** visual + {stats.text_tokens:,} text = {stats.context_tokens:,} tokens · "
         f"vision {_ms(stats.vision_ms)} · prefill {_ms(stats.prefill_ms)} · "
         f"decode {stats.decode_tokens_per_s:,.0f} tok/s · KV cache {stats.kv_cache_bytes / 2**20:,.1f} MiB"
     )
@@ -121,7 +123,11 @@ def summary_markdown(conversation: Conversation) -> str:
             continue
         full, reduced = sorted(pair, key=lambda stats: -stats.visual_tokens)
         line = summary_line(full, reduced)
-        if line and turn.frames:
+        same_input = full.visual_tokens == reduced.visual_tokens and len(set(turn.frames.values())) <= 1
+        if line and same_input:  # e.g. VisionZip with and without the tuned projector: a speed ratio would be noise
+            left, right = pair
+            line = f"{left.visual_tokens:,} visual tokens on both sides (left: {left.mode}; right: {right.mode})"
+        elif line and turn.frames:
             line += f" ({turn.frames[full.side]} -> {turn.frames[reduced.side]} frames)"
         if line:
             lines.append(f"Turn {number}: {line}")
@@ -137,6 +143,7 @@ def stats_records(conversation: Conversation) -> list[dict]:
 def side_header(registry: ModelRegistry, conversation: Conversation, side: str, max_new_tokens: int) -> str:
     config = conversation.sides[side]
     title = "With VisionZip" if config.mode.enabled else "Without VisionZip"
+    title += " + tuned projector" if config.mode.tuned else ""
     detail = f"{config.model} · {config.mode.label}"
     loaded = next((m for m in registry.loaded() if m.label == config.model), None)
     if loaded is not None and conversation.media_path is not None and conversation.media_kind == "video":
@@ -179,6 +186,14 @@ def models_markdown(registry: ModelRegistry) -> str:
         "a new one does not fit in GPU memory):\n" + "\n".join(lines) + f"\n\n**Timing:** {timing_method(device)}. "
         "Prefill = vision encode + LLM prefill, up to the first new token."
     )
+
+
+def tuned_box(registry: ModelRegistry, conversation: Conversation, side: str) -> dict:
+    """The side's "tuned projector" checkbox settings: shown only when its model has one, ticked when in use."""
+    config = conversation.sides[side]
+    projector = registry.projector_for(config.model)
+    label = f"+ tuned projector ({projector.describe()})" if projector else "+ tuned projector"
+    return dict(value=config.mode.tuned is not None, label=label, visible=projector is not None)
 
 
 def new_conversation(registry: ModelRegistry) -> Conversation:
@@ -253,11 +268,16 @@ def build_demo(registry: ModelRegistry | None = None, max_new_tokens: int = 128)
                             scale=1,
                             min_width=150,
                         )
+                    tuned = gr.Checkbox(
+                        **tuned_box(registry, start, side),
+                        info="The same tokens, through a projector fine-tuned for VisionZip (the paper's VisionZip‡)",
+                        elem_id=f"{side}-tuned",
+                    )
                     with gr.Row(visible=False) as custom_row:
                         dominant = gr.Number(CUSTOM_START[0], label="Dominant tokens per tile (D, counts CLS)", precision=0, elem_id=f"{side}-dominant")
                         contextual = gr.Number(CUSTOM_START[1], label="Contextual tokens per tile (C)", precision=0, elem_id=f"{side}-contextual")
                     chat = gr.Chatbot(label=SIDE_NAMES[side], show_label=False, height=460, elem_id=f"{side}-chat", buttons=["copy"])
-                columns[side] = dict(header=header, model=model, mode=mode, custom_row=custom_row, dominant=dominant, contextual=contextual, chat=chat)
+                columns[side] = dict(header=header, model=model, mode=mode, tuned=tuned, custom_row=custom_row, dominant=dominant, contextual=contextual, chat=chat)
 
         with gr.Row():
             message = gr.Textbox(
@@ -423,14 +443,21 @@ def build_demo(registry: ModelRegistry | None = None, max_new_tokens: int = 128)
             right_mode: str,
             right_dominant: float,
             right_contextual: float,
+            left_tuned: bool = False,
+            right_tuned: bool = False,
         ):
-            """Both sides' modes: FULL, a preset ("VisionZip 320") or CUSTOM with dominant/contextual per tile."""
+            """Both sides' modes: FULL, a preset ("VisionZip 320") or CUSTOM with dominant/contextual per tile,
+            each with its model's tuned projector (`left_tuned`/`right_tuned`) when the app was given one."""
             sides = dict(conversation.sides)
-            values = {"left": (left_mode, left_dominant, left_contextual), "right": (right_mode, right_dominant, right_contextual)}
-            for side, (name, dominant, contextual) in values.items():
+            values = {
+                "left": (left_mode, left_dominant, left_contextual, left_tuned),
+                "right": (right_mode, right_dominant, right_contextual, right_tuned),
+            }
+            for side, (name, dominant, contextual, tuned) in values.items():
                 try:
                     loaded = registry.get(sides[side].model)
                     mode = make_mode(name, loaded.family, dominant, contextual, loaded.handle.tokens_per_tile)
+                    mode = tuned_mode(mode, loaded, bool(tuned))
                 except (ValueError, ModelLoadError) as error:
                     raise gr.Error(f"{SIDE_NAMES[side]} side: {error}") from None
                 sides[side] = replace(sides[side], mode=mode)
@@ -445,10 +472,13 @@ def build_demo(registry: ModelRegistry | None = None, max_new_tokens: int = 128)
             sides = dict(conversation.sides)
             for side, label in zip(SIDES, (left_model, right_model)):
                 try:
-                    family = registry.get(label).family
+                    loaded = registry.get(label)
+                    mode = translate_mode(sides[side].mode, loaded.family)
+                    # the tuned projector stays chosen while the new model has one too
+                    mode = tuned_mode(mode, loaded, mode.tuned is not None and loaded.projector is not None)
                 except ModelLoadError as error:
                     raise gr.Error(f"{SIDE_NAMES[side]} side keeps {sides[side].model}: {error}") from None
-                sides[side] = SideConfig(label, translate_mode(sides[side].mode, family))
+                sides[side] = SideConfig(label, mode)
             conversation = replace(conversation, sides=sides)
             modes = [
                 gr.Dropdown(choices=mode_choices(registry.get(conversation.sides[side].model).family), value=conversation.sides[side].mode.name)
@@ -460,6 +490,7 @@ def build_demo(registry: ModelRegistry | None = None, max_new_tokens: int = 128)
                 *headers_for(conversation),
                 banner_update(registry, conversation),
                 models_markdown(registry),
+                *(gr.Checkbox(**tuned_box(registry, conversation, side)) for side in SIDES),
             )
 
         def show_models(conversation: Conversation):
@@ -472,6 +503,7 @@ def build_demo(registry: ModelRegistry | None = None, max_new_tokens: int = 128)
                 mode = conversation.sides[side].mode
                 dominant, contextual = (mode.dominant, mode.contextual) if mode.enabled else CUSTOM_START
                 controls += [gr.Dropdown(value=mode.name), dominant, contextual, gr.Row(visible=mode.name == CUSTOM)]
+                controls.append(gr.Checkbox(value=mode.tuned is not None))
             return controls
 
         # -- what VisionZip keeps ------------------------------------------------------------------
@@ -600,7 +632,8 @@ def build_demo(registry: ModelRegistry | None = None, max_new_tokens: int = 128)
             parts = columns[side]
             mode_inputs += [parts["mode"], parts["dominant"], parts["contextual"]]
             mode_triggers += [parts["mode"].input, parts["dominant"].submit, parts["dominant"].blur]
-            mode_triggers += [parts["contextual"].submit, parts["contextual"].blur]
+            mode_triggers += [parts["contextual"].submit, parts["contextual"].blur, parts["tuned"].input]
+        mode_inputs += [columns[side]["tuned"] for side in SIDES]  # last, so older callers' positional arguments still fit
         mode_change = gr.on(
             mode_triggers,
             set_mode,
@@ -611,7 +644,7 @@ def build_demo(registry: ModelRegistry | None = None, max_new_tokens: int = 128)
             show_progress="hidden",
             **gpu,  # may load a model on first use
         )
-        mode_controls = [columns[side][part] for side in SIDES for part in ("mode", "dominant", "contextual", "custom_row")]
+        mode_controls = [columns[side][part] for side in SIDES for part in ("mode", "dominant", "contextual", "custom_row", "tuned")]
         mode_change.failure(show_modes, [state], mode_controls, api_visibility="private", show_progress="hidden")
         mode_change.success(refresh_overlay, [state, view], overlay_outputs, api_visibility="private", **gpu).then(
             refresh_filmstrip, [state], filmstrip_outputs, api_visibility="private", **gpu
@@ -621,7 +654,7 @@ def build_demo(registry: ModelRegistry | None = None, max_new_tokens: int = 128)
             [columns[side]["model"].input for side in SIDES],
             set_model,
             [state, *(columns[side]["model"] for side in SIDES)],
-            [state, *(columns[side]["mode"] for side in SIDES), *headers, banner, models_info],
+            [state, *(columns[side]["mode"] for side in SIDES), *headers, banner, models_info, *(columns[side]["tuned"] for side in SIDES)],
             api_name="set_model",
             **gpu,
         )
