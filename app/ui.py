@@ -88,9 +88,10 @@ def _ms(value: float) -> str:
     return f"{value:,.0f} ms" if value >= 10 else f"{value:.1f} ms"
 
 
-def stats_line(stats: TurnStats) -> str:
+def stats_line(stats: TurnStats, frames: int | None = None) -> str:
+    clip = f"{frames} frames · " if frames is not None else ""
     return (
-        f"{stats.mode} · **{stats.visual_tokens:,}** visual + {stats.text_tokens:,} text = {stats.context_tokens:,} tokens · "
+        f"{stats.mode} · {clip}**{stats.visual_tokens:,}** visual + {stats.text_tokens:,} text = {stats.context_tokens:,} tokens · "
         f"vision {_ms(stats.vision_ms)} · prefill {_ms(stats.prefill_ms)} · "
         f"decode {stats.decode_tokens_per_s:,.0f} tok/s · KV cache {stats.kv_cache_bytes / 2**20:,.1f} MiB"
     )
@@ -108,8 +109,7 @@ def chat_messages(conversation: Conversation, side: str) -> list[dict]:
         elif stats.error:
             text = (answer + "\n\n" if answer else "") + f"⚠️ {stats.error}"
         else:
-            frames = f"{turn.frames[side]} frames · " if side in turn.frames else ""
-            text = f"{answer.strip() or '(empty answer)'}\n\n<small>{frames}{stats_line(stats)}</small>"
+            text = f"{answer.strip() or '(empty answer)'}\n\n<small>{stats_line(stats, turn.frames.get(side))}</small>"
         messages.append({"role": "assistant", "content": text})
     return messages
 
