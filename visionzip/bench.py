@@ -1,0 +1,799 @@
+"""Speed and memory of VisionZip against the stock model, the authors' approach and the FLOP limit.
+
+    python -m visionzip.bench --preset tiny --out benchmarks
+    python -m visionzip.bench --preset wide --dtype bfloat16 --out benchmarks          # 2 LM layers
+    python -m visionzip.bench --preset wide --llm-layers 32 --dtype bfloat16 --device cuda --out benchmarks
+    python -m visionzip.bench --preset real --model llava-hf/llava-v1.6-vicuna-7b-hf --dtype bfloat16 --device cuda
+    python -m visionzip.bench --plot benchmarks/*.json --out benchmarks                # TTFT figure
+
+One 672x672 image (5 tiles, 2928 stock visual tokens) and one chat question. Modes: `full` is the
+untouched stock model; 640 / 320 / 160 are VisionZip budgets applied with `visionzip.apply` and
+`handle.use(...)`. Every round runs every mode (order rotated each round), so ratios compare runs
+made side by side; the first `--warmup` rounds are dropped and each figure is the median of the rest.
+The phases of time to first token are timed inside one real forward by hooks on the modules (CUDA
+events on a GPU, so nothing is synchronised mid-forward), which makes them add up to the whole.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import ctypes
+import gc
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import transformers
+from PIL import Image
+from torch import nn
+
+import visionzip
+from visionzip.budget import Budget, preset_budget
+from visionzip.merge import choose_tokens, merge_tokens
+from visionzip.tower import encoder_layers, feature_layer_index
+
+IMAGE_SIZE = (672, 672)  # (H, W): a 2x2 anyres grid, 5 tiles, as in the paper's LLaVA-NeXT budgets
+QUESTION = "What is shown in this image? Describe it in detail."
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+MIB = 2**20
+
+
+# -- FLOPs each phase must do (multiply-add = 2 FLOPs; norms, softmax and activations left out) ----
+def tower_flops(vision_config: Any, tiles: int) -> float:
+    """CLIP tower over `tiles` tiles: patch conv, then per layer the q/k/v/o and MLP matmuls
+    2*S*(4C^2 + 2CF) and attention (QK^T and AV) 4*S^2*C, S = 1 + P tokens. Every layer counts:
+    LLaVA runs the whole tower although it reads the second-to-last layer."""
+    patch, side = vision_config.patch_size, vision_config.image_size // vision_config.patch_size
+    patches, seq = side * side, side * side + 1
+    width, mlp = vision_config.hidden_size, vision_config.intermediate_size
+    embed = 2 * patches * (3 * patch * patch) * width
+    layer = 2 * seq * (4 * width * width + 2 * width * mlp) + 4 * seq * seq * width
+    return float(tiles * (embed + vision_config.num_hidden_layers * layer))
+
+
+def projector_flops(config: Any, tokens: int) -> float:
+    """Two-layer MLP projector, vision width Cv -> LM width E -> E: 2*N*(Cv*E + E*E)."""
+    vision_width, width = config.vision_config.hidden_size, config.text_config.hidden_size
+    return float(2 * tokens * (vision_width * width + width * width))
+
+
+def visionzip_flops(vision_config: Any, tiles: int, budget: Budget) -> float:
+    """VisionZip's own work per tile: the CLS query and all keys of the feature layer again
+    (2C^2 + 2SC^2), the CLS attention row (2SC) and key similarity of merged tokens to targets (2MKd)."""
+    side = vision_config.image_size // vision_config.patch_size
+    seq, width = side * side + 1, vision_config.hidden_size
+    head_dim = width // vision_config.num_attention_heads
+    merged = seq - budget.dominant - budget.contextual
+    per_tile = 2 * width * width + 2 * seq * width * width + 2 * seq * width + 2 * merged * budget.contextual * head_dim
+    return float(tiles * per_tile)
+
+
+def _llm_linear_params(text_config: Any) -> int:
+    """Weights each token meets in one decoder layer: q, o (h x h), k, v (h x kv), gate/up/down (3 h I)."""
+    width = text_config.hidden_size
+    kv_width = text_config.num_key_value_heads * (width // text_config.num_attention_heads)
+    return 2 * width * width + 2 * width * kv_width + 3 * width * text_config.intermediate_size
+
+
+def prefill_flops(text_config: Any, tokens: int) -> float:
+    """LM prefill of n tokens to the first token: per layer 2*n*W (W linear weights) plus causal
+    attention 2*n*(n+1)*h (QK^T and AV over the n(n+1)/2 visible pairs), then the LM head on the last token."""
+    width, layers = text_config.hidden_size, text_config.num_hidden_layers
+    per_layer = 2 * tokens * _llm_linear_params(text_config) + 2 * tokens * (tokens + 1) * width
+    return float(layers * per_layer + 2 * width * text_config.vocab_size)
+
+
+def decode_flops(text_config: Any, context: int) -> float:
+    """One new token after `context` cached ones: per layer 2*W + attention over context + 1 keys 4*h*(n+1),
+    then the LM head."""
+    width, layers = text_config.hidden_size, text_config.num_hidden_layers
+    per_layer = 2 * _llm_linear_params(text_config) + 4 * width * (context + 1)
+    return float(layers * per_layer + 2 * width * text_config.vocab_size)
+
+
+def kv_cache_bytes(cache: Any) -> int:
+    """Bytes the cache object holds (keys and values of every layer), read from its tensors."""
+    return sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
+
+
+# -- clocks and memory -----------------------------------------------------------------------------
+class Clock:
+    """Timestamps that can be taken inside hooks: CUDA events on a GPU, the host clock on a CPU."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self.method = "CUDA events, read after synchronising" if self.cuda else "time.perf_counter"
+
+    def now(self) -> Any:
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            return event
+        return time.perf_counter()
+
+    def ms(self, start: Any, end: Any) -> float:
+        if self.cuda:
+            end.synchronize()
+            return start.elapsed_time(end)
+        return (end - start) * 1e3
+
+
+class PeakMemory:
+    """Peak memory a block needs above what is held when it starts (weights, inputs), in MiB.
+
+    CUDA: torch.cuda.max_memory_allocated after reset_peak_memory_stats. CPU: the process's peak
+    resident set (VmHWM) above its RSS at the start, with the peak reset through
+    /proc/self/clear_refs (Linux) after gc and malloc_trim, so freed-but-cached heap pages must be
+    touched again to count. It sees every allocation, torch's or not, unlike tracemalloc.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self._trim: Callable[[int], int] | None = None
+        if device.type == "cuda":
+            self.method = "torch.cuda.max_memory_allocated above memory_allocated at start"
+            return
+        try:
+            self._trim = ctypes.CDLL("libc.so.6").malloc_trim
+        except OSError:
+            self._trim = None
+        try:
+            self._reset_hwm()
+            self.method = "peak RSS (VmHWM reset via /proc/self/clear_refs) above RSS at start" + (
+                ", after gc + malloc_trim" if self._trim else ", after gc (no glibc: freed heap may be reused unseen)"
+            )
+        except OSError as error:
+            self.method = f"not measured: cannot reset the peak RSS ({error})"
+
+    @property
+    def available(self) -> bool:
+        return not self.method.startswith("not measured")
+
+    @contextlib.contextmanager
+    def measure(self) -> Iterator["Peak"]:
+        """Yields a Peak; `peak.so_far()` may be read inside the block (from a hook), `peak.mib` after it."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            start = torch.cuda.memory_allocated(self.device)
+            peak = Peak(lambda: (torch.cuda.max_memory_allocated(self.device) - start) / MIB)
+        elif self.available:
+            gc.collect()
+            if self._trim:
+                self._trim(0)
+            self._reset_hwm()
+            start = _proc_status_kib("VmRSS")
+            peak = Peak(lambda: (_proc_status_kib("VmHWM") - start) / 1024)
+        else:
+            peak = Peak(lambda: None)
+        yield peak
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        peak.mib = peak.so_far()
+
+    @staticmethod
+    def _reset_hwm() -> None:
+        with open("/proc/self/clear_refs", "w") as handle:
+            handle.write("5")
+
+
+@dataclass
+class Peak:
+    so_far: Callable[[], float | None]  # MiB above the start, peak until now (allocator stats: no sync needed)
+    mib: float | None = None  # the block's peak, set when it ends
+
+
+def _proc_status_kib(field: str) -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise OSError(f"/proc/self/status has no {field}")
+
+
+class PhaseMarks:
+    """Hooks that timestamp one forward's phases: the tower, VisionZip's signal hook (which runs
+    inside the tower, on the feature layer's attention), selection + merge (tower end to projector),
+    the projector, packing (projector end to the LM: packing, selection record, placing features in
+    the prompt), the LM's decoder and its head; and the peak memory of everything before the LM.
+    Register after `visionzip.apply` so the signal marks bracket its hook."""
+
+    def __init__(self, model: nn.Module, clock: Clock, peak: Peak) -> None:
+        base = model.model
+        layers = encoder_layers(base.vision_tower)
+        attention = layers[feature_layer_index(base.config.vision_feature_layer, len(layers))].self_attn
+        self.marks: dict[str, Any] = {}
+        self.vision_peak_mib: float | None = None
+
+        def llm_start(*args: Any) -> None:
+            self.marks["llm_start"] = clock.now()
+            self.vision_peak_mib = peak.so_far()
+
+        def mark(name: str) -> Callable[..., None]:
+            return lambda *args: self.marks.__setitem__(name, clock.now())
+
+        self._handles = [
+            base.vision_tower.register_forward_pre_hook(mark("tower_start")),
+            base.vision_tower.register_forward_hook(mark("tower_end")),
+            attention.register_forward_pre_hook(mark("signals_start"), prepend=True),
+            attention.register_forward_pre_hook(mark("signals_end")),
+            base.multi_modal_projector.register_forward_pre_hook(mark("projector_start")),
+            base.multi_modal_projector.register_forward_hook(mark("projector_end")),
+            base.language_model.register_forward_pre_hook(llm_start),
+            base.language_model.register_forward_hook(mark("decoder_end")),
+        ]
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+
+
+# -- models ----------------------------------------------------------------------------------------
+@dataclass
+class Subject:
+    model: nn.Module
+    processor: Any
+    description: str
+
+
+def load_subject(
+    preset: str, dtype: torch.dtype, device: torch.device, llm_layers: int, model_id: str | None
+) -> Subject:
+    if preset == "tiny":
+        from visionzip.tiny import load_tiny
+
+        model, processor = load_tiny("llava_next", dtype=dtype)
+        description = "tiny random LLaVA-NeXT (CLIP 64 wide x 4 layers, Llama 128 wide x 2 layers; real tile geometry)"
+    elif preset == "wide":
+        model, processor = build_wide(llm_layers, dtype, device)
+        description = (
+            f"random-init LLaVA-NeXT of real width: CLIP-L/14-336 (24 layers, 1024 wide) + Llama "
+            f"4096 wide, 11008 MLP, 32 heads, vocab 32064, {llm_layers} layers"
+        )
+    elif preset == "real":
+        if not model_id:
+            raise SystemExit("--preset real needs --model PATH_OR_ID (a LLaVA-NeXT checkpoint)")
+        from transformers import AutoProcessor, LlavaNextForConditionalGeneration
+
+        processor = AutoProcessor.from_pretrained(model_id)
+        model = LlavaNextForConditionalGeneration.from_pretrained(model_id, dtype=dtype, attn_implementation="sdpa")
+        description = f"{model_id} ({model.config.text_config.num_hidden_layers} LM layers)"
+    else:
+        raise SystemExit(f"unknown preset {preset!r}: tiny, wide or real")
+    return Subject(model.to(device).eval(), processor, description)
+
+
+def build_wide(llm_layers: int, dtype: torch.dtype, device: torch.device) -> tuple[nn.Module, Any]:
+    """LLaVA-NeXT-7B's shapes with random weights, made on `device` in `dtype` from configs (no
+    download). The tiny checkpoint's processor supplies real tile geometry and the chat template."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaNextConfig, LlavaNextForConditionalGeneration
+
+    from visionzip.tiny import PINPOINTS, load_tiny
+
+    _, processor = load_tiny("llava_next")
+    vision = CLIPVisionConfig(
+        hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+        image_size=336, patch_size=14, projection_dim=768, hidden_act="quick_gelu",
+    )  # fmt: skip
+    text = LlamaConfig(
+        hidden_size=4096, intermediate_size=11008, num_hidden_layers=llm_layers, num_attention_heads=32,
+        num_key_value_heads=32, vocab_size=32064, max_position_embeddings=4096, rms_norm_eps=1e-5,
+    )  # fmt: skip
+    config = LlavaNextConfig(
+        vision_config=vision,
+        text_config=text,
+        image_grid_pinpoints=PINPOINTS,
+        image_token_id=processor.tokenizer.convert_tokens_to_ids(processor.image_token),
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        projector_hidden_act="gelu",
+    )
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = LlavaNextForConditionalGeneration._from_config(config, dtype=dtype, attn_implementation="sdpa")
+    return model, processor
+
+
+def bench_image() -> Image.Image:
+    """A fixed noise image: token counts and timings depend on its size only."""
+    pixels = np.random.RandomState(0).randint(0, 256, (*IMAGE_SIZE, 3), dtype=np.uint8)
+    return Image.fromarray(pixels)
+
+
+# -- the modes -------------------------------------------------------------------------------------
+@dataclass
+class Mode:
+    name: str  # "full" or the budget's name ("640")
+    budget: Budget | None  # None: the stock model
+    inputs: dict[str, torch.Tensor]
+    visual_tokens: int
+    text_tokens: int
+    tiles: int  # 336x336 tiles the tower sees (base image + grid crops)
+
+
+@contextlib.contextmanager
+def mode_context(model: nn.Module, processor: Any, budget: Budget | None) -> Iterator[visionzip.Call | None]:
+    """The stock model as loaded when `budget` is None; VisionZip at that budget otherwise,
+    removed again on exit so the next stock run sees an untouched model."""
+    if budget is None:
+        yield None
+        return
+    handle = visionzip.apply(model, processor)
+    try:
+        with handle.use(enabled=True, dominant=budget.dominant, contextual=budget.contextual) as call:
+            yield call
+    finally:
+        handle.remove()
+
+
+def prepare_modes(subject: Subject, budgets: list[str], device: torch.device, dtype: torch.dtype) -> list[Mode]:
+    processor, image_token_id = subject.processor, subject.model.config.image_token_id
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": QUESTION}]}]
+    if getattr(processor, "chat_template", None):
+        prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
+    else:
+        prompt = f"USER: <image>\n{QUESTION} ASSISTANT:"
+    image = bench_image()
+    modes = []
+    for name in ["full", *budgets]:
+        budget = None if name == "full" else preset_budget("llava_next", name)
+        with mode_context(subject.model, processor, budget):
+            inputs = processor(images=image, text=prompt, return_tensors="pt")
+        inputs = {key: value.to(device, dtype if value.is_floating_point() else None) for key, value in inputs.items()}
+        visual = int((inputs["input_ids"] == image_token_id).sum())
+        tiles = inputs["pixel_values"].shape[1]  # (images=1, tiles, 3, 336, 336)
+        modes.append(Mode(name, budget, inputs, visual, inputs["input_ids"].shape[1] - visual, tiles))
+    return modes
+
+
+def run_prefill_decode(
+    subject: Subject, mode: Mode, clock: Clock, memory: PeakMemory, new_tokens: int
+) -> dict[str, float | None]:
+    """One time-to-first-token forward with its phases, then `new_tokens` decode steps."""
+    model = subject.model
+    with mode_context(model, subject.processor, mode.budget) as call:
+        with memory.measure() as peak:
+            marks = PhaseMarks(model, clock, peak)
+            try:
+                start = clock.now()
+                output = model(**mode.inputs, use_cache=True, logits_to_keep=1)
+                token = output.logits[:, -1].argmax(dim=-1, keepdim=True)
+                end = clock.now()
+            finally:
+                marks.remove()
+        if call is not None and call.visual_tokens != [mode.visual_tokens]:
+            fed, expected = call.visual_tokens, mode.visual_tokens
+            raise RuntimeError(f"VisionZip fed {fed} visual tokens; the prompt holds {expected}")
+        cache, steps = output.cache, []
+        kv_bytes = kv_cache_bytes(cache)
+        for _ in range(new_tokens):
+            step_start = clock.now()
+            output = model(input_ids=token, cache=cache, use_cache=True)
+            token = output.logits[:, -1].argmax(dim=-1, keepdim=True)
+            steps.append((step_start, clock.now()))
+    m = marks.marks
+    signals = clock.ms(m["signals_start"], m["signals_end"]) if mode.budget else 0.0
+    result = {
+        "tower_ms": clock.ms(m["tower_start"], m["tower_end"]) - signals,
+        "signals_ms": signals,
+        "select_merge_ms": clock.ms(m["tower_end"], m["projector_start"]),
+        "projector_ms": clock.ms(m["projector_start"], m["projector_end"]),
+        "pack_ms": clock.ms(m["projector_end"], m["llm_start"]),
+        "vision_ms": clock.ms(start, m["llm_start"]),
+        "decoder_ms": clock.ms(m["llm_start"], m["decoder_end"]),
+        "head_ms": clock.ms(m["decoder_end"], end),  # LM head on the last position + argmax
+        "prefill_ms": clock.ms(m["llm_start"], end),
+        "ttft_ms": clock.ms(start, end),
+        "decode_ms_per_token": statistics.median(clock.ms(a, b) for a, b in steps) if steps else None,
+        "vision_peak_mib": marks.vision_peak_mib,
+        "peak_mib": peak.mib,
+        "kv_cache_bytes": kv_bytes,
+    }
+    if mode.budget:  # selection (the CLS-row hook inside the tower, top-k, grouping) + merge
+        result["visionzip_ms"] = signals + result["select_merge_ms"]
+    return result
+
+
+def authors_image_features(model: nn.Module, pixel_values: torch.Tensor, budget: Budget) -> torch.Tensor:
+    """The authors' route to the same tokens, for one image: the tower with eager attention returning
+    every layer's attention map (their code patches CLIP so), the CLS row read from the feature
+    layer's map, head-mean keys kept from that layer's k_proj; then the same selection, merge and
+    projector. Returns (tiles, D + C, E). Call inside `eager_tower`."""
+    base = model.model
+    layers = encoder_layers(base.vision_tower)
+    index = feature_layer_index(base.config.vision_feature_layer, len(layers))
+    attention = layers[index].self_attn
+    kept: dict[str, torch.Tensor] = {}
+    hook = attention.k_proj.register_forward_hook(lambda module, args, output: kept.__setitem__("keys", output))
+    try:
+        tower = base.vision_tower(pixel_values.flatten(0, 1), output_hidden_states=True, output_attentions=True)
+    finally:
+        hook.remove()
+    tiles, seq, _ = kept["keys"].shape
+    keys_mean = kept["keys"].view(tiles, seq, attention.num_heads, attention.head_dim).mean(dim=2)
+    cls_attn = tower.attentions[index][:, :, 0].float().sum(dim=1)  # (tiles, S)
+    choice = choose_tokens(cls_attn, keys_mean, budget.dominant, budget.contextual)
+    return base.multi_modal_projector(merge_tokens(tower.hidden_states[index + 1], choice))
+
+
+@contextlib.contextmanager
+def eager_tower(model: nn.Module) -> Iterator[None]:
+    """The vision tower with eager attention (needed for output_attentions), restored on exit."""
+    previous = model.config.vision_config._attn_implementation
+    model.set_attn_implementation({"vision_config": "eager"})
+    try:
+        yield
+    finally:
+        model.set_attn_implementation({"vision_config": previous})
+
+
+def run_authors(subject: Subject, mode: Mode, clock: Clock, memory: PeakMemory) -> dict[str, float | None]:
+    """Image features by the authors' approach, timed and measured like the vision phase of the others."""
+    with eager_tower(subject.model), memory.measure() as peak:
+        start = clock.now()
+        authors_image_features(subject.model, mode.inputs["pixel_values"], mode.budget)
+        end = clock.now()
+    return {"vision_ms": clock.ms(start, end), "vision_peak_mib": peak.mib}
+
+
+# -- the benchmark ---------------------------------------------------------------------------------
+def machine_description(device: torch.device) -> str:
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        return f"{props.name} ({props.total_memory / 2**30:.0f} GiB), CUDA {torch.version.cuda}"
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        with open("/proc/cpuinfo") as info:
+            cpu = next((line.split(":", 1)[1].strip() for line in info if line.startswith("model name")), cpu)
+    return f"{cpu}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}"
+
+
+def run_benchmark(
+    preset: str = "tiny",
+    dtype: str = "float32",
+    device: str = "cpu",
+    llm_layers: int | None = None,
+    model_id: str | None = None,
+    budgets: list[str] | None = None,
+    repeats: int = 3,
+    warmup: int = 1,
+    new_tokens: int = 8,
+    authors: bool = True,
+    threads: int | None = None,
+) -> dict[str, Any]:
+    """Run every mode `warmup + repeats` times, interleaved; return medians, derived ratios and targets."""
+    if threads:
+        torch.set_num_threads(threads)
+    budgets = sorted(budgets or ["640", "320", "160"], key=int, reverse=True)  # the last row is the smallest
+    torch_device = torch.device(device)
+    llm_layers = llm_layers or (32 if torch_device.type == "cuda" else 2)
+    clock, memory = Clock(torch_device), PeakMemory(torch_device)
+    with torch.inference_mode():
+        subject = load_subject(preset, DTYPES[dtype], torch_device, llm_layers, model_id)
+        modes = prepare_modes(subject, budgets, torch_device, DTYPES[dtype])
+        smallest = modes[-1]
+        runs: dict[str, list[dict[str, float]]] = {name: [] for name in [mode.name for mode in modes] + ["authors"]}
+        load_before = os.getloadavg()
+        for round_index in range(warmup + repeats):
+            shift = round_index % len(modes)  # rotate the order so drift does not favour one mode
+            order = modes[shift:] + modes[:shift] + ([None] if authors else [])
+            for mode in order:
+                if mode is None:
+                    result, name = run_authors(subject, smallest, clock, memory), "authors"
+                else:
+                    result, name = run_prefill_decode(subject, mode, clock, memory, new_tokens), mode.name
+                if round_index >= warmup:
+                    runs[name].append(result)
+    config = subject.model.config
+    meta = {
+        "preset": preset,
+        "model": subject.description,
+        "parameters": sum(p.numel() for p in subject.model.parameters()),
+        "weights_mib": round(sum(p.numel() * p.element_size() for p in subject.model.parameters()) / MIB, 1),
+        "llm_layers": config.text_config.num_hidden_layers,
+        "device": torch_device.type,
+        "threads": torch.get_num_threads(),
+        "machine": machine_description(torch_device),
+        "dtype": dtype,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "visionzip": visionzip.__version__,
+        "python": platform.python_version(),
+        "image_size": list(IMAGE_SIZE),
+        "text_tokens": modes[0].text_tokens,
+        "repeats": repeats,
+        "warmup": warmup,
+        "new_tokens": new_tokens,
+        "timing": clock.method + "; medians over repeats after warm-up rounds, modes interleaved per round",
+        "memory": memory.method,
+        "load_average": f"{load_before[0]:.1f} at start, {os.getloadavg()[0]:.1f} at end (1-minute, whole machine)",
+        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+    }
+    rows = [mode_row(mode, runs[mode.name], config) for mode in modes]
+    add_ratios(rows)
+    # The vision phase (start of the forward to the LM) of the stock and VisionZip runs, beside the
+    # authors' approach at the same budget (theirs leaves out embedding and packing: a head start).
+    vision = [
+        {"approach": approach, "budget": row["mode"], **{key: row[key] for key in ("vision_ms", "vision_peak_mib")}}
+        for approach, row in (("stock", rows[0]), ("visionzip", rows[-1]))
+    ]
+    if authors:
+        vision.append({"approach": "authors", "budget": smallest.name, **_medians(runs["authors"])})
+    # Per-round values too: on a shared machine the spread says how far to trust a median.
+    return {"meta": meta, "rows": rows, "vision": vision, "targets": targets(rows, vision), "runs": runs}
+
+
+def _medians(runs: list[dict[str, float]]) -> dict[str, float | None]:
+    keys = runs[0].keys()
+    return {
+        key: (None if any(run[key] is None for run in runs) else statistics.median(run[key] for run in runs))
+        for key in keys
+    }
+
+
+def mode_row(mode: Mode, runs: list[dict[str, float]], config: Any) -> dict[str, Any]:
+    tiles, context = mode.tiles, mode.visual_tokens + mode.text_tokens
+    patches = (config.vision_config.image_size // config.vision_config.patch_size) ** 2
+    projected = tiles * (mode.budget.per_tile if mode.budget else patches)  # stock projects every patch, then unpads
+    row: dict[str, Any] = {
+        "mode": mode.name,
+        "dominant": mode.budget.dominant if mode.budget else None,
+        "contextual": mode.budget.contextual if mode.budget else None,
+        "visual_tokens": mode.visual_tokens,
+        "text_tokens": mode.text_tokens,
+        "context_tokens": context,
+        **_medians(runs),
+        "tower_gflop": tower_flops(config.vision_config, tiles) / 1e9,
+        "visionzip_gflop": visionzip_flops(config.vision_config, tiles, mode.budget) / 1e9 if mode.budget else 0.0,
+        "projector_gflop": projector_flops(config, projected) / 1e9,
+        "prefill_gflop": prefill_flops(config.text_config, context) / 1e9,
+        "decode_gflop_per_token": decode_flops(config.text_config, context) / 1e9,
+    }
+    own = row.setdefault("visionzip_ms", None)
+    row["visionzip_pct_of_tower"] = None if own is None else 100 * own / row["tower_ms"]
+    return row
+
+
+def add_ratios(rows: list[dict[str, Any]]) -> None:
+    """Ratios against the `full` row of the same run: token ratio, prefill and TTFT speed-ups, and the
+    TTFT speed-up the FLOP counts allow (the tower's work does not shrink, so it bounds the gain)."""
+    full = rows[0]
+
+    def work(row: dict[str, Any]) -> float:
+        return row["tower_gflop"] + row["visionzip_gflop"] + row["projector_gflop"] + row["prefill_gflop"]
+
+    for row in rows:
+        row["token_ratio"] = full["context_tokens"] / row["context_tokens"]
+        row["decoder_speedup"] = full["decoder_ms"] / row["decoder_ms"]
+        row["decoder_speedup_vs_token_ratio"] = row["decoder_speedup"] / row["token_ratio"]
+        row["prefill_speedup"] = full["prefill_ms"] / row["prefill_ms"]
+        row["prefill_speedup_vs_token_ratio"] = row["prefill_speedup"] / row["token_ratio"]
+        row["ttft_speedup"] = full["ttft_ms"] / row["ttft_ms"]
+        row["ttft_speedup_flop_bound"] = work(full) / work(row)
+        row["ttft_speedup_vs_bound"] = row["ttft_speedup"] / row["ttft_speedup_flop_bound"]
+        # No budget can beat this: the whole TTFT's work over the tower's alone.
+        row["ttft_speedup_tower_limit"] = work(full) / row["tower_gflop"]
+
+
+def targets(rows: list[dict[str, Any]], vision: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Issue 6's targets, evaluated on this run (they are set for `wide` in bfloat16)."""
+    smallest = rows[-1]
+    by_approach = {entry["approach"]: entry for entry in vision}
+    name = smallest["mode"]
+    checks = [
+        (f"LM prefill speed-up at {name} / token ratio", smallest["prefill_speedup_vs_token_ratio"], ">=", 0.85),
+        ("  the same, decoder layers only (no LM head)", smallest["decoder_speedup_vs_token_ratio"], ">=", 0.85),
+        (f"VisionZip's own time at {name}, % of the tower", smallest["visionzip_pct_of_tower"], "<=", 3.0),
+    ]
+    if "authors" in by_approach:
+        ours, theirs = by_approach["visionzip"], by_approach["authors"]
+        time_ratio = ours["vision_ms"] / theirs["vision_ms"]
+        checks.append(("vision phase time, VisionZip / authors' approach", time_ratio, "<", 1.0))
+        if ours["vision_peak_mib"] is not None and theirs["vision_peak_mib"]:
+            ratio = ours["vision_peak_mib"] / theirs["vision_peak_mib"]
+            checks.append(("vision phase peak memory, VisionZip / authors'", ratio, "<", 1.0))
+    compare = {">=": lambda a, b: a >= b, "<=": lambda a, b: a <= b, "<": lambda a, b: a < b}
+    return [
+        {"target": name, "value": value, "goal": f"{op} {goal}", "met": bool(compare[op](value, goal))}
+        for name, value, op, goal in checks
+    ]
+
+
+# -- output ----------------------------------------------------------------------------------------
+TABLE = [  # (header, key, format)
+    ("mode", "mode", "{}"),
+    ("visual", "visual_tokens", "{}"),
+    ("context", "context_tokens", "{}"),
+    ("tower ms", "tower_ms", "{:.1f}"),
+    ("VZ ms", "visionzip_ms", "{:.2f}"),
+    ("VZ %tower", "visionzip_pct_of_tower", "{:.2f}"),
+    ("pack ms", "pack_ms", "{:.1f}"),
+    ("decoder ms", "decoder_ms", "{:.1f}"),
+    ("LM head ms", "head_ms", "{:.1f}"),
+    ("TTFT ms", "ttft_ms", "{:.1f}"),
+    ("decode ms/tok", "decode_ms_per_token", "{:.2f}"),
+    ("peak MiB", "peak_mib", "{:.0f}"),
+    ("KV MiB", "kv_cache_bytes", "mib"),
+    ("GFLOP tower", "tower_gflop", "{:.1f}"),
+    ("GFLOP prefill", "prefill_gflop", "{:.1f}"),
+    ("GFLOP/tok decode", "decode_gflop_per_token", "{:.3f}"),
+]
+RATIOS = [
+    ("mode", "mode", "{}"),
+    ("token ratio", "token_ratio", "{:.2f}x"),
+    ("prefill speed-up", "prefill_speedup", "{:.2f}x"),
+    ("/ token ratio", "prefill_speedup_vs_token_ratio", "{:.2f}"),
+    ("decoder speed-up", "decoder_speedup", "{:.2f}x"),
+    ("/ token ratio", "decoder_speedup_vs_token_ratio", "{:.2f}"),
+    ("TTFT speed-up", "ttft_speedup", "{:.2f}x"),
+    ("FLOP bound", "ttft_speedup_flop_bound", "{:.2f}x"),
+    ("/ bound", "ttft_speedup_vs_bound", "{:.2f}"),
+    ("tower limit", "ttft_speedup_tower_limit", "{:.2f}x"),
+]
+VISION = [
+    ("approach", "approach", "{}"),
+    ("budget", "budget", "{}"),
+    ("vision ms", "vision_ms", "{:.1f}"),
+    ("peak MiB", "vision_peak_mib", "{:.0f}"),
+]
+
+
+def _cell(value: Any, fmt: str) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return f"{value / MIB:.1f}" if fmt == "mib" else fmt.format(value)
+
+
+def markdown_table(entries: list[dict[str, Any]], columns: list[tuple[str, str, str]]) -> str:
+    lines = ["| " + " | ".join(header for header, _, _ in columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(_cell(entry.get(key), fmt) for _, key, fmt in columns) + " |" for entry in entries]
+    return "\n".join(lines)
+
+
+def report(results: dict[str, Any]) -> str:
+    """The header, the three tables and the targets, as Markdown (readable as plain text too)."""
+    header = [f"- {key}: {value}" for key, value in results["meta"].items()]
+    checks = [
+        f"- {check['target']}: {check['value']:.3f} (goal {check['goal']}): {'met' if check['met'] else 'NOT met'}"
+        for check in results["targets"]
+    ]
+    return "\n\n".join(
+        [
+            "\n".join(header),
+            markdown_table(results["rows"], TABLE),
+            markdown_table(results["rows"], RATIOS),
+            markdown_table(results["vision"], VISION),
+            "\n".join(checks),
+        ]
+    )
+
+
+def result_name(meta: dict[str, Any]) -> str:
+    layers = f"-{meta['llm_layers']}L" if meta["preset"] != "tiny" else ""
+    threads = f"-{meta['threads']}t" if meta["device"] == "cpu" else ""
+    return f"{meta['preset']}{layers}-{meta['dtype']}-{meta['device']}{threads}"
+
+
+def write_results(results: dict[str, Any], out: Path) -> list[Path]:
+    """<name>.json (everything, per-round values included), <name>.csv (one row per mode) and
+    <name>-vision.csv, each CSV under '# key: value' header lines (pandas: read_csv(path, comment='#'))."""
+    out.mkdir(parents=True, exist_ok=True)
+    name = result_name(results["meta"])
+    paths = [out / f"{name}.json", out / f"{name}.csv", out / f"{name}-vision.csv"]
+    paths[0].write_text(json.dumps(results, indent=1) + "\n")
+    for path, entries in ((paths[1], results["rows"]), (paths[2], results["vision"])):
+        with path.open("w", newline="") as handle:
+            handle.writelines(f"# {key}: {value}\n" for key, value in results["meta"].items())
+            writer = csv.DictWriter(handle, fieldnames=list(entries[0]))
+            writer.writeheader()
+            writer.writerows(entries)
+    return paths
+
+
+def ttft_figure(results: list[dict[str, Any]]):
+    """Plotly figure: time to first token against visual tokens, one line per run, with the TTFT the
+    FLOP counts allow (full TTFT scaled by work) dashed and the tower's time dotted."""
+    import plotly.graph_objects as go
+    from plotly.colors import qualitative
+
+    figure = go.Figure()
+    for result, color in zip(results, qualitative.Plotly * len(results)):
+        rows, label = result["rows"], result_name(result["meta"])
+        tokens = [row["visual_tokens"] for row in rows]
+        lines = {
+            "measured": [row["ttft_ms"] for row in rows],
+            "FLOP-proportional": [rows[0]["ttft_ms"] / row["ttft_speedup_flop_bound"] for row in rows],
+            "vision tower": [row["tower_ms"] for row in rows],
+        }
+        for (kind, values), dash in zip(lines.items(), ("solid", "dash", "dot")):
+            figure.add_trace(
+                go.Scatter(
+                    x=tokens,
+                    y=values,
+                    mode="lines+markers" if kind == "measured" else "lines",
+                    line={"color": color, "dash": dash},
+                    name=f"{label}: {kind}",
+                    legendgroup=label,
+                )
+            )
+    figure.update_layout(
+        title="Time to first token vs visual tokens (672x672 image; full = stock LLaVA-NeXT)",
+        xaxis_title="visual tokens fed to the language model",
+        yaxis_title="time to first token (ms, log scale)",
+        yaxis_type="log",
+        template="plotly_white",
+    )
+    return figure
+
+
+def write_figure(json_paths: list[Path], out: Path) -> list[Path]:
+    """ttft.json (the figure, offline: plotly.io.read_json) and ttft.html (plotly.js from its CDN)."""
+    import plotly.io
+
+    figure = ttft_figure([json.loads(Path(path).read_text()) for path in json_paths])
+    out.mkdir(parents=True, exist_ok=True)
+    paths = [out / "ttft.json", out / "ttft.html"]
+    plotly.io.write_json(figure, paths[0])
+    figure.write_html(paths[1], include_plotlyjs="cdn")
+    return paths
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m visionzip.bench", description=__doc__.split("\n")[0])
+    parser.add_argument("--preset", choices=["tiny", "wide", "real"], default="tiny")
+    parser.add_argument("--model", help="checkpoint path or id for --preset real (LLaVA-NeXT)")
+    parser.add_argument("--dtype", choices=list(DTYPES), default="float32")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--llm-layers", type=int, help="LM layers for --preset wide (default 2 on CPU, 32 on CUDA)")
+    parser.add_argument("--budgets", nargs="+", default=["640", "320", "160"], help="LLaVA-NeXT budget names")
+    parser.add_argument("--repeats", type=int, default=3, help="timed rounds (each runs every mode)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed rounds first")
+    parser.add_argument("--new-tokens", type=int, default=8, help="decode steps timed after the first token")
+    parser.add_argument("--no-authors", action="store_true", help="skip the authors' approach (eager tower)")
+    parser.add_argument(
+        "--threads", type=int, help="torch CPU threads (default torch's); 1 is steadier on a CPU shared with other jobs"
+    )
+    parser.add_argument("--out", type=Path, help="folder for the CSV/JSON results (or the figure with --plot)")
+    parser.add_argument("--plot", nargs="+", type=Path, metavar="RESULT_JSON", help="draw the TTFT figure from results")
+    args = parser.parse_args(argv)
+    if args.plot:
+        for path in write_figure(args.plot, args.out or Path(".")):
+            print(f"wrote {path}")
+        return 0
+    if args.repeats < 1 or args.warmup < 0:
+        parser.error("--repeats must be >= 1 and --warmup >= 0")
+    results = run_benchmark(
+        preset=args.preset,
+        dtype=args.dtype,
+        device=args.device,
+        llm_layers=args.llm_layers,
+        model_id=args.model,
+        budgets=args.budgets,
+        repeats=args.repeats,
+        warmup=args.warmup,
+        new_tokens=args.new_tokens,
+        authors=not args.no_authors,
+        threads=args.threads,
+    )
+    print(report(results))
+    if args.out:
+        for path in write_results(results, args.out):
+            print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
