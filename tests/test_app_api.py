@@ -2,7 +2,6 @@
 and one turn's mechanics (alternation, stop, per-side refusal) through app.chat directly."""
 
 import json
-import socket
 import threading
 
 import pytest
@@ -11,18 +10,13 @@ from transformers.models.llava_next.modeling_llava_next import image_size_to_num
 
 from app.chat import FULL, Conversation, SideConfig, TurnRefused, make_mode, run_turn
 from app.models import TINY_LABEL, ModelRegistry
-from app.ui import build_demo, launch
+from app.ui import build_demo
+from app_helpers import served
 from visionzip import preset_budget
 from visionzip.tiny import tiny_checkpoint
 
 TINY_15 = "Tiny LLaVA-1.5 (random weights)"
 BROKEN = "Broken checkpoint"
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -36,10 +30,8 @@ def registry(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def app_url(registry):
-    demo = build_demo(registry, max_new_tokens=6)
-    _, url, _ = launch(demo, port=free_port(), prevent_thread_lock=True, quiet=True)
-    yield url
-    demo.close()
+    with served(build_demo(registry, max_new_tokens=6)) as url:
+        yield url
 
 
 @pytest.fixture

@@ -1,7 +1,6 @@
 """Video in the demo, driven through its named endpoints with gradio_client on the tiny offline
 LLaVA-NeXT: clips written with PyAV here, counts from the model's geometry and the presets."""
 
-import socket
 
 import av  # before anything loads decord (see app/media.py)
 import numpy as np
@@ -11,7 +10,8 @@ from gradio_client import Client, handle_file
 from PIL import Image
 
 from app.models import TINY_LABEL, ModelRegistry
-from app.ui import build_demo, launch
+from app.ui import build_demo
+from app_helpers import served
 from app import overlay
 from app.video import Clip, filmstrip, frame_tile, load_clip
 from visionzip import preset_budget
@@ -35,12 +35,6 @@ def write_clip(path, codec="libx264", frames=CLIP_FRAMES, width=320, height=180)
     return path
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def registry():
     registry = ModelRegistry()
@@ -50,10 +44,8 @@ def registry():
 
 @pytest.fixture(scope="module")
 def app_url(registry):
-    demo = build_demo(registry, max_new_tokens=6)
-    _, url, _ = launch(demo, port=free_port(), prevent_thread_lock=True, quiet=True)
-    yield url
-    demo.close()
+    with served(build_demo(registry, max_new_tokens=6)) as url:
+        yield url
 
 
 @pytest.fixture

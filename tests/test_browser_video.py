@@ -5,7 +5,6 @@ The screenshot goes to artifacts/browser_video.png (gitignored) for a human to l
 """
 
 import re
-import socket
 from pathlib import Path
 
 import av  # before anything loads decord (see app/media.py)
@@ -13,32 +12,17 @@ import numpy as np
 import pytest
 
 from app.models import ModelRegistry
-from app.ui import build_demo, launch
+from app.ui import build_demo
+from app_helpers import browser_page, served
 from visionzip import preset_budget
 
 pytestmark = pytest.mark.browser
 
-CHROMIUM = Path("/usr/bin/chromium")
 ROOT = Path(__file__).resolve().parents[1]
 ARTIFACTS = ROOT / "artifacts"
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 STATS = re.compile(r"(\d+) frames · ([\d,]+) visual \+ ([\d,]+) text = ([\d,]+) tokens")
 PATCHES_PER_FRAME = 24 * 24  # CLIP-L/14-336: a 336x336 tile is 24x24 patches, CLS dropped
 PER_FRAME_320 = preset_budget("llava_next", 320).per_tile  # the right side's default mode
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -63,26 +47,15 @@ def clip(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def app_url():
-    demo = build_demo(ModelRegistry(), max_new_tokens=8)
-    _, url, _ = launch(demo, port=free_port(), prevent_thread_lock=True, quiet=True)
-    yield url
-    demo.close()
+    with served(build_demo(ModelRegistry(), max_new_tokens=8)) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
 def page(app_url):
-    if not CHROMIUM.exists():
-        pytest.skip(f"Debian Chromium is not installed at {CHROMIUM} (apt-get install chromium)")
-    sync_playwright = pytest.importorskip("playwright.sync_api", reason="the playwright package is not installed").sync_playwright
     ARTIFACTS.mkdir(exist_ok=True)
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-        page = browser.new_page(viewport={"width": 1600, "height": 1000})
-        page.set_default_timeout(120_000)
-        page.goto(app_url)
-        page.wait_for_selector("#message textarea")
+    with browser_page(app_url) as page:
         yield page
-        browser.close()
 
 
 def answered_turns(page, side: str) -> list[tuple[int, int, int, int]]:
