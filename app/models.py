@@ -257,6 +257,10 @@ class ModelRegistry:
         else:
             model = model_class.from_pretrained(path, **kwargs).to(device)
         model.eval()
+        if device.type == "cpu" and dtype == torch.bfloat16:
+            # torch 2.13's CPU bf16 matmul copies the whole LM-head weight when its input is a strided
+            # view (the last position), about a second per call at 7B width: give it a dense copy.
+            model.lm_head.register_forward_pre_hook(lambda module, args: (args[0].clone(memory_format=torch.contiguous_format),))
         processor = AutoProcessor.from_pretrained(path, trust_remote_code=False)
         handle = visionzip.apply(model, processor, enabled=False)  # each call states its own mode
         weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
