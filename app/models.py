@@ -18,6 +18,7 @@ import torch
 from transformers import AutoConfig, AutoProcessor, LlavaForConditionalGeneration, LlavaNextForConditionalGeneration
 
 import visionzip
+from visionzip.bench import dense_lm_head_input, needs_dense_lm_head_input
 from app.tuned import ProjectorError, ProjectorFile, check_fits, read_projector_file
 from visionzip.tiny import tiny_checkpoint
 from visionzip.tune import TunedProjector, load_projector
@@ -257,10 +258,8 @@ class ModelRegistry:
         else:
             model = model_class.from_pretrained(path, **kwargs).to(device)
         model.eval()
-        if device.type == "cpu" and dtype == torch.bfloat16:
-            # torch 2.13's CPU bf16 matmul copies the whole LM-head weight when its input is a strided
-            # view (the last position), about a second per call at 7B width: give it a dense copy.
-            model.lm_head.register_forward_pre_hook(lambda module, args: (args[0].clone(memory_format=torch.contiguous_format),))
+        if needs_dense_lm_head_input(device, dtype):  # a torch CPU bf16 slowdown that would swamp both sides
+            dense_lm_head_input(model)
         processor = AutoProcessor.from_pretrained(path, trust_remote_code=False)
         handle = visionzip.apply(model, processor, enabled=False)  # each call states its own mode
         weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
