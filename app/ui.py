@@ -244,8 +244,8 @@ def build_demo(registry: ModelRegistry | None = None, max_new_tokens: int = 128)
         with gr.Row(equal_height=False):
             with gr.Column(scale=1, min_width=260):
                 media = gr.Image(type="filepath", label="Image", height=300, elem_id="media")
-                video = gr.File(label="… or a video (MP4, WebM, MOV, AVI, GIF)", file_types=VIDEO_TYPES, height=120, elem_id="video")
-                media_info = gr.Markdown(elem_id="media-info")
+                video = gr.File(label="… or a video", file_types=VIDEO_TYPES, height=140, elem_id="video")
+                media_info = gr.Markdown("Images: PNG, JPEG, WebP, GIF, BMP, TIFF. Videos: MP4, WebM, MOV, AVI, MKV, animated GIF.", elem_id="media-info")
                 with gr.Group():
                     frames = gr.Slider(1, MAX_FRAMES, value=DEFAULT_FRAMES, step=1, label="Video frames, sampled uniformly", elem_id="frames")
                     same_budget = gr.Checkbox(
