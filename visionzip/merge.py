@@ -45,21 +45,23 @@ def choose_tokens(cls_attn: torch.Tensor, keys_mean: torch.Tensor, dominant: int
     cls_index = torch.zeros(num_tiles, 1, dtype=torch.long, device=device)
     dominant_idx = torch.cat([cls_index, top_patches], dim=1).sort(dim=1).values  # (T, D)
 
-    is_dominant = torch.zeros(num_tiles, seq_len, dtype=torch.bool, device=device)
-    is_dominant.scatter_(1, dominant_idx, True)
-    positions = torch.arange(seq_len, device=device).expand(num_tiles, seq_len)
-    remaining = positions[~is_dominant].view(num_tiles, seq_len - dominant)  # (T, N) ascending
-
+    # Stable argsorts of 0/1 masks list the zeros first, in position order: no boolean indexing,
+    # so nothing here waits for the GPU.
     num_remaining = seq_len - dominant
+    is_dominant = torch.zeros(num_tiles, seq_len, dtype=torch.uint8, device=device)
+    is_dominant.scatter_(1, dominant_idx, 1)
+    remaining = is_dominant.argsort(dim=1, stable=True)[:, :num_remaining]  # (T, N) ascending
+
     if contextual == 0:
         empty = remaining[:, :0]
         return TileChoice(dominant_idx, empty, empty, empty)
     # Targets: every step-th remaining token, a 1-D stride over the list (the authors' layout).
     step = max(1, num_remaining // contextual)
-    is_target = torch.zeros(num_remaining, dtype=torch.bool, device=device)
-    is_target[torch.arange(contextual, device=device) * step] = True
-    target_idx = remaining[:, is_target]  # (T, K)
-    merged_idx = remaining[:, ~is_target]  # (T, M)
+    is_target = torch.zeros(num_remaining, dtype=torch.uint8, device=device)
+    is_target[torch.arange(contextual, device=device) * step] = 1
+    slots = is_target.argsort(stable=True)  # non-targets, then targets, each ascending
+    merged_idx = remaining[:, slots[: num_remaining - contextual]]  # (T, M)
+    target_idx = remaining[:, slots[num_remaining - contextual :]]  # (T, K)
 
     unit_keys = torch.nn.functional.normalize(keys_mean, dim=-1)
     target_keys = _gather_tokens(unit_keys, target_idx)  # (T, K, d)
