@@ -267,3 +267,22 @@ def test_wheel_contains_the_package(tmp_path):
     metadata = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith("METADATA"))).decode()
     requirements = [line for line in metadata.splitlines() if line.startswith("Requires-Dist")]
     assert {line.split()[1].split(">")[0].split("<")[0].split("=")[0] for line in requirements} == {"torch", "transformers", "tokenizers"}
+
+
+def test_half_precision_merge_is_the_float32_merge_rounded_once():
+    """Groups of hundreds of patches are common at small budgets: a bf16 running sum would stop
+    counting at 256 and drift with the order of a GPU's adds."""
+    torch.manual_seed(0)
+    hidden = (torch.randn(2, 577, 64) * 8).to(torch.bfloat16)
+    keys = torch.zeros(2, 577, 8)
+    keys[..., 0] = 1  # every token equally like every target: ties all go to the first target
+    choice = visionzip.choose_tokens(torch.rand(2, 577), keys, dominant=27, contextual=5)
+    assert (choice.merged_into == 0).all() and choice.merged.shape[1] == 545
+    for mode in ("sum", "mean"):
+        expected = visionzip.merge_tokens(hidden.float(), choice, mode).to(torch.bfloat16)
+        assert torch.equal(visionzip.merge_tokens(hidden, choice, mode), expected)
+
+
+def test_pure_functions_check_the_budget_too():
+    with pytest.raises(ValueError, match="577 tokens"):
+        visionzip.choose_tokens(torch.rand(1, 577), torch.rand(1, 577, 8), dominant=500, contextual=100)

@@ -10,6 +10,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .budget import Budget
+
 MERGE_MODES = ("sum", "mean")
 
 
@@ -40,6 +42,7 @@ def choose_tokens(cls_attn: torch.Tensor, keys_mean: torch.Tensor, dominant: int
     """
     num_tiles, seq_len = cls_attn.shape
     device = cls_attn.device
+    Budget(dominant, contextual).check(seq_len)
     # Dominant: CLS always, plus the D-1 patches the CLS attends to most; kept in position order.
     top_patches = cls_attn[:, 1:].topk(dominant - 1, dim=1).indices + 1  # (T, D-1)
     cls_index = torch.zeros(num_tiles, 1, dtype=torch.long, device=device)
@@ -63,7 +66,9 @@ def choose_tokens(cls_attn: torch.Tensor, keys_mean: torch.Tensor, dominant: int
     merged_idx = remaining[:, slots[: num_remaining - contextual]]  # (T, M)
     target_idx = remaining[:, slots[num_remaining - contextual :]]  # (T, K)
 
-    unit_keys = torch.nn.functional.normalize(keys_mean, dim=-1)
+    # Similarities in at least float32: in bf16 they round so coarsely that ties, which go to the
+    # earliest target, become common.
+    unit_keys = torch.nn.functional.normalize(keys_mean.to(torch.promote_types(keys_mean.dtype, torch.float32)), dim=-1)
     target_keys = _gather_tokens(unit_keys, target_idx)  # (T, K, d)
     merged_keys = _gather_tokens(unit_keys, merged_idx)  # (T, M, d)
     similarity = merged_keys @ target_keys.transpose(1, 2)  # (T, M, K)
@@ -83,18 +88,21 @@ def merge_tokens(hidden: torch.Tensor, choice: TileChoice, mode: str = "sum") ->
     num_targets = choice.targets.shape[1]
     if num_targets == 0:
         return dominant_tokens
-    target_tokens = _gather_tokens(hidden, choice.targets)  # (T, K, C)
-    member_tokens = _gather_tokens(hidden, choice.merged)  # (T, M, C)
+    # Sums and counts in at least float32: a bf16 running sum stops counting at 256 and drifts with
+    # the order of a GPU's atomic adds; groups of hundreds of patches are common at small budgets.
+    accumulate = torch.promote_types(hidden.dtype, torch.float32)
+    target_tokens = _gather_tokens(hidden, choice.targets).to(accumulate)  # (T, K, C)
+    member_tokens = _gather_tokens(hidden, choice.merged).to(accumulate)  # (T, M, C)
     slots = choice.merged_into.unsqueeze(-1).expand_as(member_tokens)
     member_sum = torch.zeros_like(target_tokens).scatter_add_(1, slots, member_tokens)  # (T, K, C)
-    counts = torch.zeros(target_tokens.shape[:2], dtype=hidden.dtype, device=hidden.device)
-    counts.scatter_add_(1, choice.merged_into, torch.ones_like(choice.merged_into, dtype=hidden.dtype))
+    counts = torch.zeros(target_tokens.shape[:2], dtype=accumulate, device=hidden.device)
+    counts.scatter_add_(1, choice.merged_into, torch.ones_like(choice.merged_into, dtype=accumulate))
     counts = counts.unsqueeze(-1)  # (T, K, 1)
     if mode == "sum":
         contextual_tokens = target_tokens + member_sum / counts.clamp(min=1)
     else:
         contextual_tokens = (target_tokens + member_sum) / (counts + 1)
-    return torch.cat([dominant_tokens, contextual_tokens], dim=1)
+    return torch.cat([dominant_tokens, contextual_tokens.to(hidden.dtype)], dim=1)
 
 
 def stitched_dominant_order(dominant: torch.Tensor, grid_rows: int, grid_cols: int, side: int) -> torch.Tensor:
