@@ -130,8 +130,8 @@ class VisionZip:
         self._unpatch()
 
     # -- internals used by the patches ------------------------------------------------------------
-    def capture(self):
-        return self._hooks.capture()
+    def capture(self, attention: bool = True):
+        return self._hooks.capture(attention)
 
     def record(self, selection: list[ImageSelection]) -> None:
         self._last_selection = selection

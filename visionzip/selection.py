@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -38,14 +39,46 @@ class ImageSelection:
 
     image_size: tuple[int, int]
     grid: tuple[int, int]
-    tiles: list[TileSelection]
+    tiles: Sequence[TileSelection]  # a LazyTiles when made by the model: copied to the CPU on first read
     num_tokens: int  # visual tokens this image fed to the language model
 
 
-def tile_selections(choice: TileChoice, cls_attn: torch.Tensor, side: int) -> list[TileSelection]:
-    """Split a batched TileChoice into per-tile records with patch (not token) indices."""
-    cpu = TileChoice(*(t.detach().cpu() for t in (choice.dominant, choice.targets, choice.merged, choice.merged_into)))
-    attention = cls_attn.detach().float().cpu()[:, 1:]
+class LazyTiles(Sequence):
+    """Per-tile selections that stay on the model's device until first read, so recording what was
+    chosen never makes the host wait for the GPU in the middle of a forward.  Slicing is lazy too."""
+
+    def __init__(self, choice: TileChoice, cls_attn: torch.Tensor, side: int) -> None:
+        detached = [t.detach() for t in (choice.dominant, choice.targets, choice.merged, choice.merged_into)]
+        self._source = (TileChoice(*detached), cls_attn.detach(), side)
+        self._tiles: list[TileSelection] | None = None
+        self._range = range(choice.dominant.shape[0])
+        self._root = self
+
+    def __len__(self) -> int:
+        return len(self._range)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            view = object.__new__(LazyTiles)
+            view._root, view._range = self._root, self._range[index]
+            return view
+        return self._root._materialise()[self._range[index]]
+
+    def _materialise(self) -> list[TileSelection]:
+        if self._tiles is None:
+            (choice, cls_attn, side) = self._source
+            self._tiles = _to_cpu_tiles(choice, cls_attn, side)
+        return self._tiles
+
+
+def tile_selections(choice: TileChoice, cls_attn: torch.Tensor, side: int) -> LazyTiles:
+    """Per-tile records with patch (not token) indices, copied to the CPU when first read."""
+    return LazyTiles(choice, cls_attn, side)
+
+
+def _to_cpu_tiles(choice: TileChoice, cls_attn: torch.Tensor, side: int) -> list[TileSelection]:
+    cpu = TileChoice(*(t.cpu() for t in (choice.dominant, choice.targets, choice.merged, choice.merged_into)))
+    attention = cls_attn.float().cpu()[:, 1:]
     return [
         TileSelection(
             side=side,

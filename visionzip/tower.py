@@ -25,6 +25,7 @@ class TowerSignals:
     hidden: torch.Tensor | None = None  # (T, S, C) the feature layer's output
     cls_attn: torch.Tensor | None = None  # (T, S) CLS attention summed over heads (float32)
     keys_mean: torch.Tensor | None = None  # (T, S, d) keys averaged over heads
+    want_attention: bool = True  # False: only the layer output is wanted (stock features)
 
 
 def encoder_layers(vision_tower: nn.Module) -> nn.ModuleList:
@@ -68,8 +69,9 @@ class SignalHooks:
         ]
 
     @contextlib.contextmanager
-    def capture(self) -> Iterator[TowerSignals]:
-        signals = TowerSignals()
+    def capture(self, attention: bool = True) -> Iterator[TowerSignals]:
+        """Signals of the calls made inside the block; attention=False keeps only the layer output."""
+        signals = TowerSignals(want_attention=attention)
         token = self._sink.set(signals)
         try:
             yield signals
@@ -82,7 +84,7 @@ class SignalHooks:
 
     def _read_attention_input(self, attention: nn.Module, args: tuple, kwargs: dict) -> None:
         signals = self._sink.get()
-        if signals is None:
+        if signals is None or not signals.want_attention:
             return
         normed = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]  # (T, S, C)
         num_tiles, seq_len, _ = normed.shape

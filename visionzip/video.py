@@ -71,10 +71,11 @@ def frame_features(handle: "VisionZip", pixel_values: torch.Tensor, batch_size: 
         batch = pixel_values[start : start + batch_size]
         if settings.enabled:
             features, choice, cls_attn = reduce_tiles(handle, batch, settings)
-            tiles.extend(tile_selections(choice, cls_attn, handle.side))
+            frames = tile_selections(choice, cls_attn, handle.side)
+            tiles.extend(frames[i : i + 1] for i in range(len(frames)))  # lazy: no host-GPU sync here
         else:
             # The handle's hook already keeps the feature layer's output: no need for every layer's.
-            with handle.capture() as signals:
+            with handle.capture(attention=False) as signals:  # the stock side pays for no CLS row
                 tower(batch)
             hidden = signals.hidden[:, 1:] if drop_cls else signals.hidden
             features = base.multi_modal_projector(hidden)
@@ -82,7 +83,7 @@ def frame_features(handle: "VisionZip", pixel_values: torch.Tensor, batch_size: 
     features = torch.cat(chunks)
     if settings.enabled:
         tile_size = (pixel_values.shape[-2], pixel_values.shape[-1])
-        handle.record([ImageSelection(tile_size, (0, 0), [tile], features.shape[1]) for tile in tiles])
+        handle.record([ImageSelection(tile_size, (0, 0), tile, features.shape[1]) for tile in tiles])
     return features
 
 

@@ -3,6 +3,7 @@ placeholder count on the instances (never the classes), and running the tower wi
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -40,31 +41,24 @@ def install(
         raise ValueError("VisionZip is already applied to this model: reuse its handle, or call handle.remove() first")
     stock_features = base.get_image_features
 
-    def get_image_features(
-        pixel_values: torch.Tensor,
-        image_sizes: torch.Tensor | None = None,
-        vision_feature_layer: int | list[int] | None = None,
-        vision_feature_select_strategy: str | None = None,
-        **kwargs: Any,
-    ):
+    stock_signature = inspect.signature(stock_features)  # the family's own argument order
+
+    def get_image_features(*args: Any, **kwargs: Any):
         settings = handle.settings
         if not settings.enabled:
-            return stock_features(
-                pixel_values=pixel_values,
-                image_sizes=image_sizes,
-                vision_feature_layer=vision_feature_layer,
-                vision_feature_select_strategy=vision_feature_select_strategy,
-                **kwargs,
-            )
-        if vision_feature_layer not in (None, base.config.vision_feature_layer):
+            return stock_features(*args, **kwargs)  # the very call stock code would make
+        arguments = stock_signature.bind(*args, **kwargs).arguments
+        extra = dict(arguments.pop("kwargs", {}))
+        layer = arguments.get("vision_feature_layer")
+        if layer not in (None, base.config.vision_feature_layer):
             raise ValueError(
-                f"VisionZip was applied at vision_feature_layer={base.config.vision_feature_layer}, "
-                f"this call asks for {vision_feature_layer}"
+                f"VisionZip was applied at vision_feature_layer={base.config.vision_feature_layer}, this call asks for {layer}"
             )
-        kwargs.pop("return_dict", None)
-        kwargs.pop("output_hidden_states", None)
-        return reduced_features(handle, pixel_values, image_sizes, settings, **kwargs)
+        extra.pop("return_dict", None)
+        extra.pop("output_hidden_states", None)
+        return reduced_features(handle, arguments["pixel_values"], arguments.get("image_sizes"), settings, **extra)
 
+    get_image_features.__signature__ = stock_signature  # generate() picks its inputs by these names
     base.get_image_features = get_image_features
     restores = [lambda: base.__dict__.pop("get_image_features", None)]
 

@@ -32,7 +32,7 @@ def reduced_image_features(
     features, choice, cls_attn = reduce_tiles(handle, pixel_values, settings, **tower_kwargs)  # (B, D+K, E)
     tiles = tile_selections(choice, cls_attn, handle.side)
     sizes = [_as_size(size) for size in image_sizes] if image_sizes is not None else [None] * len(tiles)
-    handle.record([ImageSelection(size, (0, 0), [tile], features.shape[1]) for size, tile in zip(sizes, tiles)])
+    handle.record([ImageSelection(size, (0, 0), tiles[i : i + 1], features.shape[1]) for i, size in enumerate(sizes)])
     return BaseModelOutputWithPooling(pooler_output=list(features))
 
 

@@ -63,6 +63,7 @@ def reduced_image_features(
                 raise ValueError(f"image of size {size} has {count - 1} crops but a {grid[0]}x{grid[1]} grid")
             crops = image_features[1:]  # (n, D+K, E)
             order = stitched_dominant_order(choice.dominant[start + 1 : start + count], *grid, handle.side)
+            order = order.to(crops.device)  # with device_map, the tower and projector may sit on different GPUs
             tokens = torch.cat(
                 [
                     image_features[0],  # base tile: D dominant (CLS first) + K contextual
