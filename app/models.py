@@ -18,7 +18,7 @@ import torch
 from transformers import AutoConfig, AutoProcessor, LlavaForConditionalGeneration, LlavaNextForConditionalGeneration
 
 import visionzip
-from visionzip.bench import dense_lm_head_input, needs_dense_lm_head_input
+from visionzip.workarounds import dense_lm_head_input, needs_dense_lm_head_input
 from app.tuned import ProjectorError, ProjectorFile, check_fits, read_projector_file
 from visionzip.tiny import tiny_checkpoint
 from visionzip.tune import TunedProjector, load_projector
@@ -145,7 +145,9 @@ class ModelRegistry:
         self.choices: dict[str, str] = dict(DEFAULT_CHOICES)
         self.default = TINY_LABEL
         if extra:
-            label = Path(extra).name if Path(extra).exists() else extra
+            # a checkpoint already listed keeps its label: two labels would load two copies
+            known = [label for label, source in self.choices.items() if source == extra]
+            label = known[0] if known else (Path(extra).name if Path(extra).exists() else extra)
             self.choices[label] = extra
             self.default = label
         if has_bitsandbytes():

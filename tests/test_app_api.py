@@ -210,3 +210,12 @@ def test_a_local_checkpoint_loads_through_the_registry(dtype, picture):
     for _ in run_turn(registry, chat, "What is it?", 2, threading.Event()):
         pass
     assert all(stats.ok for stats in chat.turns[0].stats.values())
+
+
+def test_a_listed_checkpoint_named_with_model_keeps_one_label():
+    """--model naming a checkpoint the app already lists must not add a second label for it:
+    each label loads its own copy of the weights."""
+    registry = ModelRegistry("llava-hf/llava-v1.6-vicuna-7b-hf")
+    sources = list(registry.choices.values())
+    assert sources.count("llava-hf/llava-v1.6-vicuna-7b-hf") == 1
+    assert registry.choices[registry.default] == "llava-hf/llava-v1.6-vicuna-7b-hf"

@@ -266,7 +266,7 @@ def test_wheel_contains_the_package(tmp_path):
         assert module in names
     metadata = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith("METADATA"))).decode()
     requirements = [line for line in metadata.splitlines() if line.startswith("Requires-Dist")]
-    assert {line.split()[1].split(">")[0].split("<")[0].split("=")[0] for line in requirements} == {"torch", "transformers", "tokenizers"}
+    assert {line.split()[1].split(">")[0].split("<")[0].split("=")[0] for line in requirements} == {"torch", "transformers", "tokenizers", "pillow"}
 
 
 def test_half_precision_merge_is_the_float32_merge_rounded_once():

@@ -27,3 +27,13 @@ __all__ = [
     "preset_budget",
 ]
 __version__ = "0.1.0"
+
+_SUBMODULES = {"tiny", "tune", "video", "bench", "workarounds"}  # loaded on first use (they need Pillow)
+
+
+def __getattr__(name: str):
+    if name in _SUBMODULES:
+        import importlib
+
+        return importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module 'visionzip' has no attribute {name!r}")

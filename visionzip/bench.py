@@ -11,7 +11,7 @@ untouched stock model; 640 / 320 / 160 are VisionZip budgets applied with `visio
 `handle.use(...)`. Every round runs every mode (order rotated each round), so ratios compare runs
 made side by side; the first `--warmup` rounds are dropped and each figure is the median of the rest.
 The phases of time to first token are timed inside one real forward by hooks on the modules (CUDA
-events on a GPU, so nothing is synchronised mid-forward), which makes them add up to the whole.
+events on a GPU; VisionZip adds no host sync mid-forward), which makes them add up to the whole.
 """
 
 from __future__ import annotations
@@ -44,6 +44,7 @@ import visionzip
 from visionzip.budget import Budget, preset_budget
 from visionzip.merge import choose_tokens, merge_tokens
 from visionzip.tower import encoder_layers, feature_layer_index
+from visionzip.workarounds import dense_lm_head_input, needs_dense_lm_head_input
 
 IMAGE_SIZE = (672, 672)  # (H, W): a 2x2 anyres grid, 5 tiles, as in the paper's LLaVA-NeXT budgets
 QUESTION = "What is shown in this image? Describe it in detail."
@@ -274,17 +275,6 @@ def load_subject(
     else:
         raise SystemExit(f"unknown preset {preset!r}: tiny, wide or real")
     return Subject(model.to(device).eval(), processor, description)
-
-
-def needs_dense_lm_head_input(device: torch.device, dtype: torch.dtype) -> bool:
-    """torch 2.13's CPU bf16 matmul copies the whole LM-head weight when its input is a strided view
-    (the last position: pytorch/pytorch#151934), about 1.2 s a call at 7B width in every mode.  The
-    app feeds the head a dense copy there; so does the benchmark, unless --stock-lm-head."""
-    return device.type == "cpu" and dtype == torch.bfloat16
-
-
-def dense_lm_head_input(model: nn.Module) -> None:
-    model.lm_head.register_forward_pre_hook(lambda module, args: (args[0].clone(memory_format=torch.contiguous_format),))
 
 
 def build_wide(llm_layers: int, dtype: torch.dtype, device: torch.device) -> tuple[nn.Module, Any]:
