@@ -255,7 +255,7 @@ class ModelRegistry:
             kwargs["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=dtype)
         if device.type == "cuda":
             kwargs["device_map"] = str(device) if device.index is not None else "cuda"
-            self._make_room(_weight_bytes(model_class, config, 0.5 if quantized else dtype.itemsize))
+            self._make_room(_weight_bytes(model_class, config, 0.5 if quantized else dtype.itemsize), device)
             model = self._from_pretrained(model_class, path, kwargs)
         else:
             model = model_class.from_pretrained(path, **kwargs).to(device)
@@ -279,10 +279,10 @@ class ModelRegistry:
                 self._unload(self._loaded.popitem(last=False)[1])
             return model_class.from_pretrained(path, **kwargs)
 
-    def _make_room(self, needed: int) -> None:
+    def _make_room(self, needed: int, device: torch.device) -> None:
         """Unload least-recently-used models until `needed` bytes plus working headroom fit."""
         while self._loaded:
-            free, _ = torch.cuda.mem_get_info()
+            free, _ = torch.cuda.mem_get_info(device)  # the GPU the model goes to, not the current one
             if free >= needed * 1.2:
                 return
             label, victim = self._loaded.popitem(last=False)
