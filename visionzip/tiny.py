@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
 from pathlib import Path
 
 import torch
@@ -177,7 +178,10 @@ def tiny_checkpoint(family: str = "llava_next", cache_dir: str | os.PathLike | N
     if not (path / "config.json").exists():
         staging = path.with_name(path.name + f".tmp{os.getpid()}")
         build_tiny(staging, family)
-        staging.replace(path) if not path.exists() else None
+        try:  # built apart and renamed, so a reader never sees half a checkpoint
+            staging.replace(path)
+        except OSError:  # another process finished first: keep its copy
+            shutil.rmtree(staging, ignore_errors=True)
     return path
 
 
