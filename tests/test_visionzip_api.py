@@ -286,3 +286,26 @@ def test_half_precision_merge_is_the_float32_merge_rounded_once():
 def test_pure_functions_check_the_budget_too():
     with pytest.raises(ValueError, match="577 tokens"):
         visionzip.choose_tokens(torch.rand(1, 577), torch.rand(1, 577, 8), dominant=500, contextual=100)
+
+
+def test_a_pickled_selection_is_its_tiles_on_the_cpu(tiny_next, make_image):
+    """What crosses a process boundary (ZeroGPU sends a GPU call's results back by pickle) holds the
+    tiles themselves, read once, and nothing that refers to the device tensors they came from."""
+    import pickle
+
+    model, processor = tiny_next
+    handle = visionzip.apply(model, processor, 54, 10)
+    try:
+        inputs = processor(images=make_image(480, 640), text="<image>", return_tensors="pt")
+        with torch.no_grad():
+            model.model.get_image_features(pixel_values=inputs.pixel_values, image_sizes=inputs.image_sizes)
+        selection = handle.last_selection[0]
+        copy = pickle.loads(pickle.dumps(selection))
+    finally:
+        handle.remove()
+    assert type(copy.tiles) is list and len(copy.tiles) == len(selection.tiles) == 5
+    for ours, theirs in zip(copy.tiles, selection.tiles):
+        assert ours.side == theirs.side == 24
+        for name in ("kept", "targets", "merged", "merged_into", "cls_attention"):
+            assert getattr(ours, name).device.type == "cpu"
+            assert torch.equal(getattr(ours, name), getattr(theirs, name))

@@ -64,6 +64,11 @@ class LazyTiles(Sequence):
             return view
         return self._root._materialise()[self._range[index]]
 
+    def __reduce__(self):
+        # Pickled (sent to another process, as ZeroGPU does with results), it is its tiles: on the
+        # CPU, with no reference to the device tensors they were read from.
+        return list, (list(self),)
+
     def _materialise(self) -> list[TileSelection]:
         if self._tiles is None:
             (choice, cls_attn, side) = self._source
