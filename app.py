@@ -11,7 +11,7 @@ import logging
 import os
 import re
 
-from app.models import ModelLoadError, ModelRegistry, resolve_device
+from app.models import ON_ZEROGPU, ModelLoadError, ModelRegistry, resolve_device
 from app.ui import build_demo, launch
 
 
@@ -35,7 +35,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="a projector tuned with `python -m visionzip.tune`, offered on the model it was trained for (repeatable; "
         "env VISIONZIP_PROJECTOR: paths separated by commas or the OS path separator)",
     )
+    parser.add_argument(
+        "--preload",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="load the default model before serving (default: on for ZeroGPU, where models must be loaded outside "
+        "GPU calls and weights loaded before start-up are packed for fast transfer; off elsewhere: it loads on first use)",
+    )
     args = parser.parse_args(argv)
+    if args.preload is None:
+        args.preload = ON_ZEROGPU
     if args.projector is None:
         listed = os.environ.get("VISIONZIP_PROJECTOR", "")
         args.projector = [path.strip() for path in re.split(f"[,{re.escape(os.pathsep)}]", listed) if path.strip()]
@@ -61,6 +70,11 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     registry = make_registry(args)
+    if args.preload:
+        try:
+            registry.get(registry.default)
+        except ModelLoadError as error:
+            raise SystemExit(f"app.py: {error}") from None
     launch(build_demo(registry, max_new_tokens=args.max_new_tokens), host=args.host, port=args.port)
 
 

@@ -10,6 +10,7 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 import torch
 from PIL import Image
@@ -231,8 +232,27 @@ class TimedStreamer(TextIteratorStreamer):
         super().put(value)
 
 
+class StopFlag:
+    """The Stop button's request to a running turn, kept in a file: on ZeroGPU the turn runs in a
+    worker process that a threading.Event in the server would never reach.  It has the methods of
+    threading.Event that a turn uses, and pickles as its path."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+
+    def set(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.touch()
+
+    def is_set(self) -> bool:
+        return self.path.exists()
+
+    def clear(self) -> None:
+        self.path.unlink(missing_ok=True)
+
+
 class StopOnEvent(StoppingCriteria):
-    def __init__(self, event: threading.Event) -> None:
+    def __init__(self, event: threading.Event | StopFlag) -> None:
         self.event = event
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
@@ -276,7 +296,7 @@ def warm_up(prepared: Prepared) -> None:
 
 
 def stream_side(
-    prepared: Prepared, turn: int, side: str, max_new_tokens: int, stop: threading.Event
+    prepared: Prepared, turn: int, side: str, max_new_tokens: int, stop: threading.Event | StopFlag
 ) -> Iterator[tuple[str, TurnStats | None]]:
     """Run one side: yields (answer so far, None) per streamed piece, then (answer, stats)."""
     loaded = prepared.loaded
@@ -429,13 +449,24 @@ def frame_selections(loaded: LoadedModel, frames: tuple[Image.Image, ...], mode:
 
 
 # -- one turn, both sides ------------------------------------------------------------------------
+def load_side_models(registry: ModelRegistry, conversation: Conversation) -> None:
+    """Load both sides' models before a turn, in this process: on ZeroGPU the turn runs in a worker
+    whose loads would be lost.  A model that fails to load is not an error here: the registry keeps
+    the reason and the turn shows it on that side (the other side still runs)."""
+    for side in SIDES:
+        try:
+            registry.get(conversation.sides[side].model)
+        except ModelLoadError:
+            pass
+
+
 def run_turn(
-    registry: ModelRegistry, conversation: Conversation, question: str, max_new_tokens: int, stop: threading.Event
+    registry: ModelRegistry, conversation: Conversation, question: str, max_new_tokens: int, stop: threading.Event | StopFlag
 ) -> Iterator[Conversation]:
     """Ask `question` of both sides, one after the other (never at once, so their timings are
     comparable), the first side alternating per turn.  Yields the conversation as it fills in.
-    A side that fails gets its error in its stats; raises TurnRefused (conversation untouched)
-    only when no side can run."""
+    The models must be loaded already (load_side_models).  A side that fails gets its error in its
+    stats; raises TurnRefused (conversation untouched) only when no side can run."""
     question = question.strip()
     if not question:
         raise ValueError("Type a question first.")
@@ -446,7 +477,7 @@ def run_turn(
     for side in SIDES:
         config = conversation.sides[side]
         try:
-            loaded = registry.get(config.model)
+            loaded = registry.ready(config.model)
             messages = messages_for(conversation, side, question)
             if image is None:
                 prepared[side] = prepare_video(loaded, config.mode, conversation, messages, max_new_tokens)

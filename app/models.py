@@ -7,12 +7,19 @@ from __future__ import annotations
 import gc
 import importlib.util
 import logging
+import os
 import threading
 import time
 import warnings
 from collections import OrderedDict
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+
+try:  # Hugging Face Spaces: imported before torch, as ZeroGPU asks (it patches torch's CUDA calls)
+    import spaces
+except ImportError:
+    spaces = None
 
 import torch
 from transformers import AutoConfig, AutoProcessor, LlavaForConditionalGeneration, LlavaNextForConditionalGeneration
@@ -81,18 +88,25 @@ def clock(device: torch.device) -> float:
 
 def timing_method(device: torch.device) -> str:
     if device.type == "cuda":
-        return "CUDA-synchronised wall clock on " + torch.cuda.get_device_name(device) + ", after one warm-up per model and mode"
+        warm_up = "per model and mode in each ZeroGPU worker process" if ON_ZEROGPU else "per model and mode"
+        return f"CUDA-synchronised wall clock on {torch.cuda.get_device_name(device)}, after one warm-up {warm_up}"
     return "CPU wall clock (time.perf_counter), after one warm-up per model and mode"
 
 
-try:  # Hugging Face ZeroGPU: GPU work must run inside @spaces.GPU; elsewhere a no-op
-    import spaces
+# ZeroGPU (a Space with SPACES_ZERO_GPU=true) lends a GPU only inside @spaces.GPU calls, which it runs in a
+# forked worker process: whatever such a call changes (a model it loads, a flag it sets) is lost when it
+# returns, arguments and results cross by pickle, and the main process sees CUDA only as an emulation.
+# So models load in the main process, before the call, and GPU calls only run them.
+ON_ZEROGPU = os.environ.get("SPACES_ZERO_GPU", "").lower() in ("1", "t", "true")
 
-    gpu_task = spaces.GPU(duration=120)
-except ImportError:
 
-    def gpu_task(function):
-        return function
+def gpu_task(duration_s: int) -> Callable[[Callable], Callable]:
+    """Decorate a handler that runs models: `@spaces.GPU(duration=duration_s)` where the `spaces`
+    package is installed (a no-op outside ZeroGPU), the handler itself elsewhere.  Such a handler
+    must find its models loaded (ModelRegistry.ready), never load them."""
+    if spaces is None:
+        return lambda function: function
+    return spaces.GPU(duration=duration_s)
 
 
 # -- registry -----------------------------------------------------------------------------------
@@ -157,6 +171,7 @@ class ModelRegistry:
         self.device_name, self.dtype_name = device, dtype
         self.projectors: dict[str, ProjectorFile] = {}  # model source -> its tuned projector
         self._loaded: OrderedDict[str, LoadedModel] = OrderedDict()  # least recently used first
+        self._failures: dict[str, str] = {}  # label -> why its last load failed
         self._lock = threading.RLock()
 
     def family(self, label: str) -> str:
@@ -212,7 +227,8 @@ class ModelRegistry:
 
     def get(self, label: str) -> LoadedModel:
         """The loaded model for `label`, loading it (and unloading others if needed) on first use.
-        Raises ModelLoadError with a readable reason; models already loaded stay loaded."""
+        Raises ModelLoadError with a readable reason; models already loaded stay loaded.  Call it
+        outside GPU tasks (see gpu_task); inside, use `ready`."""
         with self._lock:
             if label in self._loaded:
                 self._loaded.move_to_end(label)
@@ -220,15 +236,31 @@ class ModelRegistry:
             source = self._source(label)
             try:
                 loaded = self._load(label, source)
-            except ModelLoadError:
+            except ModelLoadError as error:
+                self._failures[label] = str(error)
                 raise
             except torch.cuda.OutOfMemoryError:
-                raise ModelLoadError(f"{label} does not fit in GPU memory, even with the other models unloaded") from None
+                message = f"{label} does not fit in GPU memory, even with the other models unloaded"
             except Exception as error:
                 log.exception("loading %s failed", source)
-                raise ModelLoadError(f"could not load {label} ({source}): {type(error).__name__}: {error}") from None
-            self._loaded[label] = loaded
-            return loaded
+                message = f"could not load {label} ({source}): {type(error).__name__}: {error}"
+            else:
+                self._failures.pop(label, None)
+                self._loaded[label] = loaded
+                return loaded
+            self._failures[label] = message
+            raise ModelLoadError(message)
+
+    def ready(self, label: str) -> LoadedModel:
+        """The model `get` loaded for `label`, without ever loading it: what GPU tasks use, since a
+        load inside one would be lost on ZeroGPU.  Raises ModelLoadError with the reason its load
+        failed, or saying that it is not loaded."""
+        with self._lock:
+            if label in self._loaded:
+                self._loaded.move_to_end(label)
+                return self._loaded[label]
+        self._source(label)  # an unknown label says so
+        raise ModelLoadError(self._failures.get(label) or f"{label} is not loaded (it was unloaded to make room): choose it again")
 
     def _source(self, label: str) -> str:
         if label not in self.choices:
@@ -254,9 +286,12 @@ class ModelRegistry:
 
             kwargs["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=dtype)
         if device.type == "cuda":
-            kwargs["device_map"] = str(device) if device.index is not None else "cuda"
             self._make_room(_weight_bytes(model_class, config, 0.5 if quantized else dtype.itemsize), device)
-            model = self._from_pretrained(model_class, path, kwargs)
+            if ON_ZEROGPU and not quantized:  # ZeroGPU's documented way: load on the CPU, then .to("cuda")
+                model = self._from_pretrained(model_class, path, kwargs).to(device)
+            else:
+                kwargs["device_map"] = str(device) if device.index is not None else "cuda"
+                model = self._from_pretrained(model_class, path, kwargs)
         else:
             model = model_class.from_pretrained(path, **kwargs).to(device)
         model.eval()
@@ -282,8 +317,7 @@ class ModelRegistry:
     def _make_room(self, needed: int, device: torch.device) -> None:
         """Unload least-recently-used models until `needed` bytes plus working headroom fit."""
         while self._loaded:
-            free, _ = torch.cuda.mem_get_info(device)  # the GPU the model goes to, not the current one
-            if free >= needed * 1.2:
+            if free_gpu_bytes(device, self._loaded.values()) >= needed * 1.2:
                 return
             label, victim = self._loaded.popitem(last=False)
             log.info("unloading %s to make room", label)
@@ -296,6 +330,16 @@ class ModelRegistry:
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+
+
+def free_gpu_bytes(device: torch.device, loaded: Iterable[LoadedModel]) -> int:
+    """Free memory on `device` (the GPU the model goes to, not the current one).  On ZeroGPU the
+    main process holds no GPU memory, and every GPU call receives all loaded weights on its slice:
+    there, free is the slice's size less the loaded weights."""
+    if ON_ZEROGPU:
+        return torch.cuda.get_device_properties(device).total_memory - sum(model.weight_bytes for model in loaded)
+    free, _ = torch.cuda.mem_get_info(device)
+    return free
 
 
 def same_model(base_model: str, source: str) -> bool:

@@ -7,17 +7,21 @@ endpoints (`/set_media`, `/set_frames`, `/ask`, `/clear`, `/set_mode`, `/set_mod
 drive a whole conversation (`/set_mode` also switches a side to its model's tuned projector, given
 with `--projector`); the conversation lives in a per-session `gr.State`, which the client keeps
 across calls.
+
+Handlers load the models they need in the server process and hand the model work to `gpu_task`
+functions (`ask_on_gpu`, `select_tokens`), which ZeroGPU runs in a worker process: those only run
+models already loaded, take and return plain picklable data, and draw nothing.
 """
 
 import hashlib
 import logging
 import tempfile
-import threading
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
 
 import gradio as gr
+from PIL import Image
 
 import visionzip
 from app import charts, overlay
@@ -27,11 +31,15 @@ from app.chat import (
     SIDES,
     ContextTooLong,
     Conversation,
+    Mode,
     SideConfig,
+    StopFlag,
     TurnRefused,
+    describe_error,
     frame_selections,
     image_selection,
     load_media,
+    load_side_models,
     make_mode,
     messages_for,
     mode_choices,
@@ -73,7 +81,6 @@ MAX_UPLOAD = "200mb"  # a phone video of a minute or two; larger uploads are ref
 QUEUE_SIZE = 32  # events waiting for the model slot (about 16 visitors' turns); the next visitor is asked to retry
 STREAM_INTERVAL_S = 0.1  # redraw streaming answers at most this often: a browser re-renders the whole chat each time
 EXPORTS = Path(tempfile.gettempdir()) / "visionzip-live-exports"
-_stops: dict[str, threading.Event] = {}  # per browser session: the Stop button's signal to the running turn
 
 
 def uploaded_path(upload: dict | None) -> str | None:
@@ -224,6 +231,7 @@ def export_files(conversation: Conversation, session: str) -> tuple[str, str]:
 def build_demo(registry: ModelRegistry | None = None, max_new_tokens: int = 128) -> gr.Blocks:
     registry = registry or ModelRegistry()
     start = new_conversation(registry)
+    stops = Path(tempfile.mkdtemp(prefix="visionzip-live-stops-"))  # one StopFlag file per browser session
     model_labels = list(registry.choices)
 
     def headers_for(conversation: Conversation) -> list[str]:
@@ -385,14 +393,25 @@ def build_demo(registry: ModelRegistry | None = None, max_new_tokens: int = 128)
         def take_message(text: str):
             return "", text
 
-        @gpu_task
+        def stop_flag(request: gr.Request | None) -> StopFlag:
+            session = request.session_hash if request else ""
+            return StopFlag(stops / hashlib.sha256(session.encode()).hexdigest()[:16])  # the client picks session ids
+
         def ask(question: str, conversation: Conversation, request: gr.Request):
             """Ask both sides `question` about the conversation's image; streams both chat columns."""
-            session = request.session_hash if request else ""
-            stop_event = _stops[session] = threading.Event()
+            load_side_models(registry, conversation)
+            stop = stop_flag(request)
+            stop.clear()
+            try:
+                yield from ask_on_gpu(question, conversation, stop)
+            finally:
+                stop.clear()
+
+        @gpu_task(duration_s=120)
+        def ask_on_gpu(question: str, conversation: Conversation, stop: StopFlag):
             shown, shown_at = None, 0.0
             try:
-                for current in run_turn(registry, conversation, question, max_new_tokens, stop_event):
+                for current in run_turn(registry, conversation, question, max_new_tokens, stop):
                     turn = current.turns[-1]
                     progress = (turn.running, len(turn.stats))
                     if progress != shown or time.monotonic() - shown_at >= STREAM_INTERVAL_S:
@@ -401,16 +420,12 @@ def build_demo(registry: ModelRegistry | None = None, max_new_tokens: int = 128)
                 yield conversation, *render(conversation)
             except (TurnRefused, ValueError, MediaError, ModelLoadError) as error:
                 raise gr.Error(str(error)) from None
-            except Exception as error:
+            except Exception as error:  # on ZeroGPU anything but gr.Error would reach the page as "worker error"
                 log.exception("turn failed")
                 raise gr.Error(f"The turn failed: {type(error).__name__}: {error}") from None
-            finally:
-                _stops.pop(session, None)
 
         def request_stop(request: gr.Request):
-            running = _stops.get(request.session_hash)
-            if running is not None:
-                running.set()
+            stop_flag(request).set()
 
         def pop_last_turn(conversation: Conversation):
             if not conversation.turns:
@@ -465,7 +480,6 @@ def build_demo(registry: ModelRegistry | None = None, max_new_tokens: int = 128)
             rows = [gr.Row(visible=conversation.sides[side].mode.name == CUSTOM) for side in SIDES]
             return conversation, *rows, *headers_for(conversation)
 
-        @gpu_task
         def set_model(conversation: Conversation, left_model: str, right_model: str):
             """Load (on first use) and select each side's model; a mode preset maps to the new
             model family's.  On failure the previous models keep serving."""
@@ -526,7 +540,6 @@ def build_demo(registry: ModelRegistry | None = None, max_new_tokens: int = 128)
                 charts.attention_chart(selection, budget, chosen),
             )
 
-        @gpu_task
         def refresh_overlay(conversation: Conversation, chosen: str):
             """Run the vision tower alone under the VisionZip side's budget and draw what it keeps."""
             side = vision_side(conversation)
@@ -537,12 +550,25 @@ def build_demo(registry: ModelRegistry | None = None, max_new_tokens: int = 128)
                 return None, note, *overlay_views(None, conversation, chosen)[1:]
             config = conversation.sides[side]
             try:
-                selection = image_selection(registry.get(config.model), load_media(conversation), config.mode)
+                registry.get(config.model)
+                picture = load_media(conversation)
             except (ValueError, ModelLoadError, MediaError) as error:
                 raise gr.Error(str(error)) from None
+            selection = select_tokens(config.model, config.mode, (picture,), frames=False)[0]
             return selection, *overlay_views(selection, conversation, chosen)
 
-        @gpu_task
+        @gpu_task(duration_s=30)
+        def select_tokens(label: str, mode: Mode, pictures: tuple[Image.Image, ...], frames: bool) -> list[visionzip.ImageSelection]:
+            """What VisionZip keeps and merges under `mode` on each picture: images (anyres tiles) or a
+            clip's frames (one tile each), from the vision tower alone; drawing happens outside."""
+            try:
+                loaded = registry.ready(label)
+                if frames:
+                    return frame_selections(loaded, pictures, mode)
+                return [image_selection(loaded, picture, mode) for picture in pictures]
+            except Exception as error:  # on ZeroGPU anything but gr.Error would reach the page as "worker error"
+                raise gr.Error(describe_error(error)) from None
+
         def refresh_filmstrip(conversation: Conversation):
             """For a video: each frame the VisionZip side sees (or, with no VisionZip side, the left
             side's), with what VisionZip keeps and merges on it; the image views are hidden."""
@@ -557,7 +583,7 @@ def build_demo(registry: ModelRegistry | None = None, max_new_tokens: int = 128)
                 clip, _, per_frame = video_tokens(loaded, config.mode, conversation, messages, max_new_tokens)
                 with loaded.handle.use(enabled=False):
                     full = tokens_per_frame(loaded.handle)
-                selections = frame_selections(loaded, clip.frames, config.mode) if config.mode.enabled else None
+                selections = select_tokens(config.model, config.mode, clip.frames, frames=True) if config.mode.enabled else None
                 strip = gr.Gallery(value=filmstrip(clip, loaded.family, selections, full), label=f"{len(clip.frames)} frames", visible=True)
                 legend_text = (
                     f"{title}: {len(clip.frames)} frames, each one 336x336 tile of {per_frame} tokens. "

@@ -3,12 +3,13 @@ and one turn's mechanics (alternation, stop, per-side refusal) through app.chat 
 
 import json
 import threading
+from collections.abc import Iterator
 
 import pytest
 from gradio_client import Client, handle_file
 from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
 
-from app.chat import FULL, Conversation, SideConfig, TurnRefused, make_mode, run_turn
+from app.chat import FULL, Conversation, SideConfig, TurnRefused, load_side_models, make_mode, run_turn
 from app.models import TINY_LABEL, ModelRegistry
 from app.ui import build_demo
 from app_helpers import served
@@ -160,6 +161,32 @@ def test_a_model_that_fails_to_load_leaves_the_previous_one_serving(client, pict
 
 
 # -- one turn's mechanics, without the server ------------------------------------------------------
+def turn_states(registry: ModelRegistry, chat: Conversation, question: str, max_new_tokens: int, stop) -> Iterator[Conversation]:
+    """One turn as the app runs it: the models loaded first (outside any GPU call), then the turn."""
+    load_side_models(registry, chat)
+    return run_turn(registry, chat, question, max_new_tokens, stop)
+
+
+def test_a_turn_never_loads_a_model_and_names_the_one_it_lacks(picture):
+    """On ZeroGPU a turn runs in a worker process: a model it loaded there would be lost, so it
+    runs only what was loaded before and says which side lacks its model and why."""
+    registry = ModelRegistry()
+    chat = conversation(picture)
+    with pytest.raises(TurnRefused, match="not loaded"):
+        for _ in run_turn(registry, chat, "What is it?", 2, threading.Event()):
+            pass
+    assert registry.loaded() == [] and chat.turns == []
+
+    registry.choices[BROKEN] = registry.choices[TINY_LABEL] + "-missing"  # a tiny family that does not exist
+    chat.sides["left"].model = BROKEN
+    load_side_models(registry, chat)  # the broken one fails quietly here, and is reported by the turn
+    for _ in run_turn(registry, chat, "What is it?", 2, threading.Event()):
+        pass
+    turn = chat.turns[-1]
+    assert "missing" in turn.stats["left"].error and "not loaded" not in turn.stats["left"].error
+    assert turn.stats["right"].ok and [model.label for model in registry.loaded()] == [TINY_LABEL]
+
+
 def conversation(picture, left: str = FULL, right: str = "VisionZip 320") -> Conversation:
     sides = {"left": SideConfig(TINY_LABEL, make_mode(left, "llava_next")), "right": SideConfig(TINY_LABEL, make_mode(right, "llava_next"))}
     return Conversation(sides, media_path=str(picture))
@@ -169,7 +196,7 @@ def test_the_side_that_goes_first_alternates(registry, picture):
     chat = conversation(picture)
     first = []
     for question in ("one", "two", "three"):
-        states = run_turn(registry, chat, question, 2, threading.Event())
+        states = turn_states(registry, chat, question, 2, threading.Event())
         first.append(next(states).turns[-1].running)
         for _ in states:
             pass
@@ -180,7 +207,7 @@ def test_a_side_over_its_context_window_is_refused_while_the_other_answers(regis
     # the full side's 2928 visual tokens + this many new ones exceed the 4096-token window; 320 do not
     max_new_tokens = 4096 - expected["full"]
     chat, stop = conversation(picture), threading.Event()
-    for state in run_turn(registry, chat, "Describe it.", max_new_tokens, stop):
+    for state in turn_states(registry, chat, "Describe it.", max_new_tokens, stop):
         if state.turns[-1].running == "right":
             stop.set()  # the Stop button: generation ends at the next token, what it made is kept
     turn = chat.turns[-1]
@@ -190,10 +217,10 @@ def test_a_side_over_its_context_window_is_refused_while_the_other_answers(regis
 
 def test_a_turn_no_side_can_run_leaves_the_conversation_unchanged(registry, picture):
     chat = conversation(picture)
-    for _ in run_turn(registry, chat, "First.", 2, threading.Event()):
+    for _ in turn_states(registry, chat, "First.", 2, threading.Event()):
         pass
     with pytest.raises(TurnRefused, match="context window"):
-        for _ in run_turn(registry, chat, "Too long.", 5000, threading.Event()):
+        for _ in turn_states(registry, chat, "Too long.", 5000, threading.Event()):
             pass
     assert [turn.question for turn in chat.turns] == ["First."]
 
@@ -207,7 +234,7 @@ def test_a_local_checkpoint_loads_through_the_registry(dtype, picture):
     chat = conversation(picture)
     for side in chat.sides.values():
         side.model = registry.default
-    for _ in run_turn(registry, chat, "What is it?", 2, threading.Event()):
+    for _ in turn_states(registry, chat, "What is it?", 2, threading.Event()):
         pass
     assert all(stats.ok for stats in chat.turns[0].stats.values())
 

@@ -6,7 +6,7 @@ import threading
 import pytest
 import torch
 
-from app.chat import FULL, Conversation, SideConfig, make_mode, run_turn
+from app.chat import FULL, Conversation, SideConfig, load_side_models, make_mode, run_turn
 from app.models import FOUR_BIT, ModelRegistry, has_bitsandbytes, resolve_device
 from visionzip.tiny import tiny_checkpoint
 
@@ -20,6 +20,7 @@ def one_turn(registry: ModelRegistry, label: str, picture) -> Conversation:
         "right": SideConfig(label, make_mode("VisionZip 320", "llava_next")),
     }
     chat = Conversation(sides, media_path=str(picture))
+    load_side_models(registry, chat)
     for _ in run_turn(registry, chat, "What is in the picture?", 4, threading.Event()):
         pass
     return chat
