@@ -1,10 +1,30 @@
 """What Hugging Face ZeroGPU demands of the code, checked without ZeroGPU: no CUDA call while the
-app is imported and its page is built, and the GPU work wrapped by `spaces.GPU` when `spaces` exists."""
+app is imported and its page is built; and the whole app served under an emulation of ZeroGPU's
+process model (tests/zerogpu/spaces.py: every GPU call in a forked worker, results pickled back,
+its memory lost), where models must load in the server, before the GPU calls that run them."""
 
+import os
+import signal
 import subprocess
 import sys
 import textwrap
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
+
+import httpx
+import pytest
+from gradio_client import Client, handle_file
+
+from app.models import TINY_LABEL
+from app.video import DEFAULT_FRAMES
+from app_helpers import ENDLESS, browser_page, expected_visual_tokens, free_port
+from conftest import random_image
+from test_app_api import TINY_15
+from test_app_video import write_clip
+from test_reliability import assert_answered, questions
+from visionzip import preset_budget
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -34,31 +54,113 @@ def test_importing_the_app_and_building_the_page_touch_no_cuda():
     assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-2000:]
 
 
-def test_gpu_work_is_wrapped_by_spaces_gpu_when_spaces_is_installed(tmp_path):
-    (tmp_path / "spaces.py").write_text(
-        textwrap.dedent(
-            """
-            wrapped = []
+# -- the app on an emulated ZeroGPU Space (tests/zerogpu/spaces.py) ---------------------------------
+@dataclass
+class Space:
+    url: str
+    log: Path
+    pid: int  # the server process: where every model must load
 
-            def GPU(duration=60):
-                def decorate(function):
-                    wrapped.append(function.__name__)
-                    return function
-                return decorate
-            """
+    def events(self, kind: str) -> list[tuple[str, int]]:
+        """(what, pid) of each recorded GPU call ("gpu") or model load ("load")."""
+        lines = [line.split("\t") for line in self.log.read_text().splitlines()] if self.log.exists() else []
+        return [(what, int(pid)) for event, what, pid in lines if event == kind]
+
+    def assert_loads_only_in_the_server(self) -> None:
+        loads, calls = self.events("load"), self.events("gpu")
+        assert loads and all(pid == self.pid for _, pid in loads), loads
+        assert calls and all(pid != self.pid for _, pid in calls), calls
+
+
+@pytest.fixture(scope="module")
+def space(tmp_path_factory) -> Iterator[Space]:
+    """app.py served as on ZeroGPU: SPACES_ZERO_GPU=true and the emulated `spaces` package, which
+    runs every GPU call in a forked worker process."""
+    folder = tmp_path_factory.mktemp("zerogpu")
+    log = folder / "log.tsv"
+    port = free_port()
+    env = dict(os.environ, SPACES_ZERO_GPU="true", ZEROGPU_EMULATOR_LOG=str(log))
+    output = folder / "server.log"
+    with output.open("w") as sink:  # a file, not a pipe: a full pipe would stall the server
+        server = subprocess.Popen(
+            [sys.executable, str(ROOT / "tests" / "zerogpu" / "serve.py"), str(port), str(folder)],
+            env=env, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True,  # its own group, workers included
         )
-    )
-    result = run_python(
-        """
-        import spaces
-        import app.ui
-        from app.models import ModelRegistry
-        app.ui.build_demo(ModelRegistry(device="cpu"))
-        print(sorted(set(spaces.wrapped)))
-        """,
-        extra_path=tmp_path,
-    )
-    assert result.returncode == 0, result.stderr[-2000:]
-    wrapped = result.stdout.strip().splitlines()[-1]
-    for handler in ("ask", "refresh_overlay"):
-        assert f"'{handler}'" in wrapped, wrapped
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            assert server.poll() is None, f"the app did not start:\n{output.read_text()[-4000:]}"
+            assert time.monotonic() < deadline, "the app did not answer within 300 s"
+            try:
+                if httpx.get(url, timeout=5).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.5)
+        yield Space(url, log, server.pid)
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(30)
+
+
+def test_a_conversation_on_zerogpu_loads_in_the_server_and_runs_in_gpu_workers(space, tiny_next, tmp_path):
+    _, processor = tiny_next
+    picture = tmp_path / "picture.png"
+    random_image(480, 640, seed=5).save(picture)
+    full, reduced_320 = expected_visual_tokens(processor, 640, 480)
+
+    # app.py preloads the default model before serving: ZeroGPU packs weights loaded at start-up
+    assert space.events("load") == [(TINY_LABEL, space.pid)] and space.events("gpu") == []
+
+    client = Client(space.url, verbose=False)
+    client.predict(image=handle_file(str(picture)), api_name="/set_media")
+    for turn, question in enumerate(["What is it?", "And the colours?"], start=1):
+        left, right, stats, _ = client.submit(question, api_name="/ask").result(timeout=300)
+        assert_answered(stats, turn, (full, reduced_320))
+    # the conversation came back from the workers: each turn saw the previous ones
+    assert questions(left) == questions(right) == ["What is it?", "And the colours?"]
+
+    client.predict(right_mode="VisionZip 160", api_name="/set_mode")
+    client.predict(TINY_LABEL, TINY_15, api_name="/set_model")  # a model loaded on demand, in the server
+    left, right, stats, _ = client.submit("Once more?", api_name="/ask").result(timeout=300)
+    assert_answered(stats, 3, (full, preset_budget("llava", 64).per_tile))  # 160 maps to LLaVA-1.5's 64
+    assert len(questions(left)) == 3
+
+    assert (TINY_15, space.pid) in space.events("load")
+    assert [what for what, _ in space.events("gpu")].count("ask_on_gpu") == 3
+    space.assert_loads_only_in_the_server()
+
+
+@pytest.mark.browser
+def test_overlay_stop_and_filmstrip_on_zerogpu(space, tmp_path):
+    """What VisionZip keeps comes back from a GPU worker (its tensors pickled), the Stop button
+    reaches a turn running in another process, and a clip's frames are selected there too."""
+    picture = tmp_path / "picture.png"
+    random_image(336, 336, seed=6).save(picture)
+    clip = tmp_path / "clip.mp4"
+    write_clip(clip, frames=8)
+    with browser_page(space.url) as page:
+        page.set_input_files("#media input[type=file]", str(picture))
+        page.locator("#overlay img").wait_for()
+        assert "visual tokens" in page.locator("#overlay-legend").inner_text()
+
+        page.locator("#left-model input").click()
+        page.get_by_role("option", name=ENDLESS, exact=True).click()
+        page.wait_for_function(f"document.querySelector('#left-header').innerText.includes('{ENDLESS}')")
+        page.fill("#message textarea", "Talk.")
+        page.press("#message textarea", "Enter")
+        page.wait_for_function("document.querySelector('#left-chat [data-testid=bot]')?.innerText.includes('la la')")
+        page.click("#stop")  # the talking side ends with what it said; the other side does not start
+        page.wait_for_function(
+            "document.querySelector('#right-chat [data-testid=bot]')?.innerText.includes('stopped')", timeout=60_000
+        )
+        assert "visual +" in page.locator("#left-chat [data-testid=bot]").inner_text()
+
+        page.set_input_files("#video input[type=file]", str(clip))
+        page.locator("#filmstrip img").first.wait_for()
+        assert page.locator("#filmstrip img").count() == DEFAULT_FRAMES
+
+    calls = [what for what, _ in space.events("gpu")]
+    assert "select_tokens" in calls and "ask_on_gpu" in calls
+    assert (ENDLESS, space.pid) in space.events("load")
+    space.assert_loads_only_in_the_server()
