@@ -82,6 +82,7 @@ class FaultyRegistry(ModelRegistry):
         self.choices[DAMAGED] = str(damaged_checkpoint(folder))
         self.endless_started = threading.Event()  # the endless model streamed its first token
         self.endless_stopped = threading.Event()  # ...and was then told to stop
+        self.endless_answers: list[threading.Event] = []  # one per answer it began, set at its first token
 
     def _load(self, label: str, source: str) -> LoadedModel:
         loaded = super()._load(label, source)
@@ -100,9 +101,12 @@ class FaultyRegistry(ModelRegistry):
                 input_ids = kwargs["input_ids"]
                 streamer.put(input_ids)  # the prompt, as generate() hands it over first
                 token = torch.tensor(loaded.processor.tokenizer.encode(" la", add_special_tokens=False))
+                answer = threading.Event()
+                self.endless_answers.append(answer)
                 while not stopping_criteria(input_ids, None).all():
                     streamer.put(token)
                     self.endless_started.set()
+                    answer.set()
                     time.sleep(0.02)
                 self.endless_stopped.set()
                 streamer.end()
