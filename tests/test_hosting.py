@@ -50,5 +50,7 @@ def test_dockerfile_runs_the_app_as_a_user_on_all_interfaces():
     user = re.findall(r"^USER (\S+)", dockerfile, re.M)
     assert user and user[-1] not in ("root", "0")
     assert '"0.0.0.0"' in dockerfile and "app.py" in dockerfile
+    if "ubuntu24.04" in dockerfile and "--uid 1000" in dockerfile:  # those images already have "ubuntu", uid 1000
+        assert dockerfile.index("userdel --remove ubuntu") < dockerfile.index("useradd")
     ignored = (ROOT / ".dockerignore").read_text().split()
     assert ".venv" in ignored and ".git" in ignored
