@@ -13,8 +13,10 @@ functions (`ask_on_gpu`, `select_tokens`), which ZeroGPU runs in a worker proces
 models already loaded, take and return plain picklable data, and draw nothing.
 """
 
+import atexit
 import hashlib
 import logging
+import shutil
 import tempfile
 import time
 from dataclasses import asdict, replace
@@ -232,6 +234,7 @@ def build_demo(registry: ModelRegistry | None = None, max_new_tokens: int = 128)
     registry = registry or ModelRegistry()
     start = new_conversation(registry)
     stops = Path(tempfile.mkdtemp(prefix="visionzip-live-stops-"))  # one StopFlag file per browser session
+    atexit.register(shutil.rmtree, stops, ignore_errors=True)
     model_labels = list(registry.choices)
 
     def headers_for(conversation: Conversation) -> list[str]:

@@ -54,6 +54,27 @@ def test_importing_the_app_and_building_the_page_touch_no_cuda():
     assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-2000:]
 
 
+def test_outside_zerogpu_the_real_spaces_package_leaves_the_handlers_as_they_are():
+    """Every Space has `spaces` installed, dedicated GPU Spaces included: there the app must run as
+    anywhere else, its GPU tasks plain functions in the server process."""
+    pytest.importorskip("spaces", reason="the spaces package (requirements-test.txt) is not installed")
+    result = run_python(
+        """
+        import os
+        os.environ.pop("SPACES_ZERO_GPU", None)
+        import spaces, app.models
+
+        def handler():
+            return 1
+
+        assert app.models.spaces is spaces and "site-packages" in spaces.__file__ and not app.models.ON_ZEROGPU
+        assert app.models.gpu_task(30)(handler) is handler
+        print("ok")
+        """
+    )
+    assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-2000:]
+
+
 # -- the app on an emulated ZeroGPU Space (tests/zerogpu/spaces.py) ---------------------------------
 @dataclass
 class Space:
