@@ -14,6 +14,7 @@ models already loaded, take and return plain picklable data, and draw nothing.
 """
 
 import atexit
+import filecmp
 import hashlib
 import logging
 import shutil
@@ -83,6 +84,13 @@ MAX_UPLOAD = "200mb"  # a phone video of a minute or two; larger uploads are ref
 QUEUE_SIZE = 32  # events waiting for the model slot (about 16 visitors' turns); the next visitor is asked to retry
 STREAM_INTERVAL_S = 0.1  # redraw streaming answers at most this often: a browser re-renders the whole chat each time
 EXPORTS = Path(tempfile.gettempdir()) / "visionzip-live-exports"
+
+
+def same_file(path: str, other: str) -> bool:
+    try:
+        return filecmp.cmp(path, other, shallow=False)
+    except OSError:
+        return False
 
 
 def uploaded_path(upload: dict | None) -> str | None:
@@ -351,7 +359,9 @@ def build_demo(registry: ModelRegistry | None = None, max_new_tokens: int = 128)
                 # an emptied box (perhaps by an upload in the other) leaves the other box's file in use
                 source = trigger if boxes[trigger] or not boxes[other] else other
                 path = boxes[source]
-                if source != trigger and path == conversation.media_path:
+                # the file in use shown again (the other box emptied, or put back after a refused upload; Gradio may
+                # cache it under a new path): the same conversation goes on
+                if path and conversation.media_path and same_file(path, conversation.media_path):
                     return conversation, *render(conversation), gr.skip(), *headers_for(conversation), gr.skip(), gr.skip()
             else:  # an API call
                 source, path = None, video or image
@@ -374,6 +384,11 @@ def build_demo(registry: ModelRegistry | None = None, max_new_tokens: int = 128)
             empty_image = None if source == "video" and image else gr.skip()
             empty_video = None if source == "media" and video else gr.skip()
             return conversation, *render(conversation), info, *headers_for(conversation), empty_image, empty_video
+
+        def show_media(conversation: Conversation):
+            """The upload boxes as the media in use: a refused file leaves no trace in them."""
+            path, kind = conversation.media_path, conversation.media_kind
+            return (path if kind == "image" else None), (path if kind == "video" else None)
 
         def frame_count(value: float) -> int:
             if value != int(value) or not 1 <= value <= MAX_FRAMES:
@@ -609,7 +624,7 @@ def build_demo(registry: ModelRegistry | None = None, max_new_tokens: int = 128)
         after_outputs = [tokens_plot, times_plot, speedup_plot, export_json_button, export_csv_button, models_info, *headers]
         filmstrip_outputs = [filmstrip_gallery, legend, view, image_views]
 
-        gr.on(
+        media_change = gr.on(
             [media.change, video.change],
             set_media,
             [media, state, video, frames, same_budget],
@@ -617,9 +632,11 @@ def build_demo(registry: ModelRegistry | None = None, max_new_tokens: int = 128)
             api_name="set_media",
             preprocess=False,  # the files reach set_media unopened (see uploaded_path)
             **gpu,
-        ).success(refresh_overlay, [state, view], overlay_outputs, api_visibility="private", **gpu).then(
+        )
+        media_change.success(refresh_overlay, [state, view], overlay_outputs, api_visibility="private", **gpu).then(
             refresh_filmstrip, [state], filmstrip_outputs, api_visibility="private", **gpu
         ).then(after_turn, [state], after_outputs, **quiet)
+        media_change.failure(show_media, [state], [media, video], api_visibility="private", show_progress="hidden")
 
         gr.on(
             [frames.change, same_budget.input],  # change: dragged or typed (release misses typing)

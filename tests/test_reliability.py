@@ -507,3 +507,34 @@ def test_regenerate_pressed_during_a_turn_redoes_that_turn_once_it_ends(page, re
     )
     for side in ("left", "right"):
         assert page.locator(f"#{side}-chat [data-testid='user']").all_inner_texts() == [FIRST]
+
+
+@pytest.mark.browser
+def test_a_refused_upload_leaves_no_trace_in_the_upload_boxes(page, files, picture):
+    """The boxes show the media in use: nothing after a refused first upload, the picture (and an
+    empty video box) after a refused video, with the conversation going on."""
+    bad_picture = files / "cut.png"
+    bad_picture.write_bytes(REFUSED["cut.png"][0])
+    page.set_input_files("#media input[type=file]", str(bad_picture))
+    page.locator("[data-testid='toast-body']").first.wait_for()
+    assert "cut.png is truncated or corrupt" in toasts(page)
+    page.wait_for_function("document.querySelector('#media input[type=file]') !== null")  # the box is empty again
+    assert page.locator("#media img").count() == 0
+
+    page.set_input_files("#media input[type=file]", str(picture))
+    page.wait_for_function("document.querySelector('#media-info').innerText.includes('640x480')")
+    page.fill("#message textarea", FIRST)
+    page.press("#message textarea", "Enter")
+    answered = """n => [...document.querySelectorAll('#left-chat [data-testid=bot]')].filter(m => m.innerText.includes(' visual + ')).length === n"""
+    page.wait_for_function(answered, arg=1)
+
+    bad_video = files / "cut.mp4"
+    bad_video.write_bytes(b"\x00\x01binary junk" * 50)
+    page.set_input_files("#video input[type=file]", str(bad_video))
+    page.wait_for_function("document.body.innerText.includes('cut.mp4 is')")
+    page.wait_for_function("document.querySelector('#video input[type=file]') !== null")  # emptied
+    assert page.locator("#media img").count() == 1 and "640x480" in page.inner_text("#media-info")
+    page.fill("#message textarea", NEXT)
+    page.press("#message textarea", "Enter")
+    page.wait_for_function(answered, arg=2)
+    assert page.locator("#left-chat [data-testid='user']").all_inner_texts() == [FIRST, NEXT]
