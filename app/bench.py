@@ -24,6 +24,7 @@ import json
 import os
 import statistics
 import tempfile
+import threading
 from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path
@@ -68,7 +69,7 @@ def run_conversations(
             conversation = Conversation(sides, media_path=str(picture))
             load_side_models(registry, conversation)
             for question in QUESTIONS[:turns]:
-                for _ in run_turn(registry, conversation, question, max_new_tokens, _NeverStop()):
+                for _ in run_turn(registry, conversation, question, max_new_tokens, threading.Event()):  # never stopped
                     pass
             measured = [turn.stats for turn in conversation.turns]
             for turn in measured:
@@ -78,16 +79,6 @@ def run_conversations(
             if repeat >= warmup:
                 results[budget].append(measured)
     return results
-
-
-class _NeverStop:
-    """A stop signal nobody sets: every answer runs to its end."""
-
-    def is_set(self) -> bool:
-        return False
-
-    def set(self) -> None:
-        pass
 
 
 def table_rows(results: dict[str, list[list[dict[str, TurnStats]]]]) -> list[dict[str, Any]]:
