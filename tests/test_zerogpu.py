@@ -185,3 +185,25 @@ def test_overlay_stop_and_filmstrip_on_zerogpu(space, tmp_path):
     assert "select_tokens" in calls and "ask_on_gpu" in calls
     assert (ENDLESS, space.pid) in space.events("load")
     space.assert_loads_only_in_the_server()
+
+
+def test_a_turn_abandoned_on_zerogpu_ends_in_its_worker_and_frees_the_gpu(space, tmp_path):
+    """A visitor who leaves mid-answer: the worker's turn is closed (ZeroGPU closes the task's
+    generator at its next yield) and the next visitor's turn runs."""
+    picture = tmp_path / "picture.png"
+    random_image(336, 336, seed=7).save(picture)
+    leaving = Client(space.url, verbose=False)
+    leaving.predict(image=handle_file(str(picture)), api_name="/set_media")
+    leaving.predict(ENDLESS, TINY_LABEL, api_name="/set_model")
+    job = leaving.submit("Talk.", api_name="/ask")
+    deadline = time.monotonic() + 120
+    while not any("la la" in str(output) for output in job.outputs()):  # the endless answer is streaming
+        assert time.monotonic() < deadline and not job.done(), "the endless answer did not start"
+        time.sleep(0.2)
+    job.cancel()
+
+    staying = Client(space.url, verbose=False)
+    staying.predict(image=handle_file(str(picture)), api_name="/set_media")
+    left, right, stats, _ = staying.submit("What is it?", api_name="/ask").result(timeout=120)
+    assert questions(left) == ["What is it?"] and all(record["error"] is None for record in stats)
+    space.assert_loads_only_in_the_server()
