@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import os
 import statistics
 import tempfile
 import threading
@@ -36,6 +35,7 @@ from app.chat import FULL, Conversation, SideConfig, load_side_models, make_mode
 from app.models import DTYPES, ModelRegistry, resolve_device, timing_method
 from app.stats import TurnStats
 from visionzip.bench import bench_image, build_wide, machine_description
+from visionzip.tiny import cache_folder
 
 QUESTIONS = ["What is in this picture?", "Which colours stand out?", "Describe it in one sentence.", "Anything else?"]
 BUDGETS = ["640", "320", "160"]
@@ -43,8 +43,7 @@ BUDGETS = ["640", "320", "160"]
 
 def wide_checkpoint(layers: int, dtype: str, device: torch.device) -> Path:
     """A saved random-weight LLaVA-NeXT of 7B width with `layers` LM layers, built on first use."""
-    root = Path(os.environ.get("VISIONZIP_CACHE") or Path.home() / ".cache" / "visionzip")
-    folder = root / f"wide-llava_next-{layers}L-{dtype}"
+    folder = cache_folder() / f"wide-llava_next-{layers}L-{dtype}"
     if not (folder / "config.json").exists():
         model, processor = build_wide(layers, DTYPES[dtype], device)
         partial = folder.with_name(folder.name + ".partial")

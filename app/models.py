@@ -34,9 +34,10 @@ log = logging.getLogger(__name__)
 
 TINY = "tiny:"  # source prefix of the offline random-weight checkpoints, built on first use
 TINY_LABEL = "Tiny LLaVA-NeXT (random weights)"
+TINY_15_LABEL = "Tiny LLaVA-1.5 (random weights)"
 DEFAULT_CHOICES: dict[str, str] = {
     TINY_LABEL: TINY + "llava_next",
-    "Tiny LLaVA-1.5 (random weights)": TINY + "llava",
+    TINY_15_LABEL: TINY + "llava",
     "LLaVA-NeXT Vicuna 7B": "llava-hf/llava-v1.6-vicuna-7b-hf",
     "LLaVA-NeXT Vicuna 13B": "llava-hf/llava-v1.6-vicuna-13b-hf",
     "LLaVA-NeXT Mistral 7B": "llava-hf/llava-v1.6-mistral-7b-hf",

@@ -10,13 +10,12 @@ from gradio_client import Client, handle_file
 from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
 
 from app.chat import FULL, Conversation, SideConfig, TurnRefused, load_side_models, make_mode, run_turn
-from app.models import TINY_LABEL, ModelRegistry
+from app.models import TINY_15_LABEL, TINY_LABEL, ModelRegistry
 from app.ui import build_demo
 from app_helpers import served
 from visionzip import preset_budget
 from visionzip.tiny import tiny_checkpoint
 
-TINY_15 = "Tiny LLaVA-1.5 (random weights)"
 BROKEN = "Broken checkpoint"
 
 
@@ -144,11 +143,11 @@ def test_questions_need_an_image(client):
 
 def test_llava_15_side_uses_its_own_presets(client, picture):
     client.predict(handle_file(str(picture)), api_name="/set_media")
-    client.predict(TINY_LABEL, TINY_15, api_name="/set_model")
+    client.predict(TINY_LABEL, TINY_15_LABEL, api_name="/set_model")
     _, _, stats, _ = ask(client, "What is in the picture?")
     # VisionZip 320 on LLaVA-NeXT maps to the middle LLaVA-1.5 preset, 128 = 108 + 20 on its one tile
     assert by_side(stats, 1)["right"]["visual_tokens"] == preset_budget("llava", 128).per_tile
-    assert by_side(stats, 1)["right"]["model"] == TINY_15
+    assert by_side(stats, 1)["right"]["model"] == TINY_15_LABEL
 
 
 def test_a_model_that_fails_to_load_leaves_the_previous_one_serving(client, picture):

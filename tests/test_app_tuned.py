@@ -19,7 +19,7 @@ from transformers import AutoConfig, LlavaNextForConditionalGeneration
 
 import visionzip
 from app import charts
-from app.models import TINY_LABEL
+from app.models import TINY_15_LABEL, TINY_LABEL
 from app.stats import TurnStats
 from app.ui import build_demo
 from app_helpers import expected_visual_tokens, served
@@ -27,7 +27,6 @@ from visionzip import tune
 from visionzip.tiny import load_tiny, tiny_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY_15 = "Tiny LLaVA-1.5 (random weights)"
 BUDGET = visionzip.preset_budget("llava_next", 320)
 QUESTIONS = ["What colour is the box?", "And where is it?"]
 MAX_NEW_TOKENS = 6
@@ -172,11 +171,11 @@ def test_tuned_projector_only_where_the_model_has_one(client, picture):
     client.predict(handle_file(str(picture)), api_name="/set_media")
     client.predict(right_tuned=True, api_name="/set_mode")
     # the right side's new model has no tuned projector: it goes on with the model's own
-    client.predict(TINY_LABEL, TINY_15, api_name="/set_model")
+    client.predict(TINY_LABEL, TINY_15_LABEL, api_name="/set_model")
     _, _, stats, _ = client.predict(QUESTIONS[0], api_name="/ask")
     right = by_side(stats, 1)["right"]
-    assert right["error"] is None and right["model"] == TINY_15 and "tuned" not in right["mode"]
-    with pytest.raises(Exception, match=re.escape(f"{TINY_15} has no tuned projector")):
+    assert right["error"] is None and right["model"] == TINY_15_LABEL and "tuned" not in right["mode"]
+    with pytest.raises(Exception, match=re.escape(f"{TINY_15_LABEL} has no tuned projector")):
         client.predict(right_mode="VisionZip 128", right_tuned=True, api_name="/set_mode")
 
 

@@ -8,10 +8,9 @@ import pytest
 import torch
 
 import app.models
-from app.models import TINY, TINY_LABEL, ModelLoadError, ModelRegistry
+from app.models import TINY, TINY_15_LABEL, TINY_LABEL, ModelLoadError, ModelRegistry
 from app.ui import models_markdown
 
-TINY_15 = "Tiny LLaVA-1.5 (random weights)"
 COPY = "Tiny LLaVA-NeXT, second copy"
 CUDA = torch.device("cuda", 0)
 
@@ -22,7 +21,7 @@ def registry():
     least recently used first, that is LLaVA-1.5, LLaVA-NeXT, copy."""
     registry = ModelRegistry(device="cpu")
     registry.choices[COPY] = TINY + "llava_next"
-    for label in (COPY, TINY_15, TINY_LABEL, COPY):
+    for label in (COPY, TINY_15_LABEL, TINY_LABEL, COPY):
         registry.get(label)
     return registry
 
@@ -41,12 +40,12 @@ def test_a_model_that_does_not_fit_unloads_the_least_recently_used(registry, mon
     capacity = loaded_bytes(registry)  # the GPU is exactly full
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (capacity - loaded_bytes(registry), capacity))
 
-    registry._make_room(room_for(registry, [TINY_15, TINY_LABEL]), CUDA)
+    registry._make_room(room_for(registry, [TINY_15_LABEL, TINY_LABEL]), CUDA)
 
     assert [model.label for model in registry.loaded()] == [COPY]
-    assert TINY_15 not in models_markdown(registry) and COPY in models_markdown(registry)
+    assert TINY_15_LABEL not in models_markdown(registry) and COPY in models_markdown(registry)
     with pytest.raises(ModelLoadError, match="unloaded to make room"):
-        registry.ready(TINY_15)
+        registry.ready(TINY_15_LABEL)
 
 
 def test_on_zerogpu_the_slice_is_counted_against_the_loaded_weights(registry, monkeypatch):
@@ -61,7 +60,7 @@ def test_on_zerogpu_the_slice_is_counted_against_the_loaded_weights(registry, mo
     monkeypatch.setattr(torch.cuda, "mem_get_info", refuse)
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(total_memory=capacity))
 
-    needed = room_for(registry, [TINY_15])
+    needed = room_for(registry, [TINY_15_LABEL])
     registry._make_room(needed, CUDA)
     assert [model.label for model in registry.loaded()] == [TINY_LABEL, COPY]
     registry._make_room(needed, CUDA)  # it fits now: nothing more goes

@@ -17,11 +17,10 @@ import httpx
 import pytest
 from gradio_client import Client, handle_file
 
-from app.models import TINY_LABEL
+from app.models import TINY_15_LABEL, TINY_LABEL
 from app.video import DEFAULT_FRAMES
 from app_helpers import ENDLESS, browser_page, expected_visual_tokens, free_port
 from conftest import random_image
-from test_app_api import TINY_15
 from test_app_video import write_clip
 from test_reliability import assert_answered, questions
 from visionzip import preset_budget
@@ -142,12 +141,12 @@ def test_a_conversation_on_zerogpu_loads_in_the_server_and_runs_in_gpu_workers(s
     assert questions(left) == questions(right) == ["What is it?", "And the colours?"]
 
     client.predict(right_mode="VisionZip 160", api_name="/set_mode")
-    client.predict(TINY_LABEL, TINY_15, api_name="/set_model")  # a model loaded on demand, in the server
+    client.predict(TINY_LABEL, TINY_15_LABEL, api_name="/set_model")  # a model loaded on demand, in the server
     left, right, stats, _ = client.submit("Once more?", api_name="/ask").result(timeout=300)
     assert_answered(stats, 3, (full, preset_budget("llava", 64).per_tile))  # 160 maps to LLaVA-1.5's 64
     assert len(questions(left)) == 3
 
-    assert (TINY_15, space.pid) in space.events("load")
+    assert (TINY_15_LABEL, space.pid) in space.events("load")
     assert [what for what, _ in space.events("gpu")].count("ask_on_gpu") == 3
     space.assert_loads_only_in_the_server()
 

@@ -171,10 +171,14 @@ def build_tiny(path: str | os.PathLike, family: str = "llava_next", seed: int = 
     return path
 
 
+def cache_folder() -> Path:
+    """Where built checkpoints are kept: $VISIONZIP_CACHE, else ~/.cache/visionzip."""
+    return Path(os.environ.get("VISIONZIP_CACHE") or Path.home() / ".cache" / "visionzip")
+
+
 def tiny_checkpoint(family: str = "llava_next", cache_dir: str | os.PathLike | None = None) -> Path:
     """Path of the cached tiny checkpoint, built on first use (a few seconds)."""
-    root = Path(cache_dir or os.environ.get("VISIONZIP_CACHE") or Path.home() / ".cache" / "visionzip")
-    path = root / f"tiny-{family}-v{TINY_VERSION}"
+    path = Path(cache_dir or cache_folder()) / f"tiny-{family}-v{TINY_VERSION}"
     if not (path / "config.json").exists():
         staging = path.with_name(path.name + f".tmp{os.getpid()}")
         build_tiny(staging, family)
