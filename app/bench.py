@@ -25,7 +25,7 @@ import statistics
 import tempfile
 import threading
 from dataclasses import asdict
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -55,7 +55,14 @@ def wide_checkpoint(layers: int, dtype: str, device: torch.device) -> Path:
 
 
 def run_conversations(
-    registry: ModelRegistry, label: str, picture: Path, budgets: list[str], turns: int, repeats: int, warmup: int, max_new_tokens: int
+    registry: ModelRegistry,
+    label: str,
+    picture: Path,
+    budgets: list[str],
+    turns: int,
+    repeats: int,
+    warmup: int,
+    max_new_tokens: int,
 ) -> dict[str, list[list[dict[str, TurnStats]]]]:
     """budget -> kept conversations -> turns -> {side: stats}; each conversation is new (full on the
     left, VisionZip at the budget on the right), as a visitor's would be."""
@@ -64,7 +71,10 @@ def run_conversations(
     for budget in budgets:
         results[budget] = []
         for repeat in range(warmup + repeats):
-            sides = {"left": SideConfig(label, make_mode(FULL, family)), "right": SideConfig(label, make_mode(f"VisionZip {budget}", family))}
+            sides = {
+                "left": SideConfig(label, make_mode(FULL, family)),
+                "right": SideConfig(label, make_mode(f"VisionZip {budget}", family)),
+            }
             conversation = Conversation(sides, media_path=str(picture))
             load_side_models(registry, conversation)
             for question in QUESTIONS[:turns]:
@@ -95,7 +105,9 @@ def table_rows(results: dict[str, list[list[dict[str, TurnStats]]]]) -> list[dic
                 row[f"{name}_ttft_ms"] = statistics.median(s.prefill_ms for s in stats)
                 row[f"{name}_decode_tok_s"] = statistics.median(s.decode_tokens_per_s for s in stats)
                 row[f"{name}_kv_mib"] = statistics.median(s.kv_cache_bytes for s in stats) / 2**20
-            row["ttft_speedup"] = statistics.median(pair["left"].prefill_ms / pair["right"].prefill_ms for pair in pairs)
+            row["ttft_speedup"] = statistics.median(
+                pair["left"].prefill_ms / pair["right"].prefill_ms for pair in pairs
+            )
             row["token_ratio"] = row["full_context_tokens"] / row["visionzip_context_tokens"]
             rows.append(row)
     return rows
@@ -152,7 +164,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "warmup": args.warmup,
         "max_new_tokens": args.max_new_tokens,
         "torch": torch.__version__,
-        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
     }
     conversations = {
         budget: [[{side: asdict(stats) for side, stats in turn.items()} for turn in measured] for measured in kept]
@@ -179,8 +191,12 @@ def write(report: dict[str, Any], out: Path) -> list[Path]:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     subject = parser.add_mutually_exclusive_group()
-    subject.add_argument("--model", help="hub id or local folder of a LLaVA-NeXT / LLaVA-1.5 checkpoint (default: the tiny model)")
-    subject.add_argument("--wide", type=int, metavar="LAYERS", help="a random LLaVA-NeXT of 7B width with this many LM layers")
+    subject.add_argument(
+        "--model", help="hub id or local folder of a LLaVA-NeXT / LLaVA-1.5 checkpoint (default: the tiny model)"
+    )
+    subject.add_argument(
+        "--wide", type=int, metavar="LAYERS", help="a random LLaVA-NeXT of 7B width with this many LM layers"
+    )
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     parser.add_argument("--dtype", default="auto", choices=["auto", *DTYPES])
     parser.add_argument("--budgets", nargs="+", default=BUDGETS, choices=BUDGETS)

@@ -339,26 +339,31 @@ def stream_side(
     times = streamer.token_times
     new_tokens = len(times)
     decode_s = times[-1] - times[0] if new_tokens > 1 else 0.0
-    yield answer, TurnStats(
-        turn=turn,
-        side=side,
-        model=loaded.label,
-        mode=prepared.mode.label,
-        visual_tokens=prepared.visual_tokens,
-        text_tokens=prepared.text_tokens,
-        context_tokens=prepared.context_tokens,
-        vision_ms=(vision_end - start) * 1000,
-        prefill_ms=(times[0] - start) * 1000 if times else 0.0,
-        decode_tokens_per_s=(new_tokens - 1) / decode_s if decode_s > 0 else 0.0,
-        new_tokens=new_tokens,
-        kv_cache_bytes=kv_cache_bytes(loaded.model.config, prepared.context_tokens + new_tokens, loaded.dtype),
-        device=str(loaded.device),
+    yield (
+        answer,
+        TurnStats(
+            turn=turn,
+            side=side,
+            model=loaded.label,
+            mode=prepared.mode.label,
+            visual_tokens=prepared.visual_tokens,
+            text_tokens=prepared.text_tokens,
+            context_tokens=prepared.context_tokens,
+            vision_ms=(vision_end - start) * 1000,
+            prefill_ms=(times[0] - start) * 1000 if times else 0.0,
+            decode_tokens_per_s=(new_tokens - 1) / decode_s if decode_s > 0 else 0.0,
+            new_tokens=new_tokens,
+            kv_cache_bytes=kv_cache_bytes(loaded.model.config, prepared.context_tokens + new_tokens, loaded.dtype),
+            device=str(loaded.device),
+        ),
     )
 
 
 def failed_stats(turn: int, side: str, config: SideConfig, error: str, prepared: Prepared | None = None) -> TurnStats:
     visual, text = (prepared.visual_tokens, prepared.text_tokens) if prepared else (0, 0)
-    return TurnStats(turn, side, config.model, config.mode.label, visual, text, visual + text, 0.0, 0.0, 0.0, 0, 0, error=error)
+    return TurnStats(
+        turn, side, config.model, config.mode.label, visual, text, visual + text, 0.0, 0.0, 0.0, 0, 0, error=error
+    )
 
 
 def describe_error(error: BaseException) -> str:
@@ -414,7 +419,11 @@ def video_tokens(
 
     def refuse_if_too_long(needed: int, what: str) -> None:
         if needed + max_new_tokens > loaded.context_window:
-            advice = "Use fewer frames, or a smaller VisionZip budget." if mode.enabled else "Use fewer frames, or VisionZip."
+            advice = (
+                "Use fewer frames, or a smaller VisionZip budget."
+                if mode.enabled
+                else "Use fewer frames, or VisionZip."
+            )
             raise ContextTooLong(
                 f"{loaded.label} ({mode.label}): {frames} frames x {per_frame} = {frames * per_frame:,} visual tokens"
                 f"{what} + {max_new_tokens} new tokens do not fit its {loaded.context_window:,}-token context "
@@ -423,7 +432,9 @@ def video_tokens(
 
     refuse_if_too_long(frames * per_frame, "")
     clip = load_clip(conversation.media_path, frames)
-    input_ids = video_input_ids(loaded.processor, video_prompt(loaded.processor, messages, clip.timestamps_s), per_frame)
+    input_ids = video_input_ids(
+        loaded.processor, video_prompt(loaded.processor, messages, clip.timestamps_s), per_frame
+    )
     text_tokens = input_ids.shape[1] - len(clip.frames) * per_frame
     refuse_if_too_long(len(clip.frames) * per_frame + text_tokens, f" + {text_tokens} text")
     return clip, input_ids, per_frame
@@ -440,7 +451,9 @@ def prepare_video(
     return VideoPrepared(loaded, mode, inputs, visual, input_ids.shape[1] - visual, frames=len(clip.frames))
 
 
-def frame_selections(loaded: LoadedModel, frames: tuple[Image.Image, ...], mode: Mode) -> list[visionzip.ImageSelection]:
+def frame_selections(
+    loaded: LoadedModel, frames: tuple[Image.Image, ...], mode: Mode
+) -> list[visionzip.ImageSelection]:
     """What VisionZip keeps and merges on each frame under `mode`'s budget: the vision tower alone."""
     pixel_values = frame_pixel_values(loaded.processor, frames).to(loaded.device, loaded.dtype)
     with torch.inference_mode(), use_mode(loaded, mode) as call:
@@ -461,7 +474,11 @@ def load_side_models(registry: ModelRegistry, conversation: Conversation) -> Non
 
 
 def run_turn(
-    registry: ModelRegistry, conversation: Conversation, question: str, max_new_tokens: int, stop: threading.Event | StopFlag
+    registry: ModelRegistry,
+    conversation: Conversation,
+    question: str,
+    max_new_tokens: int,
+    stop: threading.Event | StopFlag,
 ) -> Iterator[Conversation]:
     """Ask `question` of both sides, one after the other (never at once, so their timings are
     comparable), the first side alternating per turn.  Yields the conversation as it fills in.
@@ -506,7 +523,9 @@ def run_turn(
                     turn.stats[side] = stats
                 yield conversation
         except Exception as error:
-            turn.stats[side] = failed_stats(number, side, conversation.sides[side], describe_error(error), prepared[side])
+            turn.stats[side] = failed_stats(
+                number, side, conversation.sides[side], describe_error(error), prepared[side]
+            )
         finally:  # also when the caller goes away mid-turn (cancelled, tab closed): stop generating now
             stream.close()
             turn.running = None

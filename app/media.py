@@ -39,7 +39,7 @@ class MediaError(ValueError):
 
 # -- what a file is ---------------------------------------------------------------------------------
 def detect_media_kind(path: str | os.PathLike) -> Literal["image", "video"]:
-    """"image" or "video" from the file's content; MediaError for anything else."""
+    """ "image" or "video" from the file's content; MediaError for anything else."""
     name = _name(path)
     container = _video_container(_read_head(path))
     if container == "gif":

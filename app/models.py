@@ -25,10 +25,10 @@ import torch
 from transformers import AutoConfig, AutoProcessor, LlavaForConditionalGeneration, LlavaNextForConditionalGeneration
 
 import visionzip
-from visionzip.workarounds import dense_lm_head_input, needs_dense_lm_head_input
 from app.tuned import ProjectorError, ProjectorFile, check_fits, read_projector_file
 from visionzip.tiny import tiny_checkpoint
 from visionzip.tune import TunedProjector, load_projector
+from visionzip.workarounds import dense_lm_head_input, needs_dense_lm_head_input
 
 log = logging.getLogger(__name__)
 
@@ -149,7 +149,11 @@ class LoadedModel:
 
     def describe(self) -> str:
         precision = "4-bit" if self.quantized else str(self.dtype).removeprefix("torch.")
-        size = f"{self.weight_bytes / 2**30:.1f} GiB" if self.weight_bytes >= 2**30 else f"{self.weight_bytes / 2**20:.1f} MiB"
+        size = (
+            f"{self.weight_bytes / 2**30:.1f} GiB"
+            if self.weight_bytes >= 2**30
+            else f"{self.weight_bytes / 2**20:.1f} MiB"
+        )
         return f"{self.label}: {precision} on {self.device}, {size} of weights"
 
 
@@ -176,7 +180,7 @@ class ModelRegistry:
         self._lock = threading.RLock()
 
     def family(self, label: str) -> str:
-        """"llava_next" or "llava" for a label, without loading its weights."""
+        """ "llava_next" or "llava" for a label, without loading its weights."""
         source = self._source(label)
         if is_tiny(source):
             return source.removeprefix(TINY)
@@ -261,7 +265,9 @@ class ModelRegistry:
                 self._loaded.move_to_end(label)
                 return self._loaded[label]
         self._source(label)  # an unknown label says so
-        raise ModelLoadError(self._failures.get(label) or f"{label} is not loaded (it was unloaded to make room): choose it again")
+        raise ModelLoadError(
+            self._failures.get(label) or f"{label} is not loaded (it was unloaded to make room): choose it again"
+        )
 
     def _source(self, label: str) -> str:
         if label not in self.choices:
@@ -303,7 +309,16 @@ class ModelRegistry:
         weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
         log.info("loaded %s from %s", label, path)
         return LoadedModel(
-            label, source, config.model_type, model, processor, handle, device, dtype, weight_bytes, quantized,
+            label,
+            source,
+            config.model_type,
+            model,
+            processor,
+            handle,
+            device,
+            dtype,
+            weight_bytes,
+            quantized,
             projector=self.projectors.get(source),
         )
 

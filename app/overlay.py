@@ -71,9 +71,7 @@ def tile_cell_boxes(
     top, left, bottom, right = content
     cy0, cx0 = np.maximum(y0, top), np.maximum(x0, left)
     cy1, cx1 = np.minimum(y0 + cell, bottom), np.minimum(x0 + cell, right)
-    boxes = np.stack([cx0 - left, cy0 - top, cx1 - left, cy1 - top], axis=1) * (
-        [width / new_w, height / new_h] * 2
-    )
+    boxes = np.stack([cx0 - left, cy0 - top, cx1 - left, cy1 - top], axis=1) * ([width / new_w, height / new_h] * 2)
     boxes[(cy1 <= cy0) | (cx1 <= cx0)] = np.nan
     return boxes
 
@@ -334,7 +332,8 @@ def legend_markdown(selection: ImageSelection, view: str) -> str:
         f"{_swatch(KEPT_RGB)} **kept** (dominant: highest CLS attention; yellow tint, outlined)",
         f"{swatches} **merged**: one colour per contextual group, ⚪ on its target patch" if groups else "",
         "dark: **dropped** (no contextual tokens)" if dropped else "",
-        "dimmed outside the tile: cropped away by the processor" if lone
+        "dimmed outside the tile: cropped away by the processor"
+        if lone
         else "padding cells (the grid's blank border) are not drawn, only counted",
     ]
     total = f"**{selection.num_tokens} visual tokens** for this image (all tiles, as fed to the language model)."

@@ -168,7 +168,9 @@ def side_header(registry: ModelRegistry, conversation: Conversation, side: str, 
     elif loaded is not None and conversation.media_path is not None:
         image, _ = load_image(conversation.media_path)
         with use_mode(loaded, config.mode):
-            detail += f" · **{loaded.handle.num_image_tokens((image.height, image.width)):,} visual tokens** for this image"
+            detail += (
+                f" · **{loaded.handle.num_image_tokens((image.height, image.width)):,} visual tokens** for this image"
+            )
     return f"### {title}\n{detail}"
 
 
@@ -177,7 +179,9 @@ def video_budget(loaded: LoadedModel, conversation: Conversation, side: str, max
     known before anything runs (the same check that refuses the turn)."""
     messages = messages_for(conversation, side, "")
     try:
-        clip, input_ids, per_frame = video_tokens(loaded, conversation.sides[side].mode, conversation, messages, max_new_tokens)
+        clip, input_ids, per_frame = video_tokens(
+            loaded, conversation.sides[side].mode, conversation, messages, max_new_tokens
+        )
     except ContextTooLong as error:
         return f"**refused:** {error}"
     except MediaError as error:
@@ -251,7 +255,9 @@ def build_demo(registry: ModelRegistry | None = None, max_new_tokens: int = 128)
     with gr.Blocks(title="VisionZip Live") as demo:
         state = gr.State(start)
         selection_state = gr.State(None)  # the overlay's ImageSelection: view switches redraw without the model
-        question = gr.Textbox(label="question", visible=False)  # the submitted question, once the message box is cleared
+        question = gr.Textbox(
+            label="question", visible=False
+        )  # the submitted question, once the message box is cleared
 
         gr.Markdown(
             "# VisionZip Live\nThe same question, answered twice: with every visual token (left) and with "
@@ -264,21 +270,41 @@ def build_demo(registry: ModelRegistry | None = None, max_new_tokens: int = 128)
             with gr.Column(scale=1, min_width=260):
                 media = gr.Image(type="filepath", label="Image", height=300, elem_id="media")
                 video = gr.File(label="… or a video", file_types=VIDEO_TYPES, height=140, elem_id="video")
-                media_info = gr.Markdown("Images: PNG, JPEG, WebP, GIF, BMP, TIFF. Videos: MP4, WebM, MOV, AVI, MKV, animated GIF.", elem_id="media-info")
+                media_info = gr.Markdown(
+                    "Images: PNG, JPEG, WebP, GIF, BMP, TIFF. Videos: MP4, WebM, MOV, AVI, MKV, animated GIF.",
+                    elem_id="media-info",
+                )
                 with gr.Group():
-                    frames = gr.Slider(1, MAX_FRAMES, value=DEFAULT_FRAMES, step=1, label="Video frames, sampled uniformly", elem_id="frames")
+                    frames = gr.Slider(
+                        1,
+                        MAX_FRAMES,
+                        value=DEFAULT_FRAMES,
+                        step=1,
+                        label="Video frames, sampled uniformly",
+                        elem_id="frames",
+                    )
                     same_budget = gr.Checkbox(
-                        False, label="Same budget: VisionZip gets as many frames as fit in the full side's tokens", elem_id="same-budget"
+                        False,
+                        label="Same budget: VisionZip gets as many frames as fit in the full side's tokens",
+                        elem_id="same-budget",
                     )
                 examples = sorted(str(path) for path in ASSETS.glob("*.png"))
                 if examples:
-                    gr.Examples(examples=[[path] for path in examples], inputs=[media], cache_examples=False, label="Examples")
+                    gr.Examples(
+                        examples=[[path] for path in examples], inputs=[media], cache_examples=False, label="Examples"
+                    )
             columns = {}
             for side in SIDES:
                 with gr.Column(scale=2):
-                    header = gr.Markdown(side_header(registry, start, side, max_new_tokens), elem_id=f"{side}-header", elem_classes="side-header")
+                    header = gr.Markdown(
+                        side_header(registry, start, side, max_new_tokens),
+                        elem_id=f"{side}-header",
+                        elem_classes="side-header",
+                    )
                     with gr.Row():
-                        model = gr.Dropdown(model_labels, value=start.sides[side].model, label="Model", elem_id=f"{side}-model", scale=2)
+                        model = gr.Dropdown(
+                            model_labels, value=start.sides[side].model, label="Model", elem_id=f"{side}-model", scale=2
+                        )
                         mode = gr.Dropdown(
                             mode_choices(registry.family(registry.default)),
                             value=start.sides[side].mode.name,
@@ -293,10 +319,31 @@ def build_demo(registry: ModelRegistry | None = None, max_new_tokens: int = 128)
                         elem_id=f"{side}-tuned",
                     )
                     with gr.Row(visible=False) as custom_row:
-                        dominant = gr.Number(CUSTOM_START[0], label="Dominant tokens per tile (D, counts CLS)", precision=0, elem_id=f"{side}-dominant")
-                        contextual = gr.Number(CUSTOM_START[1], label="Contextual tokens per tile (C)", precision=0, elem_id=f"{side}-contextual")
-                    chat = gr.Chatbot(label=SIDE_NAMES[side], show_label=False, height=460, elem_id=f"{side}-chat", buttons=["copy"])
-                columns[side] = dict(header=header, model=model, mode=mode, tuned=tuned, custom_row=custom_row, dominant=dominant, contextual=contextual, chat=chat)
+                        dominant = gr.Number(
+                            CUSTOM_START[0],
+                            label="Dominant tokens per tile (D, counts CLS)",
+                            precision=0,
+                            elem_id=f"{side}-dominant",
+                        )
+                        contextual = gr.Number(
+                            CUSTOM_START[1],
+                            label="Contextual tokens per tile (C)",
+                            precision=0,
+                            elem_id=f"{side}-contextual",
+                        )
+                    chat = gr.Chatbot(
+                        label=SIDE_NAMES[side], show_label=False, height=460, elem_id=f"{side}-chat", buttons=["copy"]
+                    )
+                columns[side] = dict(
+                    header=header,
+                    model=model,
+                    mode=mode,
+                    tuned=tuned,
+                    custom_row=custom_row,
+                    dominant=dominant,
+                    contextual=contextual,
+                    chat=chat,
+                )
 
         with gr.Row():
             message = gr.Textbox(
@@ -315,12 +362,22 @@ def build_demo(registry: ModelRegistry | None = None, max_new_tokens: int = 128)
         with gr.Tabs():
             with gr.Tab("What VisionZip keeps", elem_id="tab-overlay"):
                 view = gr.Dropdown(["all"], value="all", label="Tiles", elem_id="overlay-view")
-                filmstrip_gallery = gr.Gallery(label="Filmstrip", columns=6, height="auto", visible=False, elem_id="filmstrip")
+                filmstrip_gallery = gr.Gallery(
+                    label="Filmstrip", columns=6, height="auto", visible=False, elem_id="filmstrip"
+                )
                 legend = gr.Markdown(NO_IMAGE, elem_id="overlay-legend")
                 with gr.Column() as image_views:  # hidden, with the view, for a video: its frames are in the filmstrip
                     with gr.Row():
-                        overlay_image = gr.Image(label="Kept and merged tokens", show_label=False, type="pil", interactive=False, elem_id="overlay")
-                        heatmap_image = gr.Image(label="CLS attention", show_label=False, type="pil", interactive=False, elem_id="heatmap")
+                        overlay_image = gr.Image(
+                            label="Kept and merged tokens",
+                            show_label=False,
+                            type="pil",
+                            interactive=False,
+                            elem_id="overlay",
+                        )
+                        heatmap_image = gr.Image(
+                            label="CLS attention", show_label=False, type="pil", interactive=False, elem_id="heatmap"
+                        )
                     attention_plot = gr.Plot(show_label=False, elem_id="attention-chart")
             with gr.Tab("Charts", elem_id="tab-charts"):
                 tokens_plot = gr.Plot(charts.tokens_chart([]), show_label=False, elem_id="tokens-chart")
@@ -337,7 +394,11 @@ def build_demo(registry: ModelRegistry | None = None, max_new_tokens: int = 128)
         conversation_views = [*chats, stats_json, summary]
 
         def render(conversation: Conversation) -> list:
-            return [*(chat_messages(conversation, side) for side in SIDES), stats_records(conversation), summary_markdown(conversation)]
+            return [
+                *(chat_messages(conversation, side) for side in SIDES),
+                stats_records(conversation),
+                summary_markdown(conversation),
+            ]
 
         # -- media ---------------------------------------------------------------------------------
         def set_media(
@@ -362,7 +423,14 @@ def build_demo(registry: ModelRegistry | None = None, max_new_tokens: int = 128)
                 # the file in use shown again (the other box emptied, or put back after a refused upload; Gradio may
                 # cache it under a new path): the same conversation goes on
                 if path and conversation.media_path and same_file(path, conversation.media_path):
-                    return conversation, *render(conversation), gr.skip(), *headers_for(conversation), gr.skip(), gr.skip()
+                    return (
+                        conversation,
+                        *render(conversation),
+                        gr.skip(),
+                        *headers_for(conversation),
+                        gr.skip(),
+                        gr.skip(),
+                    )
             else:  # an API call
                 source, path = None, video or image
             num_frames = frame_count(num_frames)
@@ -378,7 +446,12 @@ def build_demo(registry: ModelRegistry | None = None, max_new_tokens: int = 128)
                 except MediaError as error:
                     raise gr.Error(str(error)) from None
             conversation = replace(
-                conversation, media_path=path or None, media_kind=kind, turns=[], num_frames=num_frames, same_budget=bool(same_budget)
+                conversation,
+                media_path=path or None,
+                media_kind=kind,
+                turns=[],
+                num_frames=num_frames,
+                same_budget=bool(same_budget),
             )
             # the box that was not used is emptied, so the page shows only the media in use
             empty_image = None if source == "video" and image else gr.skip()
@@ -402,7 +475,9 @@ def build_demo(registry: ModelRegistry | None = None, max_new_tokens: int = 128)
             info = gr.skip()
             if conversation.media_kind == "video":
                 try:
-                    info = describe_clip(Path(conversation.media_path).name, load_clip(conversation.media_path, conversation.num_frames))
+                    info = describe_clip(
+                        Path(conversation.media_path).name, load_clip(conversation.media_path, conversation.num_frames)
+                    )
                 except MediaError as error:
                     raise gr.Error(str(error)) from None
             return conversation, info, *headers_for(conversation)
@@ -513,7 +588,10 @@ def build_demo(registry: ModelRegistry | None = None, max_new_tokens: int = 128)
                 sides[side] = SideConfig(label, mode)
             conversation = replace(conversation, sides=sides)
             modes = [
-                gr.Dropdown(choices=mode_choices(registry.get(conversation.sides[side].model).family), value=conversation.sides[side].mode.name)
+                gr.Dropdown(
+                    choices=mode_choices(registry.get(conversation.sides[side].model).family),
+                    value=conversation.sides[side].mode.name,
+                )
                 for side in SIDES
             ]
             return (
@@ -576,7 +654,9 @@ def build_demo(registry: ModelRegistry | None = None, max_new_tokens: int = 128)
             return selection, *overlay_views(selection, conversation, chosen)
 
         @gpu_task(duration_s=30)
-        def select_tokens(label: str, mode: Mode, pictures: tuple[Image.Image, ...], frames: bool) -> list[visionzip.ImageSelection]:
+        def select_tokens(
+            label: str, mode: Mode, pictures: tuple[Image.Image, ...], frames: bool
+        ) -> list[visionzip.ImageSelection]:
             """What VisionZip keeps and merges under `mode` on each picture: images (anyres tiles) or a
             clip's frames (one tile each), from the vision tower alone; drawing happens outside."""
             try:
@@ -591,7 +671,12 @@ def build_demo(registry: ModelRegistry | None = None, max_new_tokens: int = 128)
             """For a video: each frame the VisionZip side sees (or, with no VisionZip side, the left
             side's), with what VisionZip keeps and merges on it; the image views are hidden."""
             if conversation.media_kind != "video":
-                return gr.Gallery(value=None, visible=False), gr.skip(), gr.Dropdown(visible=True), gr.Column(visible=True)
+                return (
+                    gr.Gallery(value=None, visible=False),
+                    gr.skip(),
+                    gr.Dropdown(visible=True),
+                    gr.Column(visible=True),
+                )
             side = vision_side(conversation) or "left"
             config = conversation.sides[side]
             title = f"**{SIDE_NAMES[side]} side**: {config.model}, {config.mode.label}"
@@ -601,13 +686,26 @@ def build_demo(registry: ModelRegistry | None = None, max_new_tokens: int = 128)
                 clip, _, per_frame = video_tokens(loaded, config.mode, conversation, messages, max_new_tokens)
                 with loaded.handle.use(enabled=False):
                     full = tokens_per_frame(loaded.handle)
-                selections = select_tokens(config.model, config.mode, clip.frames, frames=True) if config.mode.enabled else None
-                strip = gr.Gallery(value=filmstrip(clip, loaded.family, selections, full), label=f"{len(clip.frames)} frames", visible=True)
+                selections = (
+                    select_tokens(config.model, config.mode, clip.frames, frames=True) if config.mode.enabled else None
+                )
+                strip = gr.Gallery(
+                    value=filmstrip(clip, loaded.family, selections, full),
+                    label=f"{len(clip.frames)} frames",
+                    visible=True,
+                )
                 legend_text = (
                     f"{title}: {len(clip.frames)} frames, each one 336x336 tile of {per_frame} tokens. "
-                    + ("Yellow: kept (dominant) tokens; colours: contextual groups, ⚪ on each group's target. " if selections else NO_VISIONZIP + " ")
-                    + ("Frames are shown squashed to the square base tile the model sees." if loaded.family == "llava_next"
-                       else "Frames are shown centre-cropped, as the model sees them.")
+                    + (
+                        "Yellow: kept (dominant) tokens; colours: contextual groups, ⚪ on each group's target. "
+                        if selections
+                        else NO_VISIONZIP + " "
+                    )
+                    + (
+                        "Frames are shown squashed to the square base tile the model sees."
+                        if loaded.family == "llava_next"
+                        else "Frames are shown centre-cropped, as the model sees them."
+                    )
                 )
             except ContextTooLong as error:
                 strip, legend_text = gr.Gallery(value=None, visible=False), f"{title}: **refused:** {error}"
@@ -621,7 +719,15 @@ def build_demo(registry: ModelRegistry | None = None, max_new_tokens: int = 128)
         gpu = dict(concurrency_id="gpu", concurrency_limit=1)
         quiet = dict(api_visibility="private", show_progress="hidden")  # follow-up refreshes: no spinners
         overlay_outputs = [selection_state, legend, view, overlay_image, heatmap_image, attention_plot]
-        after_outputs = [tokens_plot, times_plot, speedup_plot, export_json_button, export_csv_button, models_info, *headers]
+        after_outputs = [
+            tokens_plot,
+            times_plot,
+            speedup_plot,
+            export_json_button,
+            export_csv_button,
+            models_info,
+            *headers,
+        ]
         filmstrip_outputs = [filmstrip_gallery, legend, view, image_views]
 
         media_change = gr.on(
@@ -650,7 +756,12 @@ def build_demo(registry: ModelRegistry | None = None, max_new_tokens: int = 128)
         ).success(refresh_filmstrip, [state], filmstrip_outputs, api_visibility="private", **gpu)
 
         submitted = gr.on(
-            [message.submit, send.click], take_message, [message], [message, question], queue=False, api_visibility="private"
+            [message.submit, send.click],
+            take_message,
+            [message],
+            [message, question],
+            queue=False,
+            api_visibility="private",
         )
         asked = submitted.then(
             ask, [question, state], [state, *conversation_views], api_name="ask", show_progress="minimal", **gpu
@@ -661,7 +772,12 @@ def build_demo(registry: ModelRegistry | None = None, max_new_tokens: int = 128)
         regenerated = regenerate.click(
             pop_last_turn, [state], [state, question, *conversation_views], api_visibility="private", **gpu
         ).success(
-            ask, [question, state], [state, *conversation_views], api_visibility="private", show_progress="minimal", **gpu
+            ask,
+            [question, state],
+            [state, *conversation_views],
+            api_visibility="private",
+            show_progress="minimal",
+            **gpu,
         )
         regenerated.then(after_turn, [state], after_outputs, **quiet)
 
@@ -679,7 +795,9 @@ def build_demo(registry: ModelRegistry | None = None, max_new_tokens: int = 128)
             mode_inputs += [parts["mode"], parts["dominant"], parts["contextual"]]
             mode_triggers += [parts["mode"].input, parts["dominant"].submit, parts["dominant"].blur]
             mode_triggers += [parts["contextual"].submit, parts["contextual"].blur, parts["tuned"].input]
-        mode_inputs += [columns[side]["tuned"] for side in SIDES]  # last, so older callers' positional arguments still fit
+        mode_inputs += [
+            columns[side]["tuned"] for side in SIDES
+        ]  # last, so older callers' positional arguments still fit
         mode_change = gr.on(
             mode_triggers,
             set_mode,
@@ -690,7 +808,9 @@ def build_demo(registry: ModelRegistry | None = None, max_new_tokens: int = 128)
             show_progress="hidden",
             **gpu,  # may load a model on first use
         )
-        mode_controls = [columns[side][part] for side in SIDES for part in ("mode", "dominant", "contextual", "custom_row", "tuned")]
+        mode_controls = [
+            columns[side][part] for side in SIDES for part in ("mode", "dominant", "contextual", "custom_row", "tuned")
+        ]
         mode_change.failure(show_modes, [state], mode_controls, api_visibility="private", show_progress="hidden")
         mode_change.success(refresh_overlay, [state, view], overlay_outputs, api_visibility="private", **gpu).then(
             refresh_filmstrip, [state], filmstrip_outputs, api_visibility="private", **gpu
@@ -700,7 +820,14 @@ def build_demo(registry: ModelRegistry | None = None, max_new_tokens: int = 128)
             [columns[side]["model"].input for side in SIDES],
             set_model,
             [state, *(columns[side]["model"] for side in SIDES)],
-            [state, *(columns[side]["mode"] for side in SIDES), *headers, banner, models_info, *(columns[side]["tuned"] for side in SIDES)],
+            [
+                state,
+                *(columns[side]["mode"] for side in SIDES),
+                *headers,
+                banner,
+                models_info,
+                *(columns[side]["tuned"] for side in SIDES),
+            ],
             api_name="set_model",
             **gpu,
         )

@@ -6,13 +6,13 @@ import threading
 from collections.abc import Iterator
 
 import pytest
+from app_helpers import served
 from gradio_client import Client, handle_file
 from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
 
 from app.chat import FULL, Conversation, SideConfig, TurnRefused, load_side_models, make_mode, run_turn
 from app.models import TINY_15_LABEL, TINY_LABEL, ModelRegistry
 from app.ui import build_demo
-from app_helpers import served
 from visionzip import preset_budget
 from visionzip.tiny import tiny_checkpoint
 
@@ -160,7 +160,9 @@ def test_a_model_that_fails_to_load_leaves_the_previous_one_serving(client, pict
 
 
 # -- one turn's mechanics, without the server ------------------------------------------------------
-def turn_states(registry: ModelRegistry, chat: Conversation, question: str, max_new_tokens: int, stop) -> Iterator[Conversation]:
+def turn_states(
+    registry: ModelRegistry, chat: Conversation, question: str, max_new_tokens: int, stop
+) -> Iterator[Conversation]:
     """One turn as the app runs it: the models loaded first (outside any GPU call), then the turn."""
     load_side_models(registry, chat)
     return run_turn(registry, chat, question, max_new_tokens, stop)
@@ -187,7 +189,10 @@ def test_a_turn_never_loads_a_model_and_names_the_one_it_lacks(picture):
 
 
 def conversation(picture, left: str = FULL, right: str = "VisionZip 320") -> Conversation:
-    sides = {"left": SideConfig(TINY_LABEL, make_mode(left, "llava_next")), "right": SideConfig(TINY_LABEL, make_mode(right, "llava_next"))}
+    sides = {
+        "left": SideConfig(TINY_LABEL, make_mode(left, "llava_next")),
+        "right": SideConfig(TINY_LABEL, make_mode(right, "llava_next")),
+    }
     return Conversation(sides, media_path=str(picture))
 
 

@@ -20,7 +20,21 @@ STOCK_TOKENS_672 = 2928
 def report(tmp_path_factory):
     out = tmp_path_factory.mktemp("app-bench")
     printed = io.StringIO()
-    argv = ["--device", "cpu", "--turns", "2", "--repeats", "2", "--warmup", "0", "--budgets", "320", "160", "--max-new-tokens", "3"]
+    argv = [
+        "--device",
+        "cpu",
+        "--turns",
+        "2",
+        "--repeats",
+        "2",
+        "--warmup",
+        "0",
+        "--budgets",
+        "320",
+        "160",
+        "--max-new-tokens",
+        "3",
+    ]
     with contextlib.redirect_stdout(printed):
         bench.main(argv + ["--out", str(out)])
     (json_path,) = out.glob("*.json")

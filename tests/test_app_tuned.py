@@ -13,6 +13,7 @@ from types import ModuleType
 import numpy as np
 import pytest
 import torch
+from app_helpers import expected_visual_tokens, served
 from gradio_client import Client, handle_file
 from PIL import Image, ImageDraw
 from transformers import AutoConfig, LlavaNextForConditionalGeneration
@@ -22,7 +23,6 @@ from app import charts
 from app.models import TINY_15_LABEL, TINY_LABEL
 from app.stats import TurnStats
 from app.ui import build_demo
-from app_helpers import expected_visual_tokens, served
 from visionzip import tune
 from visionzip.tiny import load_tiny, tiny_checkpoint
 
@@ -51,7 +51,10 @@ def trained(tmp_path_factory) -> tune.TrainResult:
         image = Image.new("RGB", (336, 336), "white")
         ImageDraw.Draw(image).rectangle([30 + 40 * index, 60, 180 + 40 * index, 220], fill=colour)
         image.save(root / f"{index}.png")
-        turns = [{"from": "human", "value": "<image>\nWhat colour is the box?"}, {"from": "gpt", "value": f"It is {colour}."}]
+        turns = [
+            {"from": "human", "value": "<image>\nWhat colour is the box?"},
+            {"from": "gpt", "value": f"It is {colour}."},
+        ]
         records.append({"id": f"box{index}", "image": f"{index}.png", "conversations": turns})
     (root / "data.json").write_text(json.dumps(records))
     model, processor = load_tiny("llava_next")
@@ -141,7 +144,9 @@ def test_tuned_and_plain_visionzip_side_by_side(client, picture, trained, refere
     # the test can only tell which projector ran if the two answer differently
     assert reference["tuned"] != reference["plain"]
     client.predict(handle_file(str(picture)), api_name="/set_media")
-    outputs = client.predict(left_mode="VisionZip 320", right_mode="VisionZip 320", right_tuned=True, api_name="/set_mode")
+    outputs = client.predict(
+        left_mode="VisionZip 320", right_mode="VisionZip 320", right_tuned=True, api_name="/set_mode"
+    )
     left_header, right_header = outputs[-2:]
     assert "tuned" not in left_header and "With VisionZip + tuned projector" in right_header
 

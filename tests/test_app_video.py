@@ -1,19 +1,18 @@
 """Video in the demo, driven through its named endpoints with gradio_client on the tiny offline
 LLaVA-NeXT: clips written with PyAV here, counts from the model's geometry and the presets."""
 
-
 import av  # before anything loads decord (see app/media.py)
 import numpy as np
 import pytest
 import torch
+from app_helpers import served
 from gradio_client import Client, handle_file
 from PIL import Image
 
+from app import overlay
 from app.models import TINY_LABEL, ModelRegistry
 from app.ui import build_demo
-from app_helpers import served
-from app import overlay
-from app.video import Clip, filmstrip, frame_tile, load_clip
+from app.video import Clip, filmstrip, frame_tile
 from visionzip import preset_budget
 from visionzip.video import frame_pixel_values
 

@@ -8,10 +8,10 @@ import re
 from pathlib import Path
 
 import pytest
+from app_helpers import browser_page, served
 
 from app.models import ModelRegistry
 from app.ui import build_demo
-from app_helpers import browser_page, served
 
 pytestmark = pytest.mark.browser
 
@@ -39,7 +39,8 @@ def answered_turns(page, side: str) -> list[tuple[int, int, int, float, float]]:
     texts = page.locator(f"#{side}-chat [data-testid='bot']").all_inner_texts()
     found = [STATS.search(" ".join(text.split())) for text in texts]
     return [
-        tuple(int(g.replace(",", "")) for g in match.groups()[:3]) + tuple(float(g.replace(",", "")) for g in match.groups()[3:])
+        tuple(int(g.replace(",", "")) for g in match.groups()[:3])
+        + tuple(float(g.replace(",", "")) for g in match.groups()[3:])
         for match in found
         if match
     ]
@@ -63,8 +64,12 @@ def test_two_questions_in_the_browser(page, tiny_next):
     from visionzip import preset_budget
 
     picture = Image.open(IMAGE).convert("RGB")
-    stock = int((processor(images=picture, text="<image>", return_tensors="pt")["input_ids"] == processor.image_token_id).sum())
-    tiles = image_size_to_num_patches([picture.height, picture.width], processor.image_processor.image_grid_pinpoints, 336)
+    stock = int(
+        (processor(images=picture, text="<image>", return_tensors="pt")["input_ids"] == processor.image_token_id).sum()
+    )
+    tiles = image_size_to_num_patches(
+        [picture.height, picture.width], processor.image_processor.image_grid_pinpoints, 336
+    )
     reduced = tiles * preset_budget("llava_next", 320).per_tile
     assert (stock, reduced) == (2928, 5 * (54 + 10))
 
@@ -94,7 +99,9 @@ def test_two_questions_in_the_browser(page, tiny_next):
     page.locator("#right-mode input").click()
     page.get_by_role("option", name="VisionZip 160").click()
     reduced_160 = tiles * preset_budget("llava_next", 160).per_tile
-    page.wait_for_function(f"document.querySelector('#overlay-legend').innerText.includes('{reduced_160} visual tokens')")
+    page.wait_for_function(
+        f"document.querySelector('#overlay-legend').innerText.includes('{reduced_160} visual tokens')"
+    )
     assert len(answered_turns(page, "right")) == 2
     page.locator("#overlay").scroll_into_view_if_needed()
     page.screenshot(path=str(ARTIFACTS / "browser_overlay.png"), full_page=True)
@@ -109,5 +116,8 @@ def test_two_questions_in_the_browser(page, tiny_next):
         page.click("#export-json")
     records = json.loads(Path(download.value.path()).read_text())
     assert sorted((r["turn"], r["side"], r["visual_tokens"]) for r in records) == [
-        (1, "left", stock), (1, "right", reduced), (2, "left", stock), (2, "right", reduced)
+        (1, "left", stock),
+        (1, "right", reduced),
+        (2, "left", stock),
+        (2, "right", reduced),
     ]

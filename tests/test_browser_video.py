@@ -10,10 +10,10 @@ from pathlib import Path
 import av  # before anything loads decord (see app/media.py)
 import numpy as np
 import pytest
+from app_helpers import browser_page, served
 
 from app.models import ModelRegistry
 from app.ui import build_demo
-from app_helpers import browser_page, served
 from visionzip import preset_budget
 
 pytestmark = pytest.mark.browser
@@ -115,7 +115,9 @@ def test_a_two_turn_conversation_over_a_clip(page, clip):
     # more frames than the full side's context window holds: refused there before anything runs
     page.fill("#frames input[type=number]", "8")
     page.keyboard.press("Enter")
-    wait_for_text(page, "#left-header", f"refused: Tiny LLaVA-NeXT (random weights) (full): 8 frames x {PATCHES_PER_FRAME}")
+    wait_for_text(
+        page, "#left-header", f"refused: Tiny LLaVA-NeXT (random weights) (full): 8 frames x {PATCHES_PER_FRAME}"
+    )
 
 
 def test_an_image_after_a_video_and_back(page, clip):

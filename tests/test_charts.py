@@ -18,9 +18,21 @@ ARTIFACTS = Path(__file__).resolve().parent.parent / "artifacts"
 FULL, REDUCED = "full", "VisionZip 54+10/tile"
 
 
-def turn(number: int, side: str, mode: str, visual: int, text: int, vision: float, prefill: float,
-         rate: float, new: int, error: str | None = None) -> TurnStats:
-    return TurnStats(number, side, "tiny", mode, visual, text, visual + text, vision, prefill, rate, new, 0, "cpu", error)
+def turn(
+    number: int,
+    side: str,
+    mode: str,
+    visual: int,
+    text: int,
+    vision: float,
+    prefill: float,
+    rate: float,
+    new: int,
+    error: str | None = None,
+) -> TurnStats:
+    return TurnStats(
+        number, side, "tiny", mode, visual, text, visual + text, vision, prefill, rate, new, 0, "cpu", error
+    )
 
 
 @pytest.fixture
@@ -89,9 +101,7 @@ def test_speedup_chart_accumulates_time_over_turns_both_sides_finished(conversat
 
 
 def test_speedup_is_full_over_reduced_whichever_side_is_full(conversation):
-    swapped = [
-        TurnStats(**{**t.__dict__, "side": "right" if t.side == "left" else "left"}) for t in conversation
-    ]
+    swapped = [TurnStats(**{**t.__dict__, "side": "right" if t.side == "left" else "left"}) for t in conversation]
     figure = speedup_chart(swapped)
     assert list(trace(figure, "speed-up, total time (right ÷ left)").y) == pytest.approx([2.0, 2.0])
 
@@ -126,7 +136,9 @@ def concentrated_attention(seed: int) -> torch.Tensor:
 
 
 def test_attention_chart_sorts_patches_and_marks_the_budget_cut():
-    selection = ImageSelection((672, 672), (2, 2), [tile_with_attention(concentrated_attention(s)) for s in range(5)], 320)
+    selection = ImageSelection(
+        (672, 672), (2, 2), [tile_with_attention(concentrated_attention(s)) for s in range(5)], 320
+    )
     figure = attention_chart(selection, Budget(11, 5), view="crop 2")
     shares = list(trace(figure, "share of each patch").y)
     assert shares[:10] == pytest.approx([5.0] * 10) and shares[10:] == pytest.approx([50 / 566] * 566)
@@ -140,4 +152,6 @@ def test_attention_chart_sorts_patches_and_marks_the_budget_cut():
     every_tile = attention_chart(selection, Budget(11, 5), view="all")
     names = [t.name for t in every_tile.data]
     assert names == [f"crop {k}: top-k cumulative share" for k in range(1, 5)] + [
-        "base: top-k cumulative share", "if attention were uniform"]
+        "base: top-k cumulative share",
+        "if attention were uniform",
+    ]

@@ -10,7 +10,9 @@ from app.chat import FULL, Conversation, SideConfig, load_side_models, make_mode
 from app.models import FOUR_BIT, ModelRegistry, has_bitsandbytes, resolve_device
 from visionzip.tiny import tiny_checkpoint
 
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (torch.cuda.is_available() is False)")
+needs_cuda = pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA GPU (torch.cuda.is_available() is False)"
+)
 needs_bitsandbytes = pytest.mark.skipif(not has_bitsandbytes(), reason="needs the bitsandbytes package")
 
 

@@ -6,12 +6,12 @@ import time
 
 import numpy as np
 import pytest
+from app_helpers import expected_visual_tokens, served
 from gradio_client import Client, handle_file
 from PIL import Image
 
 from app.models import ModelRegistry
 from app.ui import build_demo
-from app_helpers import expected_visual_tokens, served
 
 SIZES = [(336, 336), (672, 672), (640, 480), (480, 640), (1008, 336), (336, 1008), (900, 500), (1280, 720)]  # (w, h)
 TURNS = 3
@@ -28,7 +28,9 @@ def converse(url: str, picture: str, visitor: int, results: dict, errors: dict) 
         client = Client(url, verbose=False)
         client.predict(handle_file(picture), api_name="/set_media")
         for turn in range(1, TURNS + 1):
-            left, right, stats, _ = client.submit(f"Visitor {visitor}, question {turn}?", api_name="/ask").result(timeout=600)
+            left, right, stats, _ = client.submit(f"Visitor {visitor}, question {turn}?", api_name="/ask").result(
+                timeout=600
+            )
         results[visitor] = (left, right, stats)
     except Exception as error:  # reported by the test, with the visitor it happened to
         errors[visitor] = error

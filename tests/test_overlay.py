@@ -129,8 +129,11 @@ def test_a_marked_patch_lands_in_the_predicted_cell(next_processor, size):
         ImageDraw.Draw(picture).rectangle(tuple(np.round(boxes[index]) - [0, 0, 1, 1]), fill=(255, 0, 0))
         tiles = processed_tiles(next_processor, picture)
         searched = range(1, last + 1) if tile else [0]
-        redness = {(t, i): (cell_block(tiles, t, i)[..., 0] - cell_block(tiles, t, i)[..., 1]).mean()
-                    for t in searched for i in range(SIDE * SIDE)}
+        redness = {
+            (t, i): (cell_block(tiles, t, i)[..., 0] - cell_block(tiles, t, i)[..., 1]).mean()
+            for t in searched
+            for i in range(SIDE * SIDE)
+        }
         assert max(redness, key=redness.get) == (tile, index)
 
 
@@ -168,7 +171,9 @@ def scene(height: int, width: int) -> Image.Image:
     draw.rectangle((0, height * 0.65, width, height), fill=(70, 140, 60))
     draw.ellipse((width * 0.72, height * 0.08, width * 0.9, height * 0.08 + width * 0.18), fill=(250, 210, 60))
     draw.rectangle((width * 0.2, height * 0.4, width * 0.45, height * 0.75), fill=(180, 60, 50))
-    draw.polygon([(width * 0.17, height * 0.4), (width * 0.325, height * 0.22), (width * 0.48, height * 0.4)], fill=(90, 50, 40))
+    draw.polygon(
+        [(width * 0.17, height * 0.4), (width * 0.325, height * 0.22), (width * 0.48, height * 0.4)], fill=(90, 50, 40)
+    )
     return picture
 
 
@@ -205,7 +210,11 @@ def assert_colours_follow_selection(
             if labelled and index // SIDE < first_row + 2 and index % SIDE < SIDE // 2:
                 continue
             role = roles[index]
-            want = kept_colour if role == -1 else (1 - GROUP_TINT) * BACKGROUND_DIM * GREY + GROUP_TINT * np.array(palette[role])
+            want = (
+                kept_colour
+                if role == -1
+                else (1 - GROUP_TINT) * BACKGROUND_DIM * GREY + GROUP_TINT * np.array(palette[role])
+            )
             x, y = int(x0 + 0.2 * (x1 - x0)) + corner[0], int(y0 + 0.2 * (y1 - y0)) + corner[1]
             np.testing.assert_allclose(drawn[y, x], want, atol=2, err_msg=f"tile {tile} cell {index} role {role}")
             if index in chosen.targets.tolist():  # the target's dot is white at the cell's centre
@@ -251,8 +260,11 @@ def test_views_offered_are_the_tiles_and_others_are_refused(next_selection):
 
 def test_legend_counts_each_tile_and_its_padding(next_selection, next_processor):
     legend = legend_markdown(next_selection, "all")
-    rows = {line.split("|")[1].strip(): [cell.strip() for cell in line.split("|")[2:-1]]
-            for line in legend.splitlines() if re.match(r"\| (base|crop \d) \|", line)}
+    rows = {
+        line.split("|")[1].strip(): [cell.strip() for cell in line.split("|")[2:-1]]
+        for line in legend.splitlines()
+        if re.match(r"\| (base|crop \d) \|", line)
+    }
     assert list(rows) == ["crop 1", "crop 2", "crop 3", "crop 4", "base"]
     tiles = processed_tiles(next_processor, position_image(480, 640))
     for name, cells in rows.items():
@@ -285,7 +297,10 @@ def test_heatmap_is_brighter_where_the_cls_attention_is_higher(next_selection):
         x0, y0, x1, y1 = boxes[i]
         pixel = drawn[int((y0 + y1) / 2) + corner[1], int((x0 + x1) / 2) + corner[0]]
         luminance.append(pixel @ [0.299, 0.587, 0.114])
-    ranks = lambda v: np.argsort(np.argsort(v))
+
+    def ranks(values):
+        return np.argsort(np.argsort(values))
+
     assert np.corrcoef(ranks(np.array(luminance)), ranks(attention[shown]))[0, 1] > 0.95
     assert shown[int(np.argmax(luminance))] == shown[int(np.argmax(attention[shown]))]
     save_artifact(draw_attention_heatmap(scene(480, 640), next_selection, "all"), "heatmap_480x640_all.png")

@@ -16,6 +16,7 @@ import av  # before anything loads decord (see app/media.py)
 import httpx
 import numpy as np
 import pytest
+from app_helpers import DAMAGED, ENDLESS, OUT_OF_MEMORY, FaultyRegistry, browser_page, expected_visual_tokens, served
 from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 from gradio_client.utils import QueueError
@@ -23,7 +24,6 @@ from PIL import Image
 
 from app.models import TINY_LABEL
 from app.ui import build_demo
-from app_helpers import DAMAGED, ENDLESS, OUT_OF_MEMORY, FaultyRegistry, browser_page, expected_visual_tokens, served
 
 FIRST = "What is in the picture?"
 NEXT = "And what else?"
@@ -67,7 +67,9 @@ def picture_tokens(tiny_next):
 def upload(client: Client, path: Path, kind: str = "image") -> str:
     """Make `path` the session's media; returns the note shown under it."""
     upload = handle_file(str(path))
-    outputs = client.predict(image=upload if kind == "image" else None, video=upload if kind == "video" else None, api_name="/set_media")
+    outputs = client.predict(
+        image=upload if kind == "image" else None, video=upload if kind == "video" else None, api_name="/set_media"
+    )
     return outputs[4]  # left chat, right chat, stats, summary, media info, ...
 
 
@@ -199,14 +201,38 @@ def transparent(path: Path) -> None:
 
 
 ODD = {  # name: (writer, the note shown, the size the model sees (width, height))
-    "huge.jpg": (lambda path: Image.new("RGB", (9000, 1500), (30, 120, 200)).save(path), "downscaled from 9000x1500 to 4096x683", (4096, 683)),
-    "print.jpg": (lambda path: Image.new("CMYK", (96, 64), (255, 0, 0, 0)).save(path), "converted from CMYK to RGB", (96, 64)),
-    "scan.png": (lambda path: Image.fromarray(np.full((64, 96), 32896, np.uint16)).save(path), "converted from high bit depth", (96, 64)),
-    "logo.png": (lambda path: noise(96, 64).convert("P", palette=Image.Palette.ADAPTIVE, colors=8).save(path), "converted from P to RGB", (96, 64)),
+    "huge.jpg": (
+        lambda path: Image.new("RGB", (9000, 1500), (30, 120, 200)).save(path),
+        "downscaled from 9000x1500 to 4096x683",
+        (4096, 683),
+    ),
+    "print.jpg": (
+        lambda path: Image.new("CMYK", (96, 64), (255, 0, 0, 0)).save(path),
+        "converted from CMYK to RGB",
+        (96, 64),
+    ),
+    "scan.png": (
+        lambda path: Image.fromarray(np.full((64, 96), 32896, np.uint16)).save(path),
+        "converted from high bit depth",
+        (96, 64),
+    ),
+    "logo.png": (
+        lambda path: noise(96, 64).convert("P", palette=Image.Palette.ADAPTIVE, colors=8).save(path),
+        "converted from P to RGB",
+        (96, 64),
+    ),
     "cutout.png": (transparent, "transparent areas shown on white", (96, 64)),
     "phone.jpg": (rotated_photo, "turned upright from its EXIF orientation", (32, 64)),
-    "dot.png": (lambda path: Image.new("RGB", (1, 1), (9, 99, 199)).save(path), "very small image (1x1 pixels)", (1, 1)),
-    "panorama.png": (lambda path: Image.new("RGB", (4000, 50), (10, 120, 30)).save(path), "padded with white to 20:1", (4000, 200)),
+    "dot.png": (
+        lambda path: Image.new("RGB", (1, 1), (9, 99, 199)).save(path),
+        "very small image (1x1 pixels)",
+        (1, 1),
+    ),
+    "panorama.png": (
+        lambda path: Image.new("RGB", (4000, 50), (10, 120, 30)).save(path),
+        "padded with white to 20:1",
+        (4000, 200),
+    ),
 }
 
 
@@ -267,7 +293,9 @@ def test_a_conversation_past_one_sides_window_runs_only_the_other(session, tiny_
 @pytest.mark.parametrize("dominant, contextual", [(600, 10), (0, 10), (54, 600), (54, -1)])
 def test_an_impossible_budget_is_refused_and_the_budget_in_force_stays(session, picture_tokens, dominant, contextual):
     with pytest.raises(AppError, match="out of range.*a tile has 577 tokens"):
-        session.predict(right_mode="Custom D/C", right_dominant=dominant, right_contextual=contextual, api_name="/set_mode")
+        session.predict(
+            right_mode="Custom D/C", right_dominant=dominant, right_contextual=contextual, api_name="/set_mode"
+        )
     assert_goes_on(session, picture_tokens)
 
 
@@ -308,12 +336,18 @@ def test_one_side_out_of_memory_shows_in_its_column_and_the_other_answers(sessio
 # -- requests that go away, a full queue -------------------------------------------------------------------
 def raw_ask(app_url: str, client: Client, question: str) -> httpx.Response:
     """Join the queue for /ask as `client`'s session, without listening for the answer."""
-    body = {"data": [question, None], "fn_index": client._infer_fn_index("/ask", None), "session_hash": client.session_hash}
+    body = {
+        "data": [question, None],
+        "fn_index": client._infer_fn_index("/ask", None),
+        "session_hash": client.session_hash,
+    }
     return httpx.post(f"{app_url}gradio_api/queue/join", json=body)
 
 
 @pytest.mark.parametrize("how", ["cancel", "disconnect"])
-def test_a_request_that_goes_away_frees_the_model_for_the_next_visitor(app_url, registry, client, picture, picture_tokens, how):
+def test_a_request_that_goes_away_frees_the_model_for_the_next_visitor(
+    app_url, registry, client, picture, picture_tokens, how
+):
     registry.endless_started.clear()
     registry.endless_stopped.clear()
     upload(client, picture)
@@ -324,7 +358,9 @@ def test_a_request_that_goes_away_frees_the_model_for_the_next_visitor(app_url, 
         job.cancel()
     else:  # the visitor closes the tab: its event stream ends mid-answer
         assert raw_ask(app_url, client, FIRST).status_code == 200
-        with httpx.stream("GET", f"{app_url}gradio_api/queue/data", params={"session_hash": client.session_hash}, timeout=60) as events:
+        with httpx.stream(
+            "GET", f"{app_url}gradio_api/queue/data", params={"session_hash": client.session_hash}, timeout=60
+        ) as events:
             for line in events.iter_lines():
                 if line.startswith("data:") and json.loads(line[5:])["msg"] == "process_generating":
                     break
@@ -352,7 +388,7 @@ def test_a_full_queue_asks_the_next_visitor_to_come_back(app_url, registry, clie
     assert registry.endless_started.wait(60)
     try:
         waiting = Client(app_url, verbose=False)
-        for accepted in range(200):
+        for accepted in range(200):  # noqa: B007 (read after the loop)
             joined = raw_ask(app_url, waiting, "Anyone there?")
             if joined.status_code != 200:
                 break
@@ -419,9 +455,15 @@ def raw_set_media(app_url: str, client: Client, server_path: str) -> dict:
     endpoint = client.endpoints[client._infer_fn_index("/set_media", None)]
     parameters = client.view_api(print_info=False, return_format="dict")["named_endpoints"]["/set_media"]["parameters"]
     values = [file] + [parameter.get("parameter_default") for parameter in parameters[1:]]
-    body = {"data": list(endpoint.insert_empty_state(*values)), "fn_index": endpoint.fn_index, "session_hash": client.session_hash}
+    body = {
+        "data": list(endpoint.insert_empty_state(*values)),
+        "fn_index": endpoint.fn_index,
+        "session_hash": client.session_hash,
+    }
     assert httpx.post(f"{app_url}gradio_api/queue/join", json=body).status_code == 200
-    with httpx.stream("GET", f"{app_url}gradio_api/queue/data", params={"session_hash": client.session_hash}, timeout=60) as events:
+    with httpx.stream(
+        "GET", f"{app_url}gradio_api/queue/data", params={"session_hash": client.session_hash}, timeout=60
+    ) as events:
         for line in events.iter_lines():
             if line.startswith("data:") and (message := json.loads(line[5:]))["msg"] == "process_completed":
                 return message

@@ -8,7 +8,10 @@ def stats(side: str, visual: int, prefill_ms: float, error: str | None = None) -
 
 
 def test_summary_says_faster_or_slower():
-    assert summary_line(stats("left", 2928, 710.0), stats("right", 320, 100.0)) == "2928 -> 320 visual tokens, prefill 7.1x faster"
+    assert (
+        summary_line(stats("left", 2928, 710.0), stats("right", 320, 100.0))
+        == "2928 -> 320 visual tokens, prefill 7.1x faster"
+    )
     assert summary_line(stats("left", 2304, 100.0), stats("right", 2304, 300.0)).endswith("prefill 3.0x slower")
 
 

@@ -1,8 +1,8 @@
 """Projector tuning (issue 9) on the tiny models and a small dataset drawn here."""
 
 import json
-from itertools import groupby
 import threading
+from itertools import groupby
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -227,7 +227,10 @@ def test_empty_datasets_are_refused(tmp_path):
 
 def test_fraction_is_sampled_by_seed(tmp_path):
     path = write_dataset(tmp_path, 10)
-    ids = lambda seed: [record.id for record in tune.read_dataset(path, fraction=0.5, seed=seed).records]
+
+    def ids(seed):
+        return [record.id for record in tune.read_dataset(path, fraction=0.5, seed=seed).records]
+
     assert len(ids(0)) == 5
     assert ids(0) == ids(0)
     assert ids(0) != ids(1)

@@ -60,7 +60,9 @@ def test_counts_match_features_for_every_size(tiny_next, make_image, preset):
         for size in SIZES:
             inputs = processor(images=make_image(*size), text="<image>\nhi", return_tensors="pt")
             with torch.no_grad():
-                features = model.model.get_image_features(pixel_values=inputs.pixel_values, image_sizes=inputs.image_sizes)
+                features = model.model.get_image_features(
+                    pixel_values=inputs.pixel_values, image_sizes=inputs.image_sizes
+                )
             tiles = image_size_to_num_patches(list(size), model.config.image_grid_pinpoints, 336)
             expected = tiles * budget.per_tile + (1 if tiles == 1 else 0)
             assert count_placeholders(inputs, model) == features.pooler_output[0].shape[0] == expected
@@ -93,7 +95,7 @@ def test_two_turn_conversation_generates_on_and_off(tiny_next, make_image):
         for enabled in (True, False):
             with handle.use(enabled=enabled):
                 messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is this?"}]}]
-                for turn in range(2):
+                for _turn in range(2):
                     prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
                     inputs = processor(images=image, text=prompt, return_tensors="pt")
                     with torch.no_grad():
@@ -120,9 +122,13 @@ def test_batch_of_differently_sized_images_and_multi_image_prompt(tiny_next, mak
             for image in images:
                 inputs = processor(images=image, text="<image>", return_tensors="pt")
                 singles.append(
-                    model.model.get_image_features(pixel_values=inputs.pixel_values, image_sizes=inputs.image_sizes).pooler_output[0]
+                    model.model.get_image_features(
+                        pixel_values=inputs.pixel_values, image_sizes=inputs.image_sizes
+                    ).pooler_output[0]
                 )
-            batch = processor(images=images, text=["<image>\na", "<image> and <image>\nb"], return_tensors="pt", padding=True)
+            batch = processor(
+                images=images, text=["<image>\na", "<image> and <image>\nb"], return_tensors="pt", padding=True
+            )
             features = model.model.get_image_features(pixel_values=batch.pixel_values, image_sizes=batch.image_sizes)
             for single, batched in zip(singles, features.pooler_output):
                 torch.testing.assert_close(batched, single, rtol=1e-5, atol=1e-5)
@@ -137,7 +143,7 @@ def test_batch_of_differently_sized_images_and_multi_image_prompt(tiny_next, mak
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_precision_runs(make_image, dtype):
     model, processor = load_tiny("llava_next", dtype=dtype)
-    handle = visionzip.apply(model, processor, 54, 10)
+    visionzip.apply(model, processor, 54, 10)
     inputs = processor(images=make_image(480, 640), text="<image>\nhi", return_tensors="pt")
     with torch.no_grad():
         out = model(**inputs)
@@ -257,7 +263,18 @@ def test_processor_survives_save_while_applied(tiny_next, tmp_path):
 def test_wheel_contains_the_package(tmp_path):
     root = Path(__file__).resolve().parents[1]
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path), str(root)],
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(tmp_path),
+            str(root),
+        ],
         check=True,
     )
     wheel = next(tmp_path.glob("visionzip_hf-*.whl"))
@@ -266,7 +283,12 @@ def test_wheel_contains_the_package(tmp_path):
         assert module in names
     metadata = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith("METADATA"))).decode()
     requirements = [line for line in metadata.splitlines() if line.startswith("Requires-Dist")]
-    assert {line.split()[1].split(">")[0].split("<")[0].split("=")[0] for line in requirements} == {"torch", "transformers", "tokenizers", "pillow"}
+    assert {line.split()[1].split(">")[0].split("<")[0].split("=")[0] for line in requirements} == {
+        "torch",
+        "transformers",
+        "tokenizers",
+        "pillow",
+    }
 
 
 def test_half_precision_merge_is_the_float32_merge_rounded_once():

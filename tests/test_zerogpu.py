@@ -15,14 +15,14 @@ from pathlib import Path
 
 import httpx
 import pytest
+from app_helpers import ENDLESS, browser_page, expected_visual_tokens, free_port
+from conftest import random_image
 from gradio_client import Client, handle_file
+from test_app_video import write_clip
+from test_reliability import assert_answered, questions
 
 from app.models import TINY_15_LABEL, TINY_LABEL
 from app.video import DEFAULT_FRAMES
-from app_helpers import ENDLESS, browser_page, expected_visual_tokens, free_port
-from conftest import random_image
-from test_app_video import write_clip
-from test_reliability import assert_answered, questions
 from visionzip import preset_budget
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -104,7 +104,10 @@ def space(tmp_path_factory) -> Iterator[Space]:
     with output.open("w") as sink:  # a file, not a pipe: a full pipe would stall the server
         server = subprocess.Popen(
             [sys.executable, str(ROOT / "tests" / "zerogpu" / "serve.py"), str(port), str(folder)],
-            env=env, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True,  # its own group, workers included
+            env=env,
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # its own group, workers included
         )
     url = f"http://127.0.0.1:{port}/"
     try:

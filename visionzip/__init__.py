@@ -1,10 +1,10 @@
 """VisionZip (CVPR 2025) for Hugging Face transformers LLaVA-NeXT and LLaVA-1.5.
 
-    handle = visionzip.apply(model, processor, dominant=54, contextual=10)
-    inputs = processor(images=image, text=prompt, return_tensors="pt")   # <image> -> reduced count
-    model.generate(**inputs)                                            # unchanged call
-    with handle.use(enabled=False):                                     # stock, this block only
-        ...
+handle = visionzip.apply(model, processor, dominant=54, contextual=10)
+inputs = processor(images=image, text=prompt, return_tensors="pt")   # <image> -> reduced count
+model.generate(**inputs)                                            # unchanged call
+with handle.use(enabled=False):                                     # stock, this block only
+    ...
 """
 
 from .budget import PRESETS, Budget, preset_budget

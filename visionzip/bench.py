@@ -30,7 +30,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -164,7 +164,7 @@ class PeakMemory:
         return not self.method.startswith("not measured")
 
     @contextlib.contextmanager
-    def measure(self) -> Iterator["Peak"]:
+    def measure(self) -> Iterator[Peak]:
         """Yields a Peak; `peak.so_far()` may be read inside the block (from a hook), `peak.mib` after it."""
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
@@ -526,7 +526,7 @@ def run_benchmark(
         "memory": memory.method,
         "lm_head_input": "dense copy (CPU bf16 workaround, as the app)" if dense_head else "stock",
         "load_average": f"{load_before[0]:.1f} at start, {os.getloadavg()[0]:.1f} at end (1-minute, whole machine)",
-        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
     }
     rows = [mode_row(mode, runs[mode.name], config) for mode in modes]
     add_ratios(rows)

@@ -21,7 +21,7 @@ class Budget:
     def per_tile(self) -> int:
         return self.dominant + self.contextual
 
-    def check(self, tokens_per_tile: int) -> "Budget":
+    def check(self, tokens_per_tile: int) -> Budget:
         """Raise a ValueError that states the limits if this budget cannot be met on a tile of
         `tokens_per_tile` tokens (CLS + patches); return self otherwise."""
         limits = (

@@ -46,9 +46,7 @@ class VisionZip:
         base = model.model if hasattr(model, "model") and type(model.model).__name__ in _FAMILIES else model
         family = _FAMILIES.get(type(base).__name__)
         if family is None:
-            raise TypeError(
-                f"VisionZip supports LLaVA-NeXT and LLaVA-1.5 models, got {type(model).__name__}"
-            )
+            raise TypeError(f"VisionZip supports LLaVA-NeXT and LLaVA-1.5 models, got {type(model).__name__}")
         self.model, self.processor, self.base, self.family = model, processor, base, family
         vision_config = base.config.vision_config
         if not any(name.endswith("class_embedding") for name, _ in base.vision_tower.named_parameters()):

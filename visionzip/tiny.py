@@ -37,7 +37,7 @@ SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]
 
 # Vicuna v1 with llava-hf's content blocks: images first, then text, per message.
 VICUNA_CHAT_TEMPLATE = (
-    "{%- set ns = namespace(system=\"A chat between a curious human and an artificial intelligence assistant. "
+    '{%- set ns = namespace(system="A chat between a curious human and an artificial intelligence assistant. '
     "The assistant gives helpful, detailed, and polite answers to the human's questions.\") -%}"
     "{%- for message in messages if message['role'] == 'system' -%}"
     "{%- set ns.system = message['content'] if message['content'] is string "

@@ -36,7 +36,9 @@ def encoder_layers(vision_tower: nn.Module) -> nn.ModuleList:
             attention = getattr(module[0], "self_attn", None)
             if attention is not None and hasattr(attention, "q_proj") and hasattr(attention, "k_proj"):
                 return module
-    raise ValueError(f"VisionZip found no ViT encoder layers (with self_attn.q_proj/k_proj) in {type(vision_tower).__name__}")
+    raise ValueError(
+        f"VisionZip found no ViT encoder layers (with self_attn.q_proj/k_proj) in {type(vision_tower).__name__}"
+    )
 
 
 def feature_layer_index(vision_feature_layer: int | list[int], num_layers: int) -> int:

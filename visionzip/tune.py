@@ -329,9 +329,7 @@ def train(handle: VisionZip, data: LlavaData, config: TrainConfig) -> TrainResul
     model.train()  # as LLaVA trains; LLaVA checkpoints have no dropout
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    autocast = (
-        torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
-    )
+    autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
     optimizer = torch.optim.AdamW(projector.parameters(), lr=config.lr, weight_decay=0.0)
     scheduler = get_cosine_schedule_with_warmup(optimizer, round(config.warmup_ratio * total_steps), total_steps)
 
@@ -424,7 +422,7 @@ class ProjectorInfo:
         }
 
     @classmethod
-    def from_metadata(cls, metadata: dict[str, str] | None, source: str) -> "ProjectorInfo":
+    def from_metadata(cls, metadata: dict[str, str] | None, source: str) -> ProjectorInfo:
         if not metadata or metadata.get("format") != FORMAT:
             raise ValueError(f"{source} is not a VisionZip tuned projector (no '{FORMAT}' metadata)")
         return cls(

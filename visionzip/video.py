@@ -42,7 +42,7 @@ def frame_pixel_values(processor: Any, frames: Sequence[Image.Image]) -> torch.T
     return pixel_values[:, 0] if pixel_values.dim() == 5 else pixel_values
 
 
-def tokens_per_frame(handle: "VisionZip") -> int:
+def tokens_per_frame(handle: VisionZip) -> int:
     """Visual tokens one frame becomes under the handle's current settings."""
     settings = handle.settings
     if settings.enabled:
@@ -51,7 +51,7 @@ def tokens_per_frame(handle: "VisionZip") -> int:
     return handle.side * handle.side + int(keeps_cls)
 
 
-def frame_features(handle: "VisionZip", pixel_values: torch.Tensor, batch_size: int = 16) -> torch.Tensor:
+def frame_features(handle: VisionZip, pixel_values: torch.Tensor, batch_size: int = 16) -> torch.Tensor:
     """(F, tokens_per_frame(handle), E) projected features of (F, 3, H, W) frame tiles.
 
     With VisionZip enabled every frame keeps D dominant + C contextual tokens, and one

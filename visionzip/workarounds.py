@@ -14,4 +14,6 @@ def needs_dense_lm_head_input(device: torch.device, dtype: torch.dtype) -> bool:
 
 
 def dense_lm_head_input(model: nn.Module) -> None:
-    model.lm_head.register_forward_pre_hook(lambda module, args: (args[0].clone(memory_format=torch.contiguous_format),))
+    model.lm_head.register_forward_pre_hook(
+        lambda module, args: (args[0].clone(memory_format=torch.contiguous_format),)
+    )

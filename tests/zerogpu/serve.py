@@ -17,10 +17,9 @@ ROOT = HERE.parents[1]
 sys.path[:0] = [str(HERE), str(ROOT), str(ROOT / "tests")]
 
 import spaces  # noqa: E402  (the emulator, imported first as on a Space)
-
-import app.models  # noqa: E402
 from app_helpers import FaultyRegistry  # noqa: E402
 
+import app.models  # noqa: E402
 
 PORT, FOLDER = sys.argv[1], Path(sys.argv[2])
 

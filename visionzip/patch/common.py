@@ -25,14 +25,14 @@ class _Override:
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return self.function(*args, **kwargs)
 
-    def __deepcopy__(self, memo: dict) -> "_Override":
+    def __deepcopy__(self, memo: dict) -> _Override:
         return self
 
 
 def install(
-    handle: "VisionZip",
+    handle: VisionZip,
     reduced_features: Callable[..., Any],
-    reduced_count: Callable[["VisionZip", tuple[int, int], "Settings"], int],
+    reduced_count: Callable[[VisionZip, tuple[int, int], Settings], int],
 ) -> Callable[[], None]:
     """Route image features and placeholder counts through VisionZip when it is enabled.
     Returns the function that restores the stock methods."""
@@ -95,7 +95,7 @@ def install(
     return unpatch
 
 
-def reduce_tiles(handle: "VisionZip", tiles: torch.Tensor, settings: "Settings", **tower_kwargs: Any):
+def reduce_tiles(handle: VisionZip, tiles: torch.Tensor, settings: Settings, **tower_kwargs: Any):
     """Run the tower on (T, 3, H, W) tiles and return (projected (T, D+K, E), choice, cls_attn)."""
     with handle.capture() as signals:
         handle.base.vision_tower(tiles, **tower_kwargs)

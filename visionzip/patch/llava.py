@@ -14,11 +14,11 @@ if TYPE_CHECKING:
     from ..core import Settings, VisionZip
 
 
-def reduced_count(handle: "VisionZip", image_size: tuple[int, int] | None, settings: "Settings") -> int:
+def reduced_count(handle: VisionZip, image_size: tuple[int, int] | None, settings: Settings) -> int:
     return settings.budget.per_tile
 
 
-def num_image_tokens(handle: "VisionZip", image_size: tuple[int, int], settings: "Settings") -> int:
+def num_image_tokens(handle: VisionZip, image_size: tuple[int, int], settings: Settings) -> int:
     if settings.enabled:
         return settings.budget.per_tile
     side = handle.side
@@ -27,7 +27,7 @@ def num_image_tokens(handle: "VisionZip", image_size: tuple[int, int], settings:
 
 
 def reduced_image_features(
-    handle: "VisionZip", pixel_values: torch.Tensor, image_sizes: Any, settings: "Settings", **tower_kwargs: Any
+    handle: VisionZip, pixel_values: torch.Tensor, image_sizes: Any, settings: Settings, **tower_kwargs: Any
 ) -> BaseModelOutputWithPooling:
     features, choice, cls_attn = reduce_tiles(handle, pixel_values, settings, **tower_kwargs)  # (B, D+K, E)
     tiles = tile_selections(choice, cls_attn, handle.side)
@@ -36,5 +36,5 @@ def reduced_image_features(
     return BaseModelOutputWithPooling(pooler_output=list(features))
 
 
-def patch(handle: "VisionZip"):
+def patch(handle: VisionZip):
     return install(handle, reduced_image_features, reduced_count)

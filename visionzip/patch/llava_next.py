@@ -24,12 +24,12 @@ def num_tiles(config: Any, image_size: tuple[int, int]) -> int:
     return image_size_to_num_patches(list(image_size), config.image_grid_pinpoints, config.vision_config.image_size)
 
 
-def reduced_count(handle: "VisionZip", image_size: tuple[int, int], settings: "Settings") -> int:
+def reduced_count(handle: VisionZip, image_size: tuple[int, int], settings: Settings) -> int:
     tiles = num_tiles(handle.base.config, image_size)
     return tiles * settings.budget.per_tile + (1 if tiles == 1 else 0)
 
 
-def num_image_tokens(handle: "VisionZip", image_size: tuple[int, int], settings: "Settings") -> int:
+def num_image_tokens(handle: VisionZip, image_size: tuple[int, int], settings: Settings) -> int:
     if settings.enabled:
         return reduced_count(handle, image_size, settings)
     if handle.processor is None:
@@ -38,7 +38,7 @@ def num_image_tokens(handle: "VisionZip", image_size: tuple[int, int], settings:
 
 
 def reduced_image_features(
-    handle: "VisionZip", pixel_values: torch.Tensor, image_sizes: Any, settings: "Settings", **tower_kwargs: Any
+    handle: VisionZip, pixel_values: torch.Tensor, image_sizes: Any, settings: Settings, **tower_kwargs: Any
 ) -> BaseModelOutputWithPooling:
     base = handle.base
     config = base.config
@@ -58,7 +58,9 @@ def reduced_image_features(
             grid = (0, 0)
             tokens = torch.cat([image_features[0], base.image_newline[None].to(image_features)], dim=0)
         else:
-            grid = tuple(get_anyres_image_grid_shape(list(size), config.image_grid_pinpoints, config.vision_config.image_size))
+            grid = tuple(
+                get_anyres_image_grid_shape(list(size), config.image_grid_pinpoints, config.vision_config.image_size)
+            )
             if grid[0] * grid[1] != count - 1:
                 raise ValueError(f"image of size {size} has {count - 1} crops but a {grid[0]}x{grid[1]} grid")
             crops = image_features[1:]  # (n, D+K, E)
@@ -80,5 +82,5 @@ def reduced_image_features(
     return BaseModelOutputWithPooling(pooler_output=packed)
 
 
-def patch(handle: "VisionZip"):
+def patch(handle: VisionZip):
     return install(handle, reduced_image_features, reduced_count)
