@@ -1,4 +1,4 @@
-"""`python -m app.bench`: the app's timing path as a table (contents, never speed), on the tiny model."""
+"""`python -m bench.conversation`: the app's timing path as a table (contents, never speed), on the tiny model."""
 
 import contextlib
 import io
@@ -7,8 +7,8 @@ import statistics
 
 import pytest
 
-from app import bench
 from app.models import ModelRegistry
+from bench import conversation as bench
 from visionzip import preset_budget
 from visionzip.tiny import load_tiny
 

@@ -1,4 +1,4 @@
-"""`python -m visionzip.bench`: the tiny preset as a smoke run (contents, never speed), the FLOP
+"""`python -m bench.phases`: the tiny preset as a smoke run (contents, never speed), the FLOP
 formulas against torch's own FLOP counter, and the authors' approach against VisionZip's tokens."""
 
 import contextlib
@@ -12,7 +12,7 @@ import transformers
 from torch.utils.flop_counter import FlopCounterMode
 
 import visionzip
-from visionzip import bench
+from bench import phases as bench
 
 BUDGETS = ["640", "320", "160"]
 STOCK_TOKENS_672 = 2928  # stock LLaVA-NeXT count for a 672x672 image (spec, processor)

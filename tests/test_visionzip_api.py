@@ -281,6 +281,7 @@ def test_wheel_contains_the_package(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     for module in ("visionzip/__init__.py", "visionzip/core.py", "visionzip/merge.py", "visionzip/patch/llava_next.py"):
         assert module in names
+    assert not [name for name in names if name.startswith(("bench/", "app/", "tests/")) or "bench" in name]
     metadata = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith("METADATA"))).decode()
     requirements = [line for line in metadata.splitlines() if line.startswith("Requires-Dist")]
     assert {line.split()[1].split(">")[0].split("<")[0].split("=")[0] for line in requirements} == {

@@ -2,12 +2,12 @@
 model the app's registry loaded, every visual token on the left and VisionZip on the right, exactly
 as the page runs and times them.
 
-    python -m app.bench                                                   # the tiny model, on the CPU
-    python -m app.bench --wide 2 --dtype bfloat16                         # LLaVA-NeXT-7B width, 2 LM layers
-    python -m app.bench --wide 32 --dtype bfloat16 --device cuda --out benchmarks   # a random 7B on a GPU
-    python -m app.bench --model llava-hf/llava-v1.6-vicuna-7b-hf --dtype bfloat16 --device cuda
+    python -m bench.conversation                                                   # the tiny model, on the CPU
+    python -m bench.conversation --wide 2 --dtype bfloat16                         # LLaVA-NeXT-7B width, 2 LM layers
+    python -m bench.conversation --wide 32 --dtype bfloat16 --device cuda --out benchmarks   # a random 7B on a GPU
+    python -m bench.conversation --model llava-hf/llava-v1.6-vicuna-7b-hf --dtype bfloat16 --device cuda
 
-`--wide N` builds LLaVA-NeXT-7B's shapes with random weights and N LM layers (visionzip.bench),
+`--wide N` builds LLaVA-NeXT-7B's shapes with random weights and N LM layers (bench.phases),
 saves it as a checkpoint once (in the VISIONZIP_CACHE folder; 32 layers in bf16 take 14 GB of disk)
 and loads it through the registry like any local checkpoint.  The figures are the page's: vision
 encode, time to first token (vision + LLM prefill), decode speed, from the app's clock (synchronised
@@ -34,7 +34,7 @@ import torch
 from app.chat import FULL, Conversation, SideConfig, load_side_models, make_mode, run_turn
 from app.models import DTYPES, ModelRegistry, resolve_device, timing_method
 from app.stats import TurnStats
-from visionzip.bench import bench_image, build_wide, machine_description
+from bench.phases import bench_image, build_wide, machine_description
 from visionzip.tiny import cache_folder
 
 QUESTIONS = ["What is in this picture?", "Which colours stand out?", "Describe it in one sentence.", "Anything else?"]

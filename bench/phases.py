@@ -1,10 +1,10 @@
 """Speed and memory of VisionZip against the stock model, the authors' approach and the FLOP limit.
 
-    python -m visionzip.bench --preset tiny --out benchmarks
-    python -m visionzip.bench --preset wide --dtype bfloat16 --out benchmarks          # 2 LM layers
-    python -m visionzip.bench --preset wide --llm-layers 32 --dtype bfloat16 --device cuda --out benchmarks
-    python -m visionzip.bench --preset real --model llava-hf/llava-v1.6-vicuna-7b-hf --dtype bfloat16 --device cuda
-    python -m visionzip.bench --plot benchmarks/*.json --out benchmarks                # TTFT figure
+    python -m bench.phases --preset tiny --out benchmarks
+    python -m bench.phases --preset wide --dtype bfloat16 --out benchmarks          # 2 LM layers
+    python -m bench.phases --preset wide --llm-layers 32 --dtype bfloat16 --device cuda --out benchmarks
+    python -m bench.phases --preset real --model llava-hf/llava-v1.6-vicuna-7b-hf --dtype bfloat16 --device cuda
+    python -m bench.phases --plot benchmarks/*.json --out benchmarks                # TTFT figure
 
 One 672x672 image (5 tiles, 2928 stock visual tokens) and one chat question. Modes: `full` is the
 untouched stock model; 640 / 320 / 160 are VisionZip budgets applied with `visionzip.apply` and
@@ -758,7 +758,7 @@ def write_figure(json_paths: list[Path], out: Path) -> list[Path]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m visionzip.bench", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m bench.phases", description=__doc__.split("\n")[0])
     parser.add_argument("--preset", choices=["tiny", "wide", "real"], default="tiny")
     parser.add_argument("--model", help="checkpoint path or id for --preset real (LLaVA-NeXT)")
     parser.add_argument("--dtype", choices=list(DTYPES), default="float32")
