@@ -21,7 +21,7 @@ from app.media import load_image
 from app.models import LoadedModel, ModelLoadError, ModelRegistry, clock
 from app.stats import TurnStats
 from app.video import DEFAULT_FRAMES, Clip, load_clip, same_budget_frames
-from visionzip.tune import use_projector
+from visionzip.projector import use_projector
 from visionzip.video import (
     frame_features,
     frame_pixel_values,

@@ -27,7 +27,7 @@ from transformers import AutoConfig, AutoProcessor, LlavaForConditionalGeneratio
 import visionzip
 from app.tuned import ProjectorError, ProjectorFile, check_fits, read_projector_file
 from visionzip.tiny import tiny_checkpoint
-from visionzip.tune import TunedProjector, load_projector
+from visionzip.projector import TunedProjector, load_projector
 from visionzip.workarounds import dense_lm_head_input, needs_dense_lm_head_input
 
 log = logging.getLogger(__name__)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from safetensors import safe_open
 
-from visionzip.tune import ProjectorInfo
+from visionzip.projector import ProjectorInfo
 
 
 class ProjectorError(ValueError):

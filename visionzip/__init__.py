@@ -28,7 +28,7 @@ __all__ = [
 ]
 __version__ = "0.1.0"
 
-_SUBMODULES = {"tiny", "tune", "video", "workarounds"}  # loaded on first use (they need Pillow)
+_SUBMODULES = {"tiny", "tune", "projector", "video", "workarounds"}  # loaded on first use (they need Pillow)
 
 
 def __getattr__(name: str):

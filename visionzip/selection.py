@@ -1,8 +1,11 @@
-"""What VisionZip chose, per image and tile, on the CPU, for drawing and inspection."""
+"""What a reduction method chose, per image and tile, on the CPU, for drawing and inspection.
+
+Every method's choice is one vocabulary: patches kept as themselves, and groups of patches that
+became one token (VisionZip's contextual tokens, pooling windows), each with an anchor patch."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -16,11 +19,11 @@ class TileSelection:
     (CLS excluded); the CLS token is always kept and is not listed."""
 
     side: int  # patches per row (24 for CLIP-L/14-336)
-    kept: torch.Tensor  # (D-1,) dominant patches
-    targets: torch.Tensor  # (K,) patches that anchor the contextual tokens, in slot order
-    merged: torch.Tensor  # (M,) patches folded into a contextual token
+    kept: torch.Tensor  # (D-1,) patches kept as themselves (VisionZip: dominant), ascending
+    targets: torch.Tensor  # (K,) patches that anchor the merged tokens (contextual tokens, windows), in slot order
+    merged: torch.Tensor  # (M,) patches folded into a merged token
     merged_into: torch.Tensor  # (M,) slot 0..K-1 in `targets` each merged patch went to
-    cls_attention: torch.Tensor  # (side*side,) the CLS attention each patch received
+    cls_attention: torch.Tensor | None  # (side*side,) the CLS attention each patch received; None: not read
 
     def groups(self) -> torch.Tensor:
         """(side, side) map: -1 kept, k for a patch of contextual group k (its target included),
@@ -41,17 +44,19 @@ class ImageSelection:
     grid: tuple[int, int]
     tiles: Sequence[TileSelection]  # a LazyTiles when made by the model: copied to the CPU on first read
     num_tokens: int  # visual tokens this image fed to the language model
+    method: str = "visionzip"  # the registry name of the method that chose
+    budget: str = ""  # the method and budget, as Method.describe() puts it
 
 
 class LazyTiles(Sequence):
-    """Per-tile selections that stay on the model's device until first read, so recording what was
-    chosen never makes the host wait for the GPU in the middle of a forward.  Slicing is lazy too."""
+    """Per-tile selections made on first read by `make` (which copies device tensors to the CPU), so
+    recording what was chosen never makes the host wait for the GPU in the middle of a forward.
+    Slicing is lazy too."""
 
-    def __init__(self, choice: TileChoice, cls_attn: torch.Tensor, side: int) -> None:
-        detached = [t.detach() for t in (choice.dominant, choice.targets, choice.merged, choice.merged_into)]
-        self._source = (TileChoice(*detached), cls_attn.detach(), side)
+    def __init__(self, count: int, make: Callable[[], list[TileSelection]]) -> None:
+        self._make: Callable[[], list[TileSelection]] | None = make
         self._tiles: list[TileSelection] | None = None
-        self._range = range(choice.dominant.shape[0])
+        self._range = range(count)
         self._root = self
 
     def __len__(self) -> int:
@@ -71,14 +76,15 @@ class LazyTiles(Sequence):
 
     def _materialise(self) -> list[TileSelection]:
         if self._tiles is None:
-            (choice, cls_attn, side) = self._source
-            self._tiles = _to_cpu_tiles(choice, cls_attn, side)
+            self._tiles, self._make = self._make(), None
         return self._tiles
 
 
 def tile_selections(choice: TileChoice, cls_attn: torch.Tensor, side: int) -> LazyTiles:
-    """Per-tile records with patch (not token) indices, copied to the CPU when first read."""
-    return LazyTiles(choice, cls_attn, side)
+    """VisionZip's per-tile records with patch (not token) indices, copied to the CPU when first read."""
+    detached = TileChoice(*(t.detach() for t in (choice.dominant, choice.targets, choice.merged, choice.merged_into)))
+    cls_attn = cls_attn.detach()
+    return LazyTiles(detached.dominant.shape[0], lambda: _to_cpu_tiles(detached, cls_attn, side))
 
 
 def _to_cpu_tiles(choice: TileChoice, cls_attn: torch.Tensor, side: int) -> list[TileSelection]:

@@ -1,0 +1,109 @@
+"""What a reduction method is: a small descriptor plus one or two pure functions of tensors.
+
+A method acts at one of two places, and implements the matching pair of functions:
+
+- per tile ("vision tower" or "projector" stage): `tile_tokens(settings, side)` says how many tokens
+  each 336x336 tile keeps, and `reduce_tiles(signals, settings, project)` turns the feature layer's
+  signals of T tiles into T x k projected tokens.  The model family packs the tiles of an image.
+- per image ("projector" stage, after the stock packing): `image_tokens(settings, stock_tokens)` and
+  `reduce_image(features, settings)` choose rows of one image's stock packed features.
+
+The count a method produces depends only on the image size (never on content), so the processor
+can expand `<image>` before any pixel is seen.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, ClassVar
+
+import torch
+
+from ..selection import LazyTiles
+
+if TYPE_CHECKING:
+    from ..core import Settings
+    from ..tower import TowerSignals
+
+# Token kinds in `TileOutput.positions`, besides a patch's raster index (>= 0).
+CLS = -1
+MERGED = -2  # a token that stands for several patches (a contextual token): no position of its own
+
+
+@dataclass
+class TileOutput:
+    """What a per-tile method made of T tiles.
+
+    features: (T, k, E) projected tokens, in the order the method puts them.
+    positions: (T, k) the patch raster index of each token that is one patch (or one pooling window:
+        its top-left patch), CLS for the CLS token, MERGED for a token with no single position.
+        LLaVA-NeXT packs the crops' positioned tokens in raster order over the stitched grid, then
+        their CLS tokens, then their merged tokens crop by crop (the VisionZip authors' layout).
+    tiles: what was chosen, per tile, read lazily (no host-GPU sync in the forward).
+    """
+
+    features: torch.Tensor
+    positions: torch.Tensor
+    tiles: LazyTiles
+
+
+class Method:
+    """A reduction method's descriptor; subclasses set the class attributes and the functions of
+    their `budget_rule`."""
+
+    name: ClassVar[str]  # the registry key, e.g. "divprune"
+    title: ClassVar[str]  # as shown on the page, e.g. "DivPrune"
+    stage: ClassVar[str]  # "vision tower", "projector" or "language model"
+    budget_rule: ClassVar[str]  # "per tile" or "per image"
+    reference: ClassVar[str]  # paper and official code
+    reads_text: ClassVar[bool] = False  # chooses by the question (text-dependent)
+    needs_attention: ClassVar[bool] = False  # needs the feature layer's CLS row and head-mean keys
+    budget_kind: ClassVar[str] = "tokens"  # "tokens", or "dominant+contextual" (VisionZip)
+
+    def check(self, settings: Settings, side: int) -> None:
+        """Raise a ValueError that states the limits when `settings` cannot run on tiles of
+        side x side patches; called before any computation."""
+        tokens = settings.tokens
+        if isinstance(tokens, bool) or not isinstance(tokens, int):
+            raise ValueError(f"{self.title} needs a whole number of tokens, got {tokens!r}")
+        if not 1 <= tokens <= side * side:
+            raise ValueError(f"{self.title}: tokens={tokens} is out of range; a tile has {side * side} patches")
+
+    def describe(self, settings: Settings) -> str:
+        unit = "/tile" if self.budget_rule == "per tile" else "/image"
+        return f"{self.title} {settings.tokens}{unit}"
+
+    # -- per tile -------------------------------------------------------------------------------
+    def tile_tokens(self, settings: Settings, side: int) -> int:
+        raise TypeError(f"{self.title} is not a per-tile method")
+
+    def reduce_tiles(
+        self, signals: TowerSignals, settings: Settings, project: Callable[[torch.Tensor], torch.Tensor]
+    ) -> TileOutput:
+        raise TypeError(f"{self.title} is not a per-tile method")
+
+    # -- per image ------------------------------------------------------------------------------
+    def image_tokens(self, settings: Settings, stock_tokens: int) -> int:
+        raise TypeError(f"{self.title} is not a per-image method")
+
+    def reduce_image(self, features: torch.Tensor, settings: Settings) -> torch.Tensor:
+        """(N, E) one image's stock packed features -> (T,) ascending row indices to keep."""
+        raise TypeError(f"{self.title} is not a per-image method")
+
+
+METHODS: dict[str, Method] = {}
+
+
+def register(method: Method) -> Method:
+    if method.name in METHODS:
+        raise ValueError(f"a method named {method.name!r} is registered already")
+    METHODS[method.name] = method
+    return method
+
+
+def get_method(name: str) -> Method:
+    try:
+        return METHODS[name]
+    except KeyError:
+        raise ValueError(f"unknown reduction method {name!r}; known: {sorted(METHODS)}") from None
