@@ -10,6 +10,7 @@ with handle.use(enabled=False):                                     # stock, thi
 from .budget import PRESETS, Budget, preset_budget
 from .core import Call, Settings, VisionZip, apply
 from .merge import choose_tokens, cls_attention, merge_tokens
+from .methods import METHODS, Method, get_method
 from .selection import ImageSelection, TileSelection
 
 __all__ = [
@@ -17,12 +18,15 @@ __all__ = [
     "Budget",
     "Call",
     "ImageSelection",
+    "METHODS",
+    "Method",
     "Settings",
     "TileSelection",
     "VisionZip",
     "apply",
     "choose_tokens",
     "cls_attention",
+    "get_method",
     "merge_tokens",
     "preset_budget",
 ]

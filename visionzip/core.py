@@ -1,4 +1,7 @@
-"""`apply`: VisionZip on a stock transformers LLaVA model and its processor, switchable per call."""
+"""`apply`: token reduction on a stock transformers LLaVA model and its processor, switchable per call.
+
+One handle serves every registered method (`visionzip.methods`): each call picks a method and its
+budget with `handle.use(...)`, so two chats can compare methods on one copy of the weights."""
 
 from __future__ import annotations
 
@@ -12,18 +15,31 @@ from torch import nn
 
 from .budget import Budget
 from .merge import MERGE_MODES
-from .patch import llava, llava_next
+from .methods import Method, get_method
+from .patch import FAMILIES
 from .selection import ImageSelection
 from .tower import SignalHooks, encoder_layers, feature_layer_index
 
-_FAMILIES = {"LlavaNextModel": llava_next, "LlavaModel": llava}
+_UNSET: Any = object()
 
 
 @dataclass(frozen=True)
 class Settings:
+    """What one call runs: stock (`enabled=False`) or `method` under its budget."""
+
     enabled: bool
-    budget: Budget
-    merge: str = "sum"
+    budget: Budget  # VisionZip's (dominant, contextual) per tile
+    merge: str = "sum"  # VisionZip's merge rule
+    method: str = "visionzip"  # a name in visionzip.methods.METHODS
+    tokens: int | None = None  # every other method's budget, per tile or per image by its rule
+    seed: int = 0  # methods that draw at random use a generator seeded with this, per call
+
+    @property
+    def reducer(self) -> Method:
+        return get_method(self.method)
+
+    def describe(self) -> str:
+        return self.reducer.describe(self) if self.enabled else "full"
 
 
 @dataclass
@@ -43,8 +59,8 @@ class VisionZip:
     """
 
     def __init__(self, model: nn.Module, processor: Any, budget: Budget, merge: str, enabled: bool) -> None:
-        base = model.model if hasattr(model, "model") and type(model.model).__name__ in _FAMILIES else model
-        family = _FAMILIES.get(type(base).__name__)
+        base = model.model if hasattr(model, "model") and type(model.model).__name__ in FAMILIES else model
+        family = FAMILIES.get(type(base).__name__)
         if family is None:
             raise TypeError(f"VisionZip supports LLaVA-NeXT and LLaVA-1.5 models, got {type(model).__name__}")
         self.model, self.processor, self.base, self.family = model, processor, base, family
@@ -57,7 +73,7 @@ class VisionZip:
         self.tokens_per_tile = self.side * self.side + 1  # CLS + patches
         layers = encoder_layers(base.vision_tower)
         self.layer_index = feature_layer_index(base.config.vision_feature_layer, len(layers))
-        self._default = Settings(enabled, self._checked(budget), self._checked_merge(merge))
+        self._default = self._checked(Settings(enabled, budget, merge))
         self._current: ContextVar[Call | None] = ContextVar(f"visionzip_call_{id(self)}", default=None)
         self._last_selection: list[ImageSelection] | None = None
         self._unpatch = family.patch(self)
@@ -81,8 +97,17 @@ class VisionZip:
     def budget(self) -> Budget:
         return self.settings.budget
 
+    @property
+    def method(self) -> Method:
+        return self.settings.reducer
+
     def set_budget(self, dominant: int, contextual: int) -> None:
-        self._default = replace(self._default, budget=self._checked(Budget(dominant, contextual)))
+        self._default = self._checked(replace(self._default, budget=Budget(dominant, contextual)))
+
+    def set_method(self, method: str, tokens: int | None = None, seed: int | None = None) -> None:
+        """Make `method` (with its `tokens` budget; VisionZip takes set_budget's) every caller's default."""
+        seed = self._default.seed if seed is None else seed
+        self._default = self._checked(replace(self._default, method=method, tokens=tokens, seed=seed))
 
     @contextlib.contextmanager
     def use(
@@ -91,18 +116,32 @@ class VisionZip:
         dominant: int | None = None,
         contextual: int | None = None,
         merge: str | None = None,
+        *,
+        method: str | None = None,
+        tokens: int | None = _UNSET,
+        seed: int | None = None,
     ) -> Iterator[Call]:
-        """Settings for the calls inside the block only; yields a `Call` that records them."""
+        """Settings for the calls inside the block only; yields a `Call` that records them.
+
+        `method` picks a registered method (default: the handle's); `tokens` is its budget (per tile
+        or per image, by the method's rule), `dominant`/`contextual` VisionZip's; `seed` seeds the
+        methods that draw at random.  An impossible budget raises a ValueError before anything runs."""
         base = self.settings
         budget = Budget(
             base.budget.dominant if dominant is None else dominant,
             base.budget.contextual if contextual is None else contextual,
         )
-        settings = Settings(
-            base.enabled if enabled is None else bool(enabled),
-            self._checked(budget),
-            self._checked_merge(base.merge if merge is None else merge),
-        )
+        changes = dict(budget=budget, merge=base.merge if merge is None else merge)
+        if enabled is not None:
+            changes["enabled"] = bool(enabled)
+        if method is not None:
+            changes["method"] = method
+            changes["tokens"] = None if tokens is _UNSET else tokens  # a budget of another method does not carry over
+        elif tokens is not _UNSET:
+            changes["tokens"] = tokens
+        if seed is not None:
+            changes["seed"] = seed
+        settings = self._checked(replace(base, **changes))
         call = Call(settings)
         token = self._current.set(call)
         try:
@@ -138,14 +177,18 @@ class VisionZip:
             call.selection = selection
             call.visual_tokens = [image.num_tokens for image in selection]
 
-    def _checked(self, budget: Budget) -> Budget:
-        return budget.check(self.tokens_per_tile)
-
-    @staticmethod
-    def _checked_merge(merge: str) -> str:
-        if merge not in MERGE_MODES:
-            raise ValueError(f"merge must be one of {MERGE_MODES}, got {merge!r}")
-        return merge
+    def _checked(self, settings: Settings) -> Settings:
+        """`settings` if every part of them can run on this model, else a ValueError stating the limits."""
+        settings.budget.check(self.tokens_per_tile)
+        if settings.merge not in MERGE_MODES:
+            raise ValueError(f"merge must be one of {MERGE_MODES}, got {settings.merge!r}")
+        if isinstance(settings.seed, bool) or not isinstance(settings.seed, int):
+            raise ValueError(f"seed must be an integer, got {settings.seed!r}")
+        method = settings.reducer
+        if method.budget_kind == "tokens" and settings.tokens is None:
+            raise ValueError(f"{method.title} needs a budget: tokens=N ({method.budget_rule})")
+        method.check(settings, self.side)
+        return settings
 
 
 def apply(
@@ -156,7 +199,16 @@ def apply(
     *,
     merge: str = "sum",
     enabled: bool = True,
+    method: str = "visionzip",
+    tokens: int | None = None,
+    seed: int = 0,
 ) -> VisionZip:
-    """Apply VisionZip to a stock `LlavaNextForConditionalGeneration` / `LlavaForConditionalGeneration`
-    (or their base models) and, if given, its processor.  Weights are untouched and shared."""
-    return VisionZip(model, processor, Budget(dominant, contextual), merge, enabled)
+    """Apply token reduction to a stock `LlavaNextForConditionalGeneration` / `LlavaForConditionalGeneration`
+    (or their base models) and, if given, its processor.  Weights are untouched and shared.
+
+    The default method is VisionZip with `dominant` + `contextual` tokens per tile; `method` names
+    another registered one (`visionzip.methods.METHODS`) with its budget in `tokens`."""
+    handle = VisionZip(model, processor, Budget(dominant, contextual), merge, enabled)
+    if method != "visionzip" or tokens is not None or seed:
+        handle.set_method(method, tokens, seed)
+    return handle

@@ -105,20 +105,6 @@ def merge_tokens(hidden: torch.Tensor, choice: TileChoice, mode: str = "sum") ->
     return torch.cat([dominant_tokens, contextual_tokens.to(hidden.dtype)], dim=1)
 
 
-def stitched_dominant_order(dominant: torch.Tensor, grid_rows: int, grid_cols: int, side: int) -> torch.Tensor:
-    """Order of the sub-crops' dominant patches in raster order over the stitched patch grid.
-
-    dominant: (n, D) token positions of the n = grid_rows * grid_cols sub-crops (CLS in column 0).
-    Returns a permutation of the n * (D - 1) flattened patch tokens (crop-major order).
-    """
-    n, _ = dominant.shape
-    patch = dominant[:, 1:] - 1  # (n, D-1) raster index inside each crop
-    crop = torch.arange(n, device=dominant.device).unsqueeze(1)
-    row = (crop // grid_cols) * side + patch // side
-    col = (crop % grid_cols) * side + patch % side
-    return (row * (grid_cols * side) + col).flatten().argsort()
-
-
 def _gather_tokens(tokens: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """tokens (T, S, C), index (T, k) -> (T, k, C)."""
     return tokens.gather(1, index.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))

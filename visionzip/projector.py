@@ -171,5 +171,3 @@ def use_projector(model: nn.Module, projector: TunedProjector | nn.Module | None
         yield
     finally:
         _PROJECTOR_OVERRIDES.reset(token)
-
-

@@ -10,6 +10,7 @@ that return at once.
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Iterator
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -26,6 +27,11 @@ class TowerSignals:
     cls_attn: torch.Tensor | None = None  # (T, S) CLS attention summed over heads (float32)
     keys_mean: torch.Tensor | None = None  # (T, S, d) keys averaged over heads
     want_attention: bool = True  # False: only the layer output is wanted (stock features)
+
+    @property
+    def side(self) -> int:
+        """Patches per row of a tile (24 for CLIP-L/14-336)."""
+        return math.isqrt(self.hidden.shape[1] - 1)
 
 
 def encoder_layers(vision_tower: nn.Module) -> nn.ModuleList:

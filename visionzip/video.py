@@ -20,8 +20,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from PIL import Image
 
-from .patch.common import reduce_tiles
-from .selection import ImageSelection, tile_selections
+from .encode import reduce_packed, reduce_tiles, stock_tile_features
+from .selection import ImageSelection
 
 if TYPE_CHECKING:
     from .core import VisionZip
@@ -45,45 +45,49 @@ def frame_pixel_values(processor: Any, frames: Sequence[Image.Image]) -> torch.T
 def tokens_per_frame(handle: VisionZip) -> int:
     """Visual tokens one frame becomes under the handle's current settings."""
     settings = handle.settings
-    if settings.enabled:
-        return settings.budget.per_tile
     keeps_cls = handle.base.config.vision_feature_select_strategy != "default"
-    return handle.side * handle.side + int(keeps_cls)
+    stock = handle.side * handle.side + int(keeps_cls)
+    if not settings.enabled:
+        return stock
+    method = settings.reducer
+    if method.budget_rule == "per tile":
+        return method.tile_tokens(settings, handle.side)
+    return method.image_tokens(settings, stock)
 
 
 def frame_features(handle: VisionZip, pixel_values: torch.Tensor, batch_size: int = 16) -> torch.Tensor:
     """(F, tokens_per_frame(handle), E) projected features of (F, 3, H, W) frame tiles.
 
-    With VisionZip enabled every frame keeps D dominant + C contextual tokens, and one
-    ImageSelection per frame (grid (0, 0), the tile's size) is recorded on the handle; disabled,
-    it is stock LLaVA's per-tile path: the feature layer's patches (CLS dropped under the
-    "default" strategy) through the projector.  Frames go through the tower `batch_size` at a time.
+    With reduction enabled every frame is one tile for the method (a per-image method chooses among
+    the frame's stock tokens), and one ImageSelection per frame (grid (0, 0), the tile's size) is
+    recorded on the handle; disabled, it is stock LLaVA's per-tile path.  Frames go through the tower
+    `batch_size` at a time.
     """
     if pixel_values.dim() != 4 or pixel_values.shape[0] == 0:
         raise ValueError(f"expected (frames, 3, H, W) pixel values, got shape {tuple(pixel_values.shape)}")
-    base = handle.base
     settings = handle.settings
-    tower = base.vision_tower
+    tower = handle.base.vision_tower
     pixel_values = pixel_values.to(device=tower.device, dtype=tower.dtype)
-    drop_cls = base.config.vision_feature_select_strategy == "default"
     chunks, tiles = [], []
     for start in range(0, pixel_values.shape[0], batch_size):
         batch = pixel_values[start : start + batch_size]
-        if settings.enabled:
-            features, choice, cls_attn = reduce_tiles(handle, batch, settings)
-            frames = tile_selections(choice, cls_attn, handle.side)
-            tiles.extend(frames[i : i + 1] for i in range(len(frames)))  # lazy: no host-GPU sync here
+        if not settings.enabled:
+            chunks.append(stock_tile_features(handle, batch))  # the stock side pays for no CLS row
+        elif settings.reducer.budget_rule == "per tile":
+            output = reduce_tiles(handle, batch, settings)
+            chunks.append(output.features)
+            tiles.extend(output.tiles[i : i + 1] for i in range(len(output.tiles)))  # lazy: no host-GPU sync here
         else:
-            # The handle's hook already keeps the feature layer's output: no need for every layer's.
-            with handle.capture(attention=False) as signals:  # the stock side pays for no CLS row
-                tower(batch)
-            hidden = signals.hidden[:, 1:] if drop_cls else signals.hidden
-            features = base.multi_modal_projector(hidden)
-        chunks.append(features)
+            stock = stock_tile_features(handle, batch)  # (B, P or 1 + P, E)
+            patch_map = torch.arange(stock.shape[1]) - (stock.shape[1] - handle.side * handle.side)  # CLS -> -1
+            frames = [reduce_packed(handle, frame, patch_map, 1, settings) for frame in stock]
+            chunks.append(torch.stack([features for features, _ in frames]))
+            tiles.extend(frame_tiles for _, frame_tiles in frames)
     features = torch.cat(chunks)
     if settings.enabled:
         tile_size = (pixel_values.shape[-2], pixel_values.shape[-1])
-        handle.record([ImageSelection(tile_size, (0, 0), tile, features.shape[1]) for tile in tiles])
+        method, describe = settings.reducer.name, settings.describe()
+        handle.record([ImageSelection(tile_size, (0, 0), tile, features.shape[1], method, describe) for tile in tiles])
     return features
 
 

@@ -1,1 +1,20 @@
-"""Model integrations: one module per transformers model family."""
+"""Model integrations: one module per transformers model family.
+
+A family module provides:
+
+- `MODEL`: the class name of the transformers base model it serves (`type(model.model).__name__`);
+- `PRESETS_KEY`: its key in `visionzip.PRESETS` (the paper's budgets for it);
+- `num_tiles(config, image_size)`: the 336x336 tiles one image of (H, W) becomes;
+- `stock_count(handle, image_size)` and `reduced_count(handle, image_size, settings)`: the visual
+  tokens of one image without and with reduction, known before any pixel is seen;
+- `reduced_image_features(handle, pixel_values, image_sizes, settings, **tower_kwargs)`: what its
+  `get_image_features` returns under reduction (per-tile methods through `encode.reduce_tiles`,
+  per-image ones through `encode.reduce_packed`), recording one `ImageSelection` per image;
+- `patch(handle)`: installs both (`common.install`) and returns the function that undoes it.
+
+Adding a family is that file plus its line in `FAMILIES` below.
+"""
+
+from . import llava, llava_next
+
+FAMILIES = {family.MODEL: family for family in (llava, llava_next)}

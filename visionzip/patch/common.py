@@ -1,5 +1,5 @@
 """What the LLaVA and LLaVA-NeXT patches share: swapping `get_image_features` and the processor's
-placeholder count on the instances (never the classes), and running the tower with the hooks on."""
+placeholder count on the instances (never the classes)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,6 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import torch
-
-from ..merge import TileChoice, choose_tokens, merge_tokens
 
 if TYPE_CHECKING:
     from ..core import Settings, VisionZip
@@ -34,7 +32,7 @@ def install(
     reduced_features: Callable[..., Any],
     reduced_count: Callable[[VisionZip, tuple[int, int], Settings], int],
 ) -> Callable[[], None]:
-    """Route image features and placeholder counts through VisionZip when it is enabled.
+    """Route image features and placeholder counts through the handle's method when it is enabled.
     Returns the function that restores the stock methods."""
     base, processor = handle.base, handle.processor
     if "get_image_features" in base.__dict__:
@@ -93,16 +91,6 @@ def install(
             restore()
 
     return unpatch
-
-
-def reduce_tiles(handle: VisionZip, tiles: torch.Tensor, settings: Settings, **tower_kwargs: Any):
-    """Run the tower on (T, 3, H, W) tiles and return (projected (T, D+K, E), choice, cls_attn)."""
-    with handle.capture() as signals:
-        handle.base.vision_tower(tiles, **tower_kwargs)
-    budget = settings.budget
-    choice: TileChoice = choose_tokens(signals.cls_attn, signals.keys_mean, budget.dominant, budget.contextual)
-    tokens = merge_tokens(signals.hidden, choice, settings.merge)  # (T, D+K, C)
-    return handle.base.multi_modal_projector(tokens), choice, signals.cls_attn
 
 
 def _as_size(size: Any) -> tuple[int, int]:

@@ -1,4 +1,4 @@
-"""VisionZip for `LlavaModel` (LLaVA-1.5): one 336x336 tile per image, reduced to D + K tokens."""
+"""`LlavaModel` (LLaVA-1.5): one 336x336 tile per image."""
 
 from __future__ import annotations
 
@@ -7,32 +7,57 @@ from typing import TYPE_CHECKING, Any
 import torch
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-from ..selection import ImageSelection, tile_selections
-from .common import _as_size, install, reduce_tiles
+from ..encode import reduce_packed, reduce_tiles, stock_tile_features
+from ..selection import ImageSelection
+from .common import _as_size, install
 
 if TYPE_CHECKING:
     from ..core import Settings, VisionZip
 
+MODEL = "LlavaModel"
+PRESETS_KEY = "llava"
+
+
+def num_tiles(config: Any, image_size: tuple[int, int]) -> int:
+    return 1
+
+
+def stock_count(handle: VisionZip, image_size: tuple[int, int] | None) -> int:
+    keeps_cls = handle.base.config.vision_feature_select_strategy != "default"
+    return handle.side * handle.side + int(keeps_cls)
+
 
 def reduced_count(handle: VisionZip, image_size: tuple[int, int] | None, settings: Settings) -> int:
-    return settings.budget.per_tile
+    method = settings.reducer
+    if method.budget_rule == "per tile":
+        return method.tile_tokens(settings, handle.side)
+    return method.image_tokens(settings, stock_count(handle, image_size))
 
 
 def num_image_tokens(handle: VisionZip, image_size: tuple[int, int], settings: Settings) -> int:
-    if settings.enabled:
-        return settings.budget.per_tile
-    side = handle.side
-    strategy = handle.base.config.vision_feature_select_strategy
-    return side * side + (0 if strategy == "default" else 1)
+    return reduced_count(handle, image_size, settings) if settings.enabled else stock_count(handle, image_size)
 
 
 def reduced_image_features(
     handle: VisionZip, pixel_values: torch.Tensor, image_sizes: Any, settings: Settings, **tower_kwargs: Any
 ) -> BaseModelOutputWithPooling:
-    features, choice, cls_attn = reduce_tiles(handle, pixel_values, settings, **tower_kwargs)  # (B, D+K, E)
-    tiles = tile_selections(choice, cls_attn, handle.side)
-    sizes = [_as_size(size) for size in image_sizes] if image_sizes is not None else [None] * len(tiles)
-    handle.record([ImageSelection(size, (0, 0), tiles[i : i + 1], features.shape[1]) for i, size in enumerate(sizes)])
+    method = settings.reducer
+    count = pixel_values.shape[0]
+    sizes = [_as_size(size) for size in image_sizes] if image_sizes is not None else [None] * count
+    if method.budget_rule == "per tile":
+        output = reduce_tiles(handle, pixel_values, settings, **tower_kwargs)  # (B, k, E)
+        features, tiles = list(output.features), [output.tiles[i : i + 1] for i in range(count)]
+    else:
+        stock = stock_tile_features(handle, pixel_values, **tower_kwargs)  # (B, P or 1 + P, E)
+        patch_map = torch.arange(stock.shape[1]) - (stock.shape[1] - handle.side * handle.side)  # CLS -> -1
+        features, tiles = zip(*(reduce_packed(handle, image, patch_map, 1, settings) for image in stock))
+    describe = settings.describe()
+    handle.record(
+        [
+            ImageSelection(size, (0, 0), tile, image.shape[0], method.name, describe)
+            for size, tile, image in zip(sizes, tiles, features)
+        ]
+    )
     return BaseModelOutputWithPooling(pooler_output=list(features))
 
 

@@ -1,5 +1,10 @@
-"""VisionZip for `LlavaNextModel`: every anyres tile reduced to D + K tokens, packed in the
-authors' layout (no unpadding, no newline tokens except after a lone tile)."""
+"""`LlavaNextModel`: anyres images of 1 + n tiles (the base image, then an n-crop grid row by row).
+
+Per-tile methods are packed in the VisionZip authors' layout (`layout.stitched_order`: the base
+tile's tokens; the crops' positioned tokens in raster order over the stitched grid; the crops' CLS
+tokens; their merged tokens), with no unpadding and no newline tokens except after a lone tile, so
+the count depends only on the image size.  Per-image methods choose rows of the stock packed sequence.
+"""
 
 from __future__ import annotations
 
@@ -12,74 +17,110 @@ from transformers.models.llava_next.modeling_llava_next import (
     image_size_to_num_patches,
 )
 
-from ..merge import stitched_dominant_order
-from ..selection import ImageSelection, tile_selections
-from .common import _as_size, install, reduce_tiles
+from ..encode import reduce_packed, reduce_tiles, stock_tile_features
+from ..layout import packed_patch_map, stitched_order
+from ..selection import ImageSelection
+from .common import _as_size, install
 
 if TYPE_CHECKING:
     from ..core import Settings, VisionZip
+
+MODEL = "LlavaNextModel"
+PRESETS_KEY = "llava_next"
 
 
 def num_tiles(config: Any, image_size: tuple[int, int]) -> int:
     return image_size_to_num_patches(list(image_size), config.image_grid_pinpoints, config.vision_config.image_size)
 
 
-def reduced_count(handle: VisionZip, image_size: tuple[int, int], settings: Settings) -> int:
-    tiles = num_tiles(handle.base.config, image_size)
-    return tiles * settings.budget.per_tile + (1 if tiles == 1 else 0)
+def grid_shape(config: Any, image_size: tuple[int, int]) -> tuple[int, int]:
+    """(rows, cols) of the crop grid; (0, 0) for a lone tile."""
+    if num_tiles(config, image_size) == 1:
+        return (0, 0)
+    return tuple(
+        get_anyres_image_grid_shape(list(image_size), config.image_grid_pinpoints, config.vision_config.image_size)
+    )
 
 
-def num_image_tokens(handle: VisionZip, image_size: tuple[int, int], settings: Settings) -> int:
-    if settings.enabled:
-        return reduced_count(handle, image_size, settings)
+def stock_count(handle: VisionZip, image_size: tuple[int, int]) -> int:
     if handle.processor is None:
         raise ValueError("counting stock LLaVA-NeXT tokens needs the processor passed to apply()")
     return handle.processor._get_num_multimodal_tokens(image_sizes=[list(image_size)]).num_image_tokens[0]
 
 
+def reduced_count(handle: VisionZip, image_size: tuple[int, int], settings: Settings) -> int:
+    method = settings.reducer
+    if method.budget_rule == "per image":
+        return method.image_tokens(settings, stock_count(handle, image_size))
+    tiles = num_tiles(handle.base.config, image_size)
+    return tiles * method.tile_tokens(settings, handle.side) + (1 if tiles == 1 else 0)
+
+
+def num_image_tokens(handle: VisionZip, image_size: tuple[int, int], settings: Settings) -> int:
+    return reduced_count(handle, image_size, settings) if settings.enabled else stock_count(handle, image_size)
+
+
 def reduced_image_features(
     handle: VisionZip, pixel_values: torch.Tensor, image_sizes: Any, settings: Settings, **tower_kwargs: Any
 ) -> BaseModelOutputWithPooling:
-    base = handle.base
-    config = base.config
+    config = handle.base.config
     sizes = [_as_size(size) for size in image_sizes]
     tile_counts = [num_tiles(config, size) for size in sizes]
     if pixel_values.dim() == 5:  # (images, max_tiles, 3, H, W), padded: keep each image's real tiles
         pixel_values = torch.cat([pixels[:count] for pixels, count in zip(pixel_values, tile_counts)], dim=0)
-    features, choice, cls_attn = reduce_tiles(handle, pixel_values, settings, **tower_kwargs)  # (T, D+K, E)
-
-    dominant = settings.budget.dominant
-    width = features.shape[-1]
-    tiles = tile_selections(choice, cls_attn, handle.side)
-    packed, selection, start = [], [], 0
-    for size, count in zip(sizes, tile_counts):
-        image_features = features[start : start + count]  # (1 + n, D+K, E)
-        if count == 1:
-            grid = (0, 0)
-            tokens = torch.cat([image_features[0], base.image_newline[None].to(image_features)], dim=0)
-        else:
-            grid = tuple(
-                get_anyres_image_grid_shape(list(size), config.image_grid_pinpoints, config.vision_config.image_size)
-            )
-            if grid[0] * grid[1] != count - 1:
-                raise ValueError(f"image of size {size} has {count - 1} crops but a {grid[0]}x{grid[1]} grid")
-            crops = image_features[1:]  # (n, D+K, E)
-            order = stitched_dominant_order(choice.dominant[start + 1 : start + count], *grid, handle.side)
-            order = order.to(crops.device)  # with device_map, the tower and projector may sit on different GPUs
-            tokens = torch.cat(
-                [
-                    image_features[0],  # base tile: D dominant (CLS first) + K contextual
-                    crops[:, 1:dominant].reshape(-1, width)[order],  # crops' dominant patches, stitched raster order
-                    crops[:, 0],  # the crops' CLS tokens
-                    crops[:, dominant:].reshape(-1, width),  # the crops' contextual tokens, crop by crop
-                ],
-                dim=0,
-            )
-        packed.append(tokens)
-        selection.append(ImageSelection(size, grid, tiles[start : start + count], tokens.shape[0]))
-        start += count
-    handle.record(selection)
+    pack = _pack_tiles if settings.reducer.budget_rule == "per tile" else _pack_rows
+    packed, tiles = pack(handle, pixel_values, sizes, tile_counts, settings, **tower_kwargs)
+    method, describe = settings.reducer.name, settings.describe()
+    handle.record(
+        [
+            ImageSelection(size, grid_shape(config, size), image_tiles, tokens.shape[0], method, describe)
+            for size, image_tiles, tokens in zip(sizes, tiles, packed)
+        ]
+    )
     return BaseModelOutputWithPooling(pooler_output=packed)
+
+
+def _pack_tiles(handle: VisionZip, pixel_values, sizes, tile_counts, settings: Settings, **tower_kwargs: Any):
+    """A per-tile method on every tile of every image, each image packed in the authors' layout."""
+    base = handle.base
+    output = reduce_tiles(handle, pixel_values, settings, **tower_kwargs)  # (T, k, E)
+    packed, tiles, start = [], [], 0
+    for size, count in zip(sizes, tile_counts):
+        features = output.features[start : start + count]  # (1 + n, k, E)
+        if count == 1:
+            tokens = torch.cat([features[0], base.image_newline[None].to(features)], dim=0)
+        else:
+            rows, cols = grid_shape(base.config, size)
+            if rows * cols != count - 1:
+                raise ValueError(f"image of size {size} has {count - 1} crops but a {rows}x{cols} grid")
+            order = stitched_order(output.positions[start + 1 : start + count], rows, cols, handle.side)
+            crops = features[1:].reshape(-1, features.shape[-1])  # (n * k, E), crop-major
+            # with device_map, the tower and projector may sit on different GPUs
+            tokens = torch.cat([features[0], crops[order.to(crops.device)]], dim=0)
+        packed.append(tokens)
+        tiles.append(output.tiles[start : start + count])
+        start += count
+    return packed, tiles
+
+
+def _pack_rows(handle: VisionZip, pixel_values, sizes, tile_counts, settings: Settings, **tower_kwargs: Any):
+    """A per-image method on each image's stock packed sequence (base tile, unpadded grid, newlines)."""
+    base = handle.base
+    strategy = base.config.vision_feature_select_strategy
+    stock = stock_tile_features(handle, pixel_values, **tower_kwargs).split(tile_counts)  # (1 + n, P, E) each
+    packed, tiles = [], []
+    for size, count, features in zip(sizes, tile_counts, stock):
+        size_tensor = torch.tensor(size)
+
+        def pack(tile_features, newline, size_tensor=size_tensor):
+            return base.pack_image_features([tile_features], [size_tensor], strategy, image_newline=newline)[0]
+
+        rows = pack(features, base.image_newline)  # (N, E): exactly the stock image features
+        patch_map = packed_patch_map(pack, count, handle.side)
+        kept, image_tiles = reduce_packed(handle, rows, patch_map, count, settings)
+        packed.append(kept)
+        tiles.append(image_tiles)
+    return packed, tiles
 
 
 def patch(handle: VisionZip):

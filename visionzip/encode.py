@@ -1,0 +1,44 @@
+"""The family-independent step: run the vision tower on tiles with the signal hooks on, let the
+method choose, project.  The model families (`visionzip.patch`) decide which tiles and how to pack."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from .layout import tiles_from_kept
+from .methods.base import TileOutput
+from .selection import LazyTiles
+
+if TYPE_CHECKING:
+    from .core import Settings, VisionZip
+
+
+def reduce_tiles(handle: VisionZip, tiles: torch.Tensor, settings: Settings, **tower_kwargs: Any) -> TileOutput:
+    """(T, 3, H, W) tiles -> the per-tile method's (T, k, E) projected tokens and what it chose."""
+    method = settings.reducer
+    with handle.capture(attention=method.needs_attention) as signals:
+        handle.base.vision_tower(tiles, **tower_kwargs)
+    return method.reduce_tiles(signals, settings, handle.base.multi_modal_projector)
+
+
+def stock_tile_features(handle: VisionZip, tiles: torch.Tensor, **tower_kwargs: Any) -> torch.Tensor:
+    """(T, 3, H, W) tiles -> (T, P or 1 + P, E): stock LLaVA's per-tile features (the feature layer,
+    CLS dropped under the "default" strategy, projected), read by the hook instead of keeping every
+    layer's hidden states."""
+    with handle.capture(attention=False) as signals:
+        handle.base.vision_tower(tiles, **tower_kwargs)
+    drop_cls = handle.base.config.vision_feature_select_strategy == "default"
+    hidden = signals.hidden[:, 1:] if drop_cls else signals.hidden
+    return handle.base.multi_modal_projector(hidden)
+
+
+def reduce_packed(
+    handle: VisionZip, packed: torch.Tensor, patch_map: torch.Tensor, num_tiles: int, settings: Settings
+) -> tuple[torch.Tensor, LazyTiles]:
+    """One image's stock packed features (N, E) -> the per-image method's kept rows (T, E), ascending,
+    and per-tile records of them (read lazily).  patch_map: (N,) from `layout.packed_patch_map`."""
+    kept = settings.reducer.reduce_image(packed, settings)  # (T,) ascending
+    side = handle.side
+    return packed[kept], LazyTiles(num_tiles, lambda: tiles_from_kept(kept, patch_map, num_tiles, side))

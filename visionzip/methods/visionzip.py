@@ -1,0 +1,53 @@
+"""VisionZip (Yang et al., CVPR 2025): per tile, the CLS token and the D-1 patches the CLS attends to
+most, plus C contextual tokens merged from the rest around evenly spaced targets (`visionzip.merge`)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import torch
+
+from ..merge import choose_tokens, merge_tokens
+from ..selection import tile_selections
+from .base import MERGED, Method, TileOutput
+
+if TYPE_CHECKING:
+    from ..core import Settings
+    from ..tower import TowerSignals
+
+
+class VisionZipMethod(Method):
+    name = "visionzip"
+    title = "VisionZip"
+    stage = "vision tower"
+    budget_rule = "per tile"
+    reference = "arXiv 2412.04467 (CVPR 2025); github.com/dvlab-research/VisionZip"
+    needs_attention = True
+    budget_kind = "dominant+contextual"
+
+    def check(self, settings: Settings, side: int) -> None:
+        settings.budget.check(side * side + 1)  # the handle checks it too; a method checks its own budget
+
+    def describe(self, settings: Settings) -> str:
+        return f"VisionZip {settings.budget.dominant}+{settings.budget.contextual}/tile"
+
+    def tile_tokens(self, settings: Settings, side: int) -> int:
+        return settings.budget.per_tile
+
+    def reduce_tiles(
+        self, signals: TowerSignals, settings: Settings, project: Callable[[torch.Tensor], torch.Tensor]
+    ) -> TileOutput:
+        budget = settings.budget
+        choice = choose_tokens(signals.cls_attn, signals.keys_mean, budget.dominant, budget.contextual)
+        tokens = merge_tokens(signals.hidden, choice, settings.merge)  # (T, D+K, C): CLS, dominant, contextual
+        positions = token_positions(choice.dominant, budget.contextual)
+        return TileOutput(project(tokens), positions, tile_selections(choice, signals.cls_attn, signals.side))
+
+
+def token_positions(dominant: torch.Tensor, contextual: int) -> torch.Tensor:
+    """(T, D) dominant token positions (CLS first) -> (T, D + K) positions of VisionZip's output tokens."""
+    num_tiles = dominant.shape[0]
+    patches = dominant - 1  # token position -> patch raster index; CLS (position 0) becomes -1, which is CLS
+    merged = torch.full((num_tiles, contextual), MERGED, dtype=torch.long, device=dominant.device)
+    return torch.cat([patches, merged], dim=1)
