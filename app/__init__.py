@@ -1,1 +1,4 @@
-"""VisionZip Live: the Gradio demo. `app.py` parses options and calls `app.ui.build_demo`."""
+"""VisionZip Live, the Gradio app.  `app.hosting` comes first: on ZeroGPU, `spaces` must be imported
+before torch."""
+
+from app import hosting  # noqa: F401  (import order: see app/hosting.py)

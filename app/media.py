@@ -4,11 +4,13 @@ plain message for every file that cannot be used and a note for every change mad
 from __future__ import annotations
 
 import bisect
+import functools
 import math
 import os
 import re
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, Literal
 
 # PyAV before decord: decord loads its FFmpeg into the global symbol namespace, and a PyAV loaded
@@ -376,3 +378,30 @@ def _first_line(error: Exception) -> str:
     lines = str(error).strip().splitlines()
     text = re.sub(r"^\[[\d:]+\] \S+:\d+: ", "", lines[-1])[:160] if lines else ""
     return f"{type(error).__name__}: {text}" if text else type(error).__name__
+
+
+# -- clips, cached: every turn, side, header and filmstrip of a conversation reads the same frames ----
+FRAME_SIDE = 672  # frames are decoded no larger: the model sees 336x336 tiles, and many frames stay cached
+
+
+@dataclass(frozen=True)
+class Clip:
+    """Frames sampled uniformly from a video, their times, and load_video's info (backend, fps,
+    duration_s, total_frames, indices, width, height, notes).  Shared from a cache: never mutate."""
+
+    frames: tuple[Image.Image, ...]
+    timestamps_s: tuple[float, ...]
+    info: dict[str, Any]
+
+
+def load_clip(path: str, num_frames: int) -> Clip:
+    """`num_frames` frames of the video at `path` (all of them if it has fewer); raises MediaError.
+    Cached: every turn, side, header and filmstrip of a conversation reads the same frames."""
+    stat = os.stat(path)
+    return _load_clip(path, num_frames, stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=6)
+def _load_clip(path: str, num_frames: int, mtime_ns: int, size: int) -> Clip:
+    frames, timestamps, info = load_video(path, num_frames, max_side=FRAME_SIDE)
+    return Clip(tuple(frames), tuple(timestamps), info)

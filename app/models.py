@@ -1,33 +1,27 @@
-"""The models a side can choose: a registry of labels, lazy loading, one VisionZip handle per
-loaded model (both sides share its weights), tuned projectors offered per model, least-recently-used
-unloading, and GPU timing."""
+"""The models a side can choose: a registry of labels, lazy loading, one reduction handle per
+loaded model (both sides share its weights), tuned projectors offered per model, and
+least-recently-used unloading by free GPU memory."""
 
 from __future__ import annotations
 
 import gc
 import importlib.util
 import logging
-import os
 import threading
-import time
 import warnings
 from collections import OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-
-try:  # Hugging Face Spaces: imported before torch, as ZeroGPU asks (it patches torch's CUDA calls)
-    import spaces
-except ImportError:
-    spaces = None
 
 import torch
 from transformers import AutoConfig, AutoProcessor, LlavaForConditionalGeneration, LlavaNextForConditionalGeneration
 
 import visionzip
+from app.hosting import ON_ZEROGPU
 from app.tuned import ProjectorError, ProjectorFile, check_fits, read_projector_file
-from visionzip.tiny import tiny_checkpoint
 from visionzip.projector import TunedProjector, load_projector
+from visionzip.tiny import tiny_checkpoint
 from visionzip.workarounds import dense_lm_head_input, needs_dense_lm_head_input
 
 log = logging.getLogger(__name__)
@@ -77,37 +71,6 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
 
 def is_tiny(source: str) -> bool:
     return source.startswith(TINY)
-
-
-# -- timing -------------------------------------------------------------------------------------
-def clock(device: torch.device) -> float:
-    """Host time after the device finished its queued work (CUDA runs asynchronously)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter()
-
-
-def timing_method(device: torch.device) -> str:
-    if device.type == "cuda":
-        warm_up = "per model and mode in each ZeroGPU worker process" if ON_ZEROGPU else "per model and mode"
-        return f"CUDA-synchronised wall clock on {torch.cuda.get_device_name(device)}, after one warm-up {warm_up}"
-    return "CPU wall clock (time.perf_counter), after one warm-up per model and mode"
-
-
-# ZeroGPU (a Space with SPACES_ZERO_GPU=true) lends a GPU only inside @spaces.GPU calls, which it runs in a
-# forked worker process: whatever such a call changes (a model it loads, a flag it sets) is lost when it
-# returns, arguments and results cross by pickle, and the main process sees CUDA only as an emulation.
-# So models load in the main process, before the call, and GPU calls only run them.
-ON_ZEROGPU = os.environ.get("SPACES_ZERO_GPU", "").lower() in ("1", "t", "true")
-
-
-def gpu_task(duration_s: int) -> Callable[[Callable], Callable]:
-    """Decorate a handler that runs models: `@spaces.GPU(duration=duration_s)` where the `spaces`
-    package is installed (a no-op outside ZeroGPU), the handler itself elsewhere.  Such a handler
-    must find its models loaded (ModelRegistry.ready), never load them."""
-    if spaces is None:
-        return lambda function: function
-    return spaces.GPU(duration=duration_s)
 
 
 # -- registry -----------------------------------------------------------------------------------

@@ -13,15 +13,23 @@ import math
 
 import numpy as np
 import plotly.colors as pcolors
+import torch
 from PIL import Image, ImageDraw, ImageFont
 
+import visionzip
+from app.models import LoadedModel
+from app.modes import Mode, use_mode
 from visionzip import ImageSelection, TileSelection
+from visionzip.video import frame_features, frame_pixel_values
 
 TILE_PX = 336  # CLIP-L/14-336 tile; a patch cell is TILE_PX / side pixels of the tile
 PANEL_LONG_SIDE = 1024  # drawn size of each picture: big enough for a projector, small enough to be quick
 TITLE_PX = 44  # height of the title strip above each panel of a multi-panel view
 
-KEPT_RGB = (255, 221, 0)  # dominant tokens: one clear colour, absent from the group palette
+# The overlay's colours and the words the page uses for them, in one place.
+KEPT_RGB = (255, 221, 0)  # kept (dominant) tokens: one clear colour, absent from the group palette
+KEPT_NAME = "Yellow"
+FILMSTRIP_LEGEND = f"{KEPT_NAME}: kept (dominant) tokens; colours: contextual groups, ⚪ on each group's target. "
 KEPT_TINT = 0.35
 GROUP_TINT = 0.45
 BACKGROUND_DIM = 0.6  # merged and dropped cells sit on a darkened picture so kept cells stand out
@@ -338,3 +346,27 @@ def legend_markdown(selection: ImageSelection, view: str) -> str:
     ]
     total = f"**{selection.num_tokens} visual tokens** for this image (all tiles, as fed to the language model)."
     return "\n".join(rows) + "\n\n" + " · ".join(part for part in legend if part) + "\n\n" + total
+
+
+# -- what to draw: the vision tower alone, under one side's mode ------------------------------------
+def frame_selections(
+    loaded: LoadedModel, frames: tuple[Image.Image, ...], mode: Mode
+) -> list[visionzip.ImageSelection]:
+    """What `mode`'s method keeps and merges on each frame: the vision tower alone."""
+    pixel_values = frame_pixel_values(loaded.processor, frames).to(loaded.device, loaded.dtype)
+    with torch.inference_mode(), use_mode(loaded, mode) as call:
+        frame_features(loaded.handle, pixel_values)
+    return call.selection
+
+
+def image_selection(loaded: LoadedModel, image: Image.Image, mode: Mode) -> visionzip.ImageSelection:
+    """What `mode`'s method keeps and merges on `image`: the vision tower (and, for a per-image
+    method, the projector) alone, no language model, so the overlay follows the budget without
+    re-running the chat."""
+    pixels = loaded.processor.image_processor(images=[image], return_tensors="pt")
+    sizes = torch.tensor([[image.height, image.width]])
+    with torch.inference_mode(), use_mode(loaded, mode) as call:
+        loaded.model.model.get_image_features(
+            pixel_values=pixels["pixel_values"].to(loaded.device, loaded.dtype), image_sizes=sizes
+        )
+    return call.selection[0]

@@ -1,46 +1,17 @@
-"""Video clips in the app: sampled frames cached per file and frame count, how many frames the
-"same budget" mode gives a VisionZip side, and the filmstrip of what VisionZip keeps on each frame."""
+"""Video in the app: how many frames the "same budget" mode gives a reducing side, the clip's info
+line, and the filmstrip of what a method keeps on each frame (clips load in app.media)."""
 
 from __future__ import annotations
-
-import functools
-import os
-from dataclasses import dataclass
-from typing import Any
 
 from PIL import Image, ImageOps
 
 from app import overlay
-from app.media import load_video
+from app.media import Clip
 from visionzip import ImageSelection
 
 DEFAULT_FRAMES = 4  # a 4096-token context holds about 6 full frames (576 tokens each)
 MAX_FRAMES = 32  # the slider's top: far past what a full side fits, so a refusal can be seen
-FRAME_SIDE = 672  # frames are decoded no larger: the model sees 336x336 tiles, and many frames stay cached
 FILMSTRIP_PX = 320  # drawn size of each filmstrip frame
-
-
-@dataclass(frozen=True)
-class Clip:
-    """Frames sampled uniformly from a video, their times, and load_video's info (backend, fps,
-    duration_s, total_frames, indices, width, height, notes).  Shared from a cache: never mutate."""
-
-    frames: tuple[Image.Image, ...]
-    timestamps_s: tuple[float, ...]
-    info: dict[str, Any]
-
-
-def load_clip(path: str, num_frames: int) -> Clip:
-    """`num_frames` frames of the video at `path` (all of them if it has fewer); raises MediaError.
-    Cached: every turn, side, header and filmstrip of a conversation reads the same frames."""
-    stat = os.stat(path)
-    return _load_clip(path, num_frames, stat.st_mtime_ns, stat.st_size)
-
-
-@functools.lru_cache(maxsize=6)
-def _load_clip(path: str, num_frames: int, mtime_ns: int, size: int) -> Clip:
-    frames, timestamps, info = load_video(path, num_frames, max_side=FRAME_SIDE)
-    return Clip(tuple(frames), tuple(timestamps), info)
 
 
 def same_budget_frames(num_frames: int, full_tokens_per_frame: int, tokens_per_frame: int, total_frames: int) -> int:

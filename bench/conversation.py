@@ -1,4 +1,4 @@
-"""The app's own timing path, measured: multi-turn conversations through `app.chat.run_turn` on a
+"""The app's own timing path, measured: multi-turn conversations through `app.turn.run_turn` on a
 model the app's registry loaded, every visual token on the left and VisionZip on the right, exactly
 as the page runs and times them.
 
@@ -31,9 +31,12 @@ from typing import Any
 
 import torch
 
-from app.chat import FULL, Conversation, SideConfig, load_side_models, make_mode, run_turn
-from app.models import DTYPES, ModelRegistry, resolve_device, timing_method
+from app.conversation import Conversation, SideConfig
+from app.hosting import timing_method
+from app.models import DTYPES, ModelRegistry, resolve_device
+from app.modes import FULL, make_mode
 from app.stats import TurnStats
+from app.turn import load_side_models, run_turn
 from bench.phases import bench_image, build_wide, machine_description
 from visionzip.tiny import cache_folder
 

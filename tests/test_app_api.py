@@ -10,8 +10,10 @@ from app_helpers import served
 from gradio_client import Client, handle_file
 from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
 
-from app.chat import FULL, Conversation, SideConfig, TurnRefused, load_side_models, make_mode, run_turn
+from app.conversation import Conversation, SideConfig
 from app.models import TINY_15_LABEL, TINY_LABEL, ModelRegistry
+from app.modes import FULL, make_mode
+from app.turn import TurnRefused, load_side_models, run_turn
 from app.ui import build_demo
 from visionzip import preset_budget
 from visionzip.tiny import tiny_checkpoint

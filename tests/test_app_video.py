@@ -10,9 +10,10 @@ from gradio_client import Client, handle_file
 from PIL import Image
 
 from app import overlay
+from app.media import Clip
 from app.models import TINY_LABEL, ModelRegistry
 from app.ui import build_demo
-from app.video import Clip, filmstrip, frame_tile
+from app.video import filmstrip, frame_tile
 from visionzip import preset_budget
 from visionzip.video import frame_pixel_values
 
@@ -192,7 +193,8 @@ def test_filmstrip_frames_are_the_tiles_the_model_sees(request, family, fixture)
 
 
 def test_filmstrip_marks_each_frames_kept_tokens(registry):
-    from app.chat import frame_selections, make_mode
+    from app.modes import make_mode
+    from app.overlay import frame_selections
 
     loaded = registry.get(TINY_LABEL)
     mode = make_mode("VisionZip 320", "llava_next")

@@ -6,8 +6,10 @@ import threading
 import pytest
 import torch
 
-from app.chat import FULL, Conversation, SideConfig, load_side_models, make_mode, run_turn
+from app.conversation import Conversation, SideConfig
 from app.models import FOUR_BIT, ModelRegistry, has_bitsandbytes, resolve_device
+from app.modes import FULL, make_mode
+from app.turn import load_side_models, run_turn
 from visionzip.tiny import tiny_checkpoint
 
 needs_cuda = pytest.mark.skipif(

@@ -9,7 +9,7 @@ import torch
 
 import app.models
 from app.models import TINY, TINY_15_LABEL, TINY_LABEL, ModelLoadError, ModelRegistry
-from app.ui import models_markdown
+from app.render import models_markdown
 
 COPY = "Tiny LLaVA-NeXT, second copy"
 CUDA = torch.device("cuda", 0)

@@ -22,7 +22,7 @@ from test_app_video import write_clip
 from test_reliability import assert_answered, questions
 
 from app.models import TINY_15_LABEL, TINY_LABEL
-from app.video import DEFAULT_FRAMES
+from app.video import DEFAULT_FRAMES  # noqa: F401
 from visionzip import preset_budget
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -44,7 +44,7 @@ def test_importing_the_app_and_building_the_page_touch_no_cuda():
 
         for name in ("_lazy_init", "init", "is_available", "device_count", "get_device_name", "synchronize", "mem_get_info"):
             setattr(torch.cuda, name, refuse)
-        import app.ui, app.models, app.chat, visionzip, visionzip.video, visionzip.tune
+        import app.ui, app.models, app.turn, visionzip, visionzip.video, visionzip.tune
         from app.models import ModelRegistry
         app.ui.build_demo(ModelRegistry(device="cpu"))
         print("ok")
@@ -61,13 +61,13 @@ def test_outside_zerogpu_the_real_spaces_package_leaves_the_handlers_as_they_are
         """
         import os
         os.environ.pop("SPACES_ZERO_GPU", None)
-        import spaces, app.models
+        import spaces, app.hosting
 
         def handler():
             return 1
 
-        assert app.models.spaces is spaces and "site-packages" in spaces.__file__ and not app.models.ON_ZEROGPU
-        assert app.models.gpu_task(30)(handler) is handler
+        assert app.hosting.spaces is spaces and "site-packages" in spaces.__file__ and not app.hosting.ON_ZEROGPU
+        assert app.hosting.gpu_task(30)(handler) is handler
         print("ok")
         """
     )

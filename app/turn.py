@@ -1,27 +1,28 @@
-"""One conversation about one image or video clip, asked of two sides, and one turn run on one side.
+"""One turn: each side prepared (tokenised, checked against its context window), streamed with a
+clock on every new token, stoppable from another process, and both sides run one after the other.
 
 Every turn re-prefills the whole conversation (built with the model's chat template), so the
-saving VisionZip makes on the visual tokens shows on every turn, not only the first.
+saving a method makes on the visual tokens shows on every turn, not only the first.
 """
 
 from __future__ import annotations
 
 import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from PIL import Image
 from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
-import visionzip
-from app.media import load_image
-from app.models import LoadedModel, ModelLoadError, ModelRegistry, clock
+from app.conversation import SIDES, Conversation, SideConfig, Turn, load_media, messages_for
+from app.hosting import clock
+from app.media import Clip, load_clip
+from app.models import LoadedModel, ModelLoadError, ModelRegistry
+from app.modes import Mode, use_mode
 from app.stats import TurnStats
-from app.video import DEFAULT_FRAMES, Clip, load_clip, same_budget_frames
-from visionzip.projector import use_projector
+from app.video import same_budget_frames
 from visionzip.video import (
     frame_features,
     frame_pixel_values,
@@ -31,137 +32,7 @@ from visionzip.video import (
     video_prompt,
 )
 
-SIDES = ("left", "right")
-FULL = "Full"  # every visual token: no VisionZip
-CUSTOM = "Custom D/C"
-PRESET_PREFIX = "VisionZip "
 
-
-# -- modes --------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Mode:
-    name: str  # as chosen in the UI: FULL, "VisionZip 320", CUSTOM
-    enabled: bool
-    dominant: int = 0
-    contextual: int = 0
-    tuned: str | None = None  # the tuned projector's description ("trained at 54+10, 200 steps"); None: the model's own
-
-    @property
-    def label(self) -> str:
-        budget = f"VisionZip {self.dominant}+{self.contextual}/tile" if self.enabled else "full"
-        return budget + (f" + tuned projector ({self.tuned})" if self.tuned else "")
-
-    @property
-    def key(self) -> tuple[bool, int, int, bool]:
-        return (self.enabled, self.dominant, self.contextual, self.tuned is not None)
-
-
-def mode_choices(family: str) -> list[str]:
-    """FULL, the paper's presets for this model family (largest first), CUSTOM."""
-    return [FULL] + [f"{PRESET_PREFIX}{n}" for n in sorted(visionzip.PRESETS[family], reverse=True)] + [CUSTOM]
-
-
-def make_mode(
-    name: str, family: str, dominant: float | None = None, contextual: float | None = None, tokens_per_tile: int = 577
-) -> Mode:
-    """The Mode a UI choice names; raises ValueError (with the limits) for a budget that a tile of
-    `tokens_per_tile` tokens (CLS + patches; 577 for CLIP-L/14-336) cannot meet."""
-    if name == FULL:
-        return Mode(FULL, False)
-    if name == CUSTOM:
-        budget = visionzip.Budget(_whole(dominant, "dominant"), _whole(contextual, "contextual"))
-    elif name.startswith(PRESET_PREFIX):
-        budget = visionzip.preset_budget(family, name.removeprefix(PRESET_PREFIX))
-    else:
-        raise ValueError(f"unknown mode {name!r}; choose one of {mode_choices(family)}")
-    budget.check(tokens_per_tile)
-    return Mode(name, True, budget.dominant, budget.contextual)
-
-
-def translate_mode(mode: Mode, family: str) -> Mode:
-    """The same mode for another model family: presets map by rank (640 <-> 192, 320 <-> 128,
-    160 <-> 64), as the paper pairs them; full and custom budgets carry over."""
-    if not mode.name.startswith(PRESET_PREFIX) or mode.name in mode_choices(family):
-        return mode
-    for presets in visionzip.PRESETS.values():
-        ranked = sorted(presets, reverse=True)
-        name = int(mode.name.removeprefix(PRESET_PREFIX))
-        if name in ranked:
-            target = sorted(visionzip.PRESETS[family], reverse=True)[ranked.index(name)]
-            return make_mode(f"{PRESET_PREFIX}{target}", family)
-    raise ValueError(f"unknown preset {mode.name!r}")
-
-
-def tuned_mode(mode: Mode, loaded: LoadedModel, tuned: bool) -> Mode:
-    """`mode` with `loaded`'s tuned projector, or with the model's own.  The projector's weights
-    load here, so one that does not fit fails when chosen (ModelLoadError), not mid-turn."""
-    if not tuned:
-        return replace(mode, tuned=None)
-    loaded.tuned_projector()
-    return replace(mode, tuned=loaded.projector.describe())
-
-
-def _whole(value: float | None, name: str) -> int:
-    if value is None or float(value) != int(value):
-        raise ValueError(f"{name} must be a whole number, got {value!r}")
-    return int(value)
-
-
-# -- conversation state (plain data, one per browser session) -------------------------------------
-@dataclass
-class SideConfig:
-    model: str  # registry label
-    mode: Mode
-
-
-@dataclass
-class Turn:
-    question: str
-    answers: dict[str, str] = field(default_factory=lambda: {side: "" for side in SIDES})
-    stats: dict[str, TurnStats] = field(default_factory=dict)  # filled when a side finishes
-    running: str | None = None  # the side generating now
-    frames: dict[str, int] = field(default_factory=dict)  # video: the frames each side saw
-
-
-@dataclass
-class Conversation:
-    sides: dict[str, SideConfig]
-    media_path: str | None = None
-    media_kind: str = "image"  # "image" or "video": the kind of the conversation's upload
-    turns: list[Turn] = field(default_factory=list)
-    num_frames: int = DEFAULT_FRAMES  # video: frames sampled for a full side
-    same_budget: bool = False  # video: a VisionZip side gets as many frames as fit in a full side's tokens
-
-    def all_stats(self) -> list[TurnStats]:
-        return [turn.stats[side] for turn in self.turns for side in SIDES if side in turn.stats]
-
-
-def media_block(conversation: Conversation) -> dict:
-    return {"type": conversation.media_kind}
-
-
-def load_media(conversation: Conversation) -> Image.Image:
-    if conversation.media_path is None:
-        raise ValueError("Upload an image first: every question is about the conversation's image.")
-    image, _ = load_image(conversation.media_path)
-    return image
-
-
-def messages_for(conversation: Conversation, side: str, question: str) -> list[dict]:
-    """The chat so far as this side saw it (its own answers), then `question`; the image goes
-    with the first user message."""
-    questions = [turn.question for turn in conversation.turns] + [question]
-    answers = [turn.answers[side] for turn in conversation.turns]
-    messages = []
-    for index, text in enumerate(questions):
-        content = [media_block(conversation)] if index == 0 else []
-        messages.append({"role": "user", "content": content + [{"type": "text", "text": text}]})
-        if index < len(answers):
-            messages.append({"role": "assistant", "content": [{"type": "text", "text": answers[index]}]})
-    return messages
-
-
-# -- one side, one turn ---------------------------------------------------------------------------
 class ContextTooLong(ValueError):
     """The conversation would not fit the model's context window; nothing was run."""
 
@@ -266,18 +137,6 @@ def kv_cache_bytes(config, tokens: int, dtype: torch.dtype) -> int:
     kv_heads = getattr(text, "num_key_value_heads", None) or heads
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
     return 2 * text.num_hidden_layers * kv_heads * head_dim * tokens * dtype.itemsize
-
-
-@contextmanager
-def use_mode(loaded: LoadedModel, mode: Mode) -> Iterator[visionzip.Call]:
-    """The handle's `use()` block for `mode`, with the mode's projector (tuned or the model's own),
-    for this thread only: the other side, on the same weights, keeps its own."""
-    budget = dict(dominant=mode.dominant, contextual=mode.contextual) if mode.enabled else {}
-    projector = loaded.tuned_projector() if mode.tuned else None
-    if projector is not None and mode.enabled:
-        budget["merge"] = projector.info.merge  # a projector runs under the merge it was trained with
-    with loaded.handle.use(enabled=mode.enabled, **budget) as call, use_projector(loaded.model, projector):
-        yield call
 
 
 def _generate_kwargs(prepared: Prepared, features, max_new_tokens: int) -> dict:
@@ -451,16 +310,6 @@ def prepare_video(
     return VideoPrepared(loaded, mode, inputs, visual, input_ids.shape[1] - visual, frames=len(clip.frames))
 
 
-def frame_selections(
-    loaded: LoadedModel, frames: tuple[Image.Image, ...], mode: Mode
-) -> list[visionzip.ImageSelection]:
-    """What VisionZip keeps and merges on each frame under `mode`'s budget: the vision tower alone."""
-    pixel_values = frame_pixel_values(loaded.processor, frames).to(loaded.device, loaded.dtype)
-    with torch.inference_mode(), use_mode(loaded, mode) as call:
-        frame_features(loaded.handle, pixel_values)
-    return call.selection
-
-
 # -- one turn, both sides ------------------------------------------------------------------------
 def load_side_models(registry: ModelRegistry, conversation: Conversation) -> None:
     """Load both sides' models before a turn, in this process: on ZeroGPU the turn runs in a worker
@@ -530,15 +379,3 @@ def run_turn(
             stream.close()
             turn.running = None
     yield conversation
-
-
-def image_selection(loaded: LoadedModel, image: Image.Image, mode: Mode) -> visionzip.ImageSelection:
-    """What VisionZip keeps and merges on `image` under `mode`'s budget: the vision tower alone,
-    no language model, so the overlay follows the budget without re-running the chat."""
-    pixels = loaded.processor.image_processor(images=[image], return_tensors="pt")
-    sizes = torch.tensor([[image.height, image.width]])
-    with torch.inference_mode(), use_mode(loaded, mode) as call:
-        loaded.model.model.get_image_features(
-            pixel_values=pixels["pixel_values"].to(loaded.device, loaded.dtype), image_sizes=sizes
-        )
-    return call.selection[0]

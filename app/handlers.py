@@ -1,0 +1,422 @@
+"""What each event does, as named members of one class whose dependencies (the registry, the answer
+length, the folder of stop flags) are passed in: plain methods a test calls without a server.
+
+Each handler returns a dict of named results ("state", "left_chat", "media_info", ...); `app.ui`
+maps the names to the page's components in one place.  A name left out leaves its component as it
+is.  Handlers raise `gr.Error` with a message for the user; the conversation they were given is
+never changed in place, so a refused change loses nothing.
+"""
+
+import filecmp
+import hashlib
+import logging
+import time
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+
+import gradio as gr
+from PIL import Image
+
+import visionzip
+from app import charts, overlay, render
+from app.conversation import SIDES, Conversation, SideConfig, load_media, messages_for
+from app.hosting import gpu_task
+from app.media import MediaError, detect_media_kind, load_clip, load_image
+from app.models import ModelLoadError, ModelRegistry
+from app.modes import CUSTOM, FULL, Mode, make_mode, mode_choices, translate_mode, tuned_mode
+from app.turn import (
+    ContextTooLong,
+    StopFlag,
+    TurnRefused,
+    describe_error,
+    load_side_models,
+    run_turn,
+    video_tokens,
+)
+from app.video import DEFAULT_FRAMES, MAX_FRAMES, describe_clip, filmstrip
+from visionzip.video import tokens_per_frame
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODES = {"left": FULL, "right": "VisionZip 320"}
+CUSTOM_START = (54, 10)  # the custom D/C boxes' first values: VisionZip 320's budget per tile
+NO_IMAGE = "Upload an image to see which tokens VisionZip keeps."
+NO_VISIONZIP = "Neither side uses VisionZip: pick a VisionZip mode to see what it keeps."
+STREAM_INTERVAL_S = 0.1  # redraw streaming answers at most this often: a browser re-renders the whole chat each time
+Results = dict[str, object]
+
+
+def uploaded_path(upload: dict | None) -> str | None:
+    """The server path of an upload that reaches its handler unprocessed (as gr.FileData).  Media
+    handlers skip Gradio's preprocessing: gr.Image's opens the file with PIL, so a bad file fails with
+    a bare "Error" and CMYK, 16-bit and transparent images are flattened before app.media sees them."""
+    return upload.get("path") if upload else None
+
+
+def same_file(path: str, other: str) -> bool:
+    try:
+        return filecmp.cmp(path, other, shallow=False)
+    except OSError:
+        return False
+
+
+def frame_count(value: float) -> int:
+    if value != int(value) or not 1 <= value <= MAX_FRAMES:
+        raise gr.Error(f"The frame count must be a whole number from 1 to {MAX_FRAMES}, got {value}.")
+    return int(value)
+
+
+def new_conversation(registry: ModelRegistry) -> Conversation:
+    family = registry.family(registry.default)
+    sides = {
+        side: SideConfig(registry.default, translate_mode(make_mode(DEFAULT_MODES[side], "llava_next"), family))
+        for side in SIDES
+    }
+    return Conversation(sides)
+
+
+class Handlers:
+    def __init__(self, registry: ModelRegistry, max_new_tokens: int, stops: Path) -> None:
+        self.registry, self.max_new_tokens, self.stops = registry, max_new_tokens, stops
+        # The model work, as GPU tasks: ZeroGPU runs them in a worker process (reached by fork, so a
+        # bound method serves; only their arguments and results are pickled, and those are plain data).
+        self.ask_on_gpu = gpu_task(duration_s=120)(self.ask_on_gpu)
+        self.select_tokens = gpu_task(duration_s=30)(self.select_tokens)
+
+    # -- what several handlers return ----------------------------------------------------------------
+    def views(self, conversation: Conversation) -> Results:
+        """The conversation and everything drawn from it alone: both chats, the measurements, the summary."""
+        return {
+            "state": conversation,
+            **{f"{side}_chat": render.chat_messages(conversation, side) for side in SIDES},
+            "stats_json": render.stats_records(conversation),
+            "summary": render.summary_markdown(conversation),
+        }
+
+    def headers(self, conversation: Conversation) -> Results:
+        return {
+            f"{side}_header": render.side_header(self.registry, conversation, side, self.max_new_tokens)
+            for side in SIDES
+        }
+
+    # -- media ---------------------------------------------------------------------------------
+    def set_media(
+        self,
+        image: dict | None,
+        conversation: Conversation,
+        video: dict | None = None,
+        num_frames: float = DEFAULT_FRAMES,
+        same_budget: bool = False,
+        event: gr.EventData = None,
+    ) -> Results:
+        """Make an uploaded image or video (gr.FileData; told apart by content, a video wins when the
+        API is given both) the conversation's media; new media starts a new conversation.  On an
+        unreadable file the previous media and conversation stay."""
+        image, video = uploaded_path(image), uploaded_path(video)
+        boxes = {"media": image, "video": video}
+        trigger = getattr(event.target, "elem_id", None) if event is not None else None
+        if trigger in boxes:
+            other = "video" if trigger == "media" else "media"
+            # an emptied box (perhaps by an upload in the other) leaves the other box's file in use
+            source = trigger if boxes[trigger] or not boxes[other] else other
+            path = boxes[source]
+            # the file in use shown again (the other box emptied, or put back after a refused upload; Gradio
+            # may cache it under a new path): the same conversation goes on
+            if path and conversation.media_path and same_file(path, conversation.media_path):
+                return {**self.views(conversation), **self.headers(conversation)}
+        else:  # an API call
+            source, path = None, video or image
+        num_frames = frame_count(num_frames)
+        kind, info = self._read_media(path, num_frames) if path else ("image", "")
+        conversation = replace(
+            conversation,
+            media_path=path or None,
+            media_kind=kind,
+            turns=[],
+            num_frames=num_frames,
+            same_budget=bool(same_budget),
+        )
+        results = {**self.views(conversation), "media_info": info, **self.headers(conversation)}
+        # the box that was not used is emptied, so the page shows only the media in use
+        if source == "video" and image:
+            results["media"] = None
+        if source == "media" and video:
+            results["video"] = None
+        return results
+
+    @staticmethod
+    def _read_media(path: str, num_frames: int) -> tuple[str, str]:
+        """(kind, info line) of an upload; raises gr.Error with the reason it cannot be read."""
+        try:
+            kind = detect_media_kind(path)
+            if kind == "video":
+                return kind, describe_clip(Path(path).name, load_clip(path, num_frames))
+            picture, notes = load_image(path)
+            return kind, f"{picture.width}x{picture.height} image" + (f" ({'; '.join(notes)})" if notes else "")
+        except MediaError as error:
+            raise gr.Error(str(error)) from None
+
+    @staticmethod
+    def show_media(conversation: Conversation) -> Results:
+        """The upload boxes as the media in use: a refused file leaves no trace in them."""
+        path, kind = conversation.media_path, conversation.media_kind
+        return {"media": path if kind == "image" else None, "video": path if kind == "video" else None}
+
+    def set_frames(self, conversation: Conversation, num_frames: float, same_budget: bool) -> Results:
+        """Frames sampled from the video, and the "same budget" mode; the conversation goes on, as
+        after a mode change (each turn re-reads the clip with the current frames)."""
+        conversation = replace(conversation, num_frames=frame_count(num_frames), same_budget=bool(same_budget))
+        results = {"state": conversation, **self.headers(conversation)}
+        if conversation.media_kind == "video":
+            try:
+                clip = load_clip(conversation.media_path, conversation.num_frames)
+            except MediaError as error:
+                raise gr.Error(str(error)) from None
+            results["media_info"] = describe_clip(Path(conversation.media_path).name, clip)
+        return results
+
+    # -- asking --------------------------------------------------------------------------------
+    @staticmethod
+    def take_message(text: str) -> Results:
+        return {"message": "", "question": text}
+
+    def stop_flag(self, request: gr.Request | None) -> StopFlag:
+        session = request.session_hash if request else ""
+        return StopFlag(self.stops / hashlib.sha256(session.encode()).hexdigest()[:16])  # clients pick session ids
+
+    def ask(self, question: str, conversation: Conversation, request: gr.Request = None) -> Iterator[Results]:
+        """Ask both sides `question` about the conversation's media; streams both chat columns."""
+        load_side_models(self.registry, conversation)
+        stop = self.stop_flag(request)
+        stop.clear()
+        try:
+            for current in self.ask_on_gpu(question, conversation, stop):
+                yield self.views(current)  # drawn here, in the server: the GPU task returns plain data
+        finally:
+            stop.clear()
+
+    def request_stop(self, request: gr.Request = None) -> None:
+        self.stop_flag(request).set()
+
+    def pop_last_turn(self, conversation: Conversation) -> Results:
+        if not conversation.turns:
+            raise gr.Error("Nothing to regenerate yet.")
+        last = conversation.turns[-1]
+        conversation = replace(conversation, turns=conversation.turns[:-1])
+        return {**self.views(conversation), "question": last.question}
+
+    def clear_conversation(self, conversation: Conversation) -> Results:
+        return self.views(replace(conversation, turns=[]))
+
+    def after_turn(self, conversation: Conversation, request: gr.Request = None) -> Results:
+        turns = conversation.all_stats()
+        json_file, csv_file = render.export_files(conversation, request.session_hash if request else "")
+        return {
+            "tokens_plot": charts.tokens_chart(turns),
+            "times_plot": charts.times_chart(turns),
+            "speedup_plot": charts.speedup_chart(turns),
+            "export_json": json_file,
+            "export_csv": csv_file,
+            "models_info": render.models_markdown(self.registry),
+            **self.headers(conversation),
+        }
+
+    def ask_on_gpu(self, question: str, conversation: Conversation, stop: StopFlag) -> Iterator[Conversation]:
+        """The turn itself; yields the conversation as it fills in, at most every STREAM_INTERVAL_S
+        while a side streams, and whenever a side starts or finishes."""
+        shown, shown_at = None, 0.0
+        try:
+            for current in run_turn(self.registry, conversation, question, self.max_new_tokens, stop):
+                turn = current.turns[-1]
+                progress = (turn.running, len(turn.stats))
+                if progress != shown or time.monotonic() - shown_at >= STREAM_INTERVAL_S:
+                    shown, shown_at = progress, time.monotonic()
+                    yield current
+            yield conversation
+        except (TurnRefused, ValueError, MediaError, ModelLoadError) as error:
+            raise gr.Error(str(error)) from None
+        except Exception as error:  # on ZeroGPU anything but gr.Error would reach the page as "worker error"
+            log.exception("turn failed")
+            raise gr.Error(f"The turn failed: {type(error).__name__}: {error}") from None
+
+    # -- modes and models ----------------------------------------------------------------------
+    def set_mode(
+        self,
+        conversation: Conversation,
+        left_mode: str,
+        left_dominant: float,
+        left_contextual: float,
+        right_mode: str,
+        right_dominant: float,
+        right_contextual: float,
+        left_tuned: bool = False,
+        right_tuned: bool = False,
+    ) -> Results:
+        """Both sides' modes: FULL, a preset ("VisionZip 320") or CUSTOM with dominant/contextual per tile,
+        each with its model's tuned projector (`left_tuned`/`right_tuned`) when the app was given one."""
+        sides = dict(conversation.sides)
+        values = {
+            "left": (left_mode, left_dominant, left_contextual, left_tuned),
+            "right": (right_mode, right_dominant, right_contextual, right_tuned),
+        }
+        for side, (name, dominant, contextual, tuned) in values.items():
+            try:
+                loaded = self.registry.get(sides[side].model)
+                mode = make_mode(name, loaded.family, dominant, contextual, loaded.handle.tokens_per_tile)
+                mode = tuned_mode(mode, loaded, bool(tuned))
+            except (ValueError, ModelLoadError) as error:
+                raise gr.Error(f"{render.SIDE_NAMES[side]} side: {error}") from None
+            sides[side] = replace(sides[side], mode=mode)
+        conversation = replace(conversation, sides=sides)
+        rows = {f"{side}_custom_row": gr.Row(visible=conversation.sides[side].mode.name == CUSTOM) for side in SIDES}
+        return {"state": conversation, **rows, **self.headers(conversation)}
+
+    @staticmethod
+    def show_modes(conversation: Conversation) -> Results:
+        """Each side's mode controls as the budget in force: a refused budget leaves no trace."""
+        controls = {}
+        for side in SIDES:
+            mode = conversation.sides[side].mode
+            dominant, contextual = (mode.dominant, mode.contextual) if mode.enabled else CUSTOM_START
+            controls[f"{side}_mode"] = gr.Dropdown(value=mode.name)
+            controls[f"{side}_dominant"], controls[f"{side}_contextual"] = dominant, contextual
+            controls[f"{side}_custom_row"] = gr.Row(visible=mode.name == CUSTOM)
+            controls[f"{side}_tuned"] = gr.Checkbox(value=mode.tuned is not None)
+        return controls
+
+    def set_model(
+        self, conversation: Conversation, left_model: str, right_model: str, progress=gr.Progress(track_tqdm=True)
+    ) -> Results:
+        """Load (on first use, with the checkpoint shards' progress on the page) and select each side's
+        model; a mode preset maps to the new model family's.  On failure the previous models keep serving."""
+        sides = dict(conversation.sides)
+        for side, label in zip(SIDES, (left_model, right_model)):
+            try:
+                if label not in {model.label for model in self.registry.loaded()}:
+                    progress(0, desc=f"Loading {label}")
+                loaded = self.registry.get(label)
+                mode = translate_mode(sides[side].mode, loaded.family)
+                # the tuned projector stays chosen while the new model has one too
+                mode = tuned_mode(mode, loaded, mode.tuned is not None and loaded.projector is not None)
+            except ModelLoadError as error:
+                raise gr.Error(f"{render.SIDE_NAMES[side]} side keeps {sides[side].model}: {error}") from None
+            sides[side] = SideConfig(label, mode)
+        conversation = replace(conversation, sides=sides)
+        results: Results = {"state": conversation, **self.headers(conversation)}
+        for side in SIDES:
+            family = self.registry.get(conversation.sides[side].model).family
+            results[f"{side}_mode"] = gr.Dropdown(
+                choices=mode_choices(family), value=conversation.sides[side].mode.name
+            )
+            results[f"{side}_tuned"] = gr.Checkbox(**render.tuned_box(self.registry, conversation, side))
+        results["banner"] = render.banner_update(self.registry, conversation)
+        results["models_info"] = render.models_markdown(self.registry)
+        return results
+
+    @staticmethod
+    def show_models(conversation: Conversation) -> Results:
+        return {f"{side}_model": gr.Dropdown(value=conversation.sides[side].model) for side in SIDES}
+
+    # -- what the methods keep ------------------------------------------------------------------
+    def overlay_views(
+        self, selection: visionzip.ImageSelection | None, conversation: Conversation, chosen: str
+    ) -> Results:
+        """Legend, view choices, overlay, heatmap and attention chart for one view of the selection."""
+        side = render.vision_side(conversation)
+        if selection is None or side is None:
+            return {
+                "view": gr.Dropdown(choices=["all"], value="all"),
+                "overlay": None,
+                "heatmap": None,
+                "attention_plot": None,
+            }
+        picture = load_media(conversation)
+        choices = overlay.view_choices(selection)
+        chosen = chosen if chosen in choices else "all"
+        config = conversation.sides[side]
+        budget = visionzip.Budget(config.mode.dominant, config.mode.contextual)
+        title = f"**{render.SIDE_NAMES[side]} side**: {config.model}, {config.mode.label}.\n\n"
+        return {
+            "legend": title + overlay.legend_markdown(selection, chosen),
+            "view": gr.Dropdown(choices=choices, value=chosen),
+            "overlay": overlay.draw_overlay(picture, selection, chosen),
+            "heatmap": overlay.draw_attention_heatmap(picture, selection, chosen),
+            "attention_plot": charts.attention_chart(selection, budget, chosen),
+        }
+
+    def refresh_overlay(self, conversation: Conversation, chosen: str) -> Results:
+        """Run the vision tower alone under the reducing side's mode and draw what it keeps."""
+        side = render.vision_side(conversation)
+        if conversation.media_kind == "video":  # the filmstrip shows it, with its own legend
+            return {"selection_state": None, **self.overlay_views(None, conversation, chosen)}
+        if conversation.media_path is None or side is None:
+            note = NO_IMAGE if conversation.media_path is None else NO_VISIONZIP
+            return {"selection_state": None, "legend": note, **self.overlay_views(None, conversation, chosen)}
+        config = conversation.sides[side]
+        try:
+            self.registry.get(config.model)
+            picture = load_media(conversation)
+        except (ValueError, ModelLoadError, MediaError) as error:
+            raise gr.Error(str(error)) from None
+        selection = self.select_tokens(config.model, config.mode, (picture,), frames=False)[0]
+        return {"selection_state": selection, **self.overlay_views(selection, conversation, chosen)}
+
+    def select_tokens(
+        self, label: str, mode: Mode, pictures: tuple[Image.Image, ...], frames: bool
+    ) -> list[visionzip.ImageSelection]:
+        """What `mode` keeps and merges on each picture: images (anyres tiles) or a clip's frames (one
+        tile each), from the vision tower alone; drawing happens outside."""
+        try:
+            loaded = self.registry.ready(label)
+            if frames:
+                return overlay.frame_selections(loaded, pictures, mode)
+            return [overlay.image_selection(loaded, picture, mode) for picture in pictures]
+        except Exception as error:  # on ZeroGPU anything but gr.Error would reach the page as "worker error"
+            raise gr.Error(describe_error(error)) from None
+
+    def refresh_filmstrip(self, conversation: Conversation) -> Results:
+        """For a video: each frame the reducing side sees (or, with none, the left side's), with what it
+        keeps and merges on it; the image views are hidden."""
+        if conversation.media_kind != "video":
+            return {
+                "filmstrip": gr.Gallery(value=None, visible=False),
+                "view": gr.Dropdown(visible=True),
+                "image_views": gr.Column(visible=True),
+            }
+        side = render.vision_side(conversation) or "left"
+        config = conversation.sides[side]
+        title = f"**{render.SIDE_NAMES[side]} side**: {config.model}, {config.mode.label}"
+        hidden = {"view": gr.Dropdown(visible=False), "image_views": gr.Column(visible=False)}
+        try:
+            loaded = self.registry.get(config.model)
+            messages = messages_for(conversation, side, "")
+            clip, _, per_frame = video_tokens(loaded, config.mode, conversation, messages, self.max_new_tokens)
+        except ContextTooLong as error:
+            return {
+                "filmstrip": gr.Gallery(value=None, visible=False),
+                "legend": f"{title}: **refused:** {error}",
+                **hidden,
+            }
+        except (ValueError, ModelLoadError, MediaError) as error:
+            raise gr.Error(str(error)) from None
+        with loaded.handle.use(enabled=False):
+            full = tokens_per_frame(loaded.handle)
+        selections = (
+            self.select_tokens(config.model, config.mode, clip.frames, frames=True) if config.mode.enabled else None
+        )
+        strip = filmstrip(clip, loaded.family, selections, full)
+        legend = (
+            f"{title}: {len(clip.frames)} frames, each one 336x336 tile of {per_frame} tokens. "
+            + (overlay.FILMSTRIP_LEGEND if selections else NO_VISIONZIP + " ")
+            + (
+                "Frames are shown squashed to the square base tile the model sees."
+                if loaded.family == "llava_next"
+                else "Frames are shown centre-cropped, as the model sees them."
+            )
+        )
+        return {
+            "filmstrip": gr.Gallery(value=strip, label=f"{len(clip.frames)} frames", visible=True),
+            "legend": legend,
+            **hidden,
+        }

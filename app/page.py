@@ -1,0 +1,172 @@
+"""The page's layout: components made by one render method per region and kept by name, so the
+wiring (`app.ui`) and the handlers (`app.handlers`) refer to them by the names the handlers return."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import gradio as gr
+
+from app import charts, render
+from app.conversation import SIDES, Conversation
+from app.handlers import CUSTOM_START, NO_IMAGE
+from app.models import ModelRegistry
+from app.modes import mode_choices
+from app.video import DEFAULT_FRAMES, MAX_FRAMES
+
+ASSETS = Path(__file__).resolve().parents[1] / "assets"
+VIDEO_TYPES = ["video", ".mp4", ".webm", ".mov", ".avi", ".mkv", ".gif"]
+CSS = """
+#banner { background: #fff4d6; border: 2px solid #e0a800; border-radius: 8px; padding: 4px 12px; }
+#summary p { font-size: 1.5rem !important; line-height: 1.4; }
+#summary small { font-size: 1rem; }
+.side-header { min-height: 6.2em; }  /* both columns' controls line up whatever the header's length */
+.side-header h3 { margin: 0; }
+.message-wrap .message { font-size: 1.05em; }
+"""
+INTRO = (
+    "# VisionZip Live\nThe same question, answered twice: with every visual token (left) and with "
+    "[VisionZip](https://arxiv.org/abs/2412.04467)'s few dominant + contextual tokens (right). "
+    "Each side re-reads the whole conversation every turn, so the saving shows on every turn."
+)
+
+
+class Page:
+    """Every component of the page by name (`page["left_chat"]`), made inside an open `gr.Blocks`."""
+
+    def __init__(self, registry: ModelRegistry, start: Conversation, max_new_tokens: int) -> None:
+        self.registry, self.start, self.max_new_tokens = registry, start, max_new_tokens
+        self.components: dict[str, gr.components.Component | gr.blocks.BlockContext] = {}
+        self.render()
+
+    def __getitem__(self, name: str):
+        return self.components[name]
+
+    def add(self, name: str, component):
+        self.components[name] = component
+        return component
+
+    def render(self) -> None:
+        self.add("state", gr.State(self.start))
+        self.add("selection_state", gr.State(None))  # the overlay's selection: view switches redraw without the model
+        self.add("question", gr.Textbox(label="question", visible=False))  # the question, once the box is cleared
+        gr.Markdown(INTRO)
+        tiny = self.registry.is_tiny(self.registry.default)
+        self.add("banner", gr.Markdown(render.TINY_BANNER, visible=tiny, elem_id="banner"))
+        with gr.Row(equal_height=False):
+            self.render_media_column()
+            for side in SIDES:
+                self.render_side(side)
+        self.render_message_row()
+        self.add("summary", gr.Markdown(label="summary", elem_id="summary"))
+        self.add(
+            "models_info", gr.Markdown(render.models_markdown(self.registry), label="models", elem_id="models-info")
+        )
+        with gr.Tabs():
+            self.render_overlay_tab()
+            self.render_charts_tab()
+            self.render_export_tab()
+
+    def render_media_column(self) -> None:
+        with gr.Column(scale=1, min_width=260):
+            media = self.add("media", gr.Image(type="filepath", label="Image", height=300, elem_id="media"))
+            self.add("video", gr.File(label="… or a video", file_types=VIDEO_TYPES, height=140, elem_id="video"))
+            formats = "Images: PNG, JPEG, WebP, GIF, BMP, TIFF. Videos: MP4, WebM, MOV, AVI, MKV, animated GIF."
+            self.add("media_info", gr.Markdown(formats, label="media info", elem_id="media-info"))
+            with gr.Group():
+                frames_label = "Video frames, sampled uniformly"
+                self.add(
+                    "frames",
+                    gr.Slider(1, MAX_FRAMES, value=DEFAULT_FRAMES, step=1, label=frames_label, elem_id="frames"),
+                )
+                same_label = "Same budget: VisionZip gets as many frames as fit in the full side's tokens"
+                self.add("same_budget", gr.Checkbox(False, label=same_label, elem_id="same-budget"))
+            examples = sorted(str(path) for path in ASSETS.glob("*.png"))
+            if examples:
+                gr.Examples(
+                    examples=[[path] for path in examples], inputs=[media], cache_examples=False, label="Examples"
+                )
+
+    def render_side(self, side: str) -> None:
+        start, registry = self.start, self.registry
+        header = render.side_header(registry, start, side, self.max_new_tokens)
+        with gr.Column(scale=2):
+            self.add(
+                f"{side}_header",
+                gr.Markdown(header, label=f"{side} header", elem_id=f"{side}-header", elem_classes="side-header"),
+            )
+            with gr.Row():
+                models = list(registry.choices)
+                model = gr.Dropdown(
+                    models, value=start.sides[side].model, label="Model", elem_id=f"{side}-model", scale=2
+                )
+                self.add(f"{side}_model", model)
+                modes = mode_choices(registry.family(registry.default))
+                mode = gr.Dropdown(
+                    modes,
+                    value=start.sides[side].mode.name,
+                    label="Mode",
+                    elem_id=f"{side}-mode",
+                    scale=1,
+                    min_width=150,
+                )
+                self.add(f"{side}_mode", mode)
+            tuned_info = "The same tokens, through a projector fine-tuned for VisionZip (the paper's VisionZip‡)"
+            tuned = gr.Checkbox(**render.tuned_box(registry, start, side), info=tuned_info, elem_id=f"{side}-tuned")
+            self.add(f"{side}_tuned", tuned)
+            with gr.Row(visible=False) as custom_row:
+                self.add(f"{side}_custom_row", custom_row)
+                dominant_label = "Dominant tokens per tile (D, counts CLS)"
+                dominant = gr.Number(CUSTOM_START[0], label=dominant_label, precision=0, elem_id=f"{side}-dominant")
+                self.add(f"{side}_dominant", dominant)
+                contextual_label = "Contextual tokens per tile (C)"
+                contextual = gr.Number(
+                    CUSTOM_START[1], label=contextual_label, precision=0, elem_id=f"{side}-contextual"
+                )
+                self.add(f"{side}_contextual", contextual)
+            chat = gr.Chatbot(
+                label=render.SIDE_NAMES[side], show_label=False, height=460, elem_id=f"{side}-chat", buttons=["copy"]
+            )
+            self.add(f"{side}_chat", chat)
+
+    def render_message_row(self) -> None:
+        with gr.Row():
+            placeholder = "Ask both sides about the image, e.g. 'What is in this picture?' (Enter to send)"
+            self.add("message", gr.Textbox(placeholder=placeholder, show_label=False, scale=6, elem_id="message"))
+            self.add("send", gr.Button("Send", variant="primary", scale=1, elem_id="send"))
+            self.add("stop", gr.Button("Stop", variant="stop", scale=1, elem_id="stop"))
+            self.add("regenerate", gr.Button("Regenerate", scale=1, elem_id="regenerate"))
+            self.add("clear", gr.Button("Clear", scale=1, elem_id="clear"))
+
+    def render_overlay_tab(self) -> None:
+        with gr.Tab("What VisionZip keeps", elem_id="tab-overlay"):
+            self.add("view", gr.Dropdown(["all"], value="all", label="Tiles", elem_id="overlay-view"))
+            filmstrip = gr.Gallery(label="Filmstrip", columns=6, height="auto", visible=False, elem_id="filmstrip")
+            self.add("filmstrip", filmstrip)
+            self.add("legend", gr.Markdown(NO_IMAGE, label="legend", elem_id="overlay-legend"))
+            with gr.Column() as image_views:  # hidden, with the view, for a video: its frames are in the filmstrip
+                self.add("image_views", image_views)
+                with gr.Row():
+                    picture = dict(show_label=False, type="pil", interactive=False)
+                    self.add("overlay", gr.Image(label="Kept and merged tokens", elem_id="overlay", **picture))
+                    self.add("heatmap", gr.Image(label="CLS attention", elem_id="heatmap", **picture))
+                self.add("attention_plot", gr.Plot(label="attention", show_label=False, elem_id="attention-chart"))
+
+    def render_charts_tab(self) -> None:
+        with gr.Tab("Charts", elem_id="tab-charts"):
+            self.add(
+                "tokens_plot",
+                gr.Plot(charts.tokens_chart([]), label="tokens", show_label=False, elem_id="tokens-chart"),
+            )
+            self.add(
+                "times_plot", gr.Plot(charts.times_chart([]), label="times", show_label=False, elem_id="times-chart")
+            )
+            speedup = gr.Plot(charts.speedup_chart([]), label="speed-up", show_label=False, elem_id="speedup-chart")
+            self.add("speedup_plot", speedup)
+
+    def render_export_tab(self) -> None:
+        with gr.Tab("Export", elem_id="tab-export"):
+            with gr.Row():
+                self.add("export_json", gr.DownloadButton("Download JSON", elem_id="export-json"))
+                self.add("export_csv", gr.DownloadButton("Download CSV", elem_id="export-csv"))
+            self.add("stats_json", gr.JSON(label="Per-turn measurements", elem_id="stats-json"))

@@ -1,0 +1,158 @@
+"""What the page shows, as plain functions of the conversation and the registry: chat columns with a
+stats line under each answer, the summary, side headers, the loaded models, and the export files."""
+
+from __future__ import annotations
+
+import hashlib
+import tempfile
+from dataclasses import asdict
+from pathlib import Path
+
+import gradio as gr
+
+from app.conversation import SIDES, Conversation, messages_for
+from app.hosting import timing_method
+from app.media import MediaError, load_image
+from app.models import LoadedModel, ModelRegistry, resolve_device
+from app.modes import use_mode
+from app.stats import TurnStats, export_csv, export_json, summary_line
+from app.turn import ContextTooLong, video_tokens
+
+SIDE_NAMES = {"left": "Without VisionZip", "right": "With VisionZip"}
+TINY_BANNER = (
+    "⚠️ **Tiny offline model.** Its weights are random, so its *answers are meaningless noise*; "
+    "its *token counts and timings are real*: it has LLaVA-NeXT's exact image geometry (336x336 tiles of "
+    "24x24 patches, the same grids). Start with `--model llava-hf/llava-v1.6-vicuna-7b-hf` on a GPU for real answers."
+)
+EXPORTS = Path(tempfile.gettempdir()) / "visionzip-live-exports"
+
+
+def _ms(value: float) -> str:
+    return f"{value:,.0f} ms" if value >= 10 else f"{value:.1f} ms"
+
+
+def stats_line(stats: TurnStats, frames: int | None = None) -> str:
+    clip = f"{frames} frames · " if frames is not None else ""
+    return (
+        f"{stats.mode} · {clip}**{stats.visual_tokens:,}** visual + {stats.text_tokens:,} text = {stats.context_tokens:,} tokens · "
+        f"vision {_ms(stats.vision_ms)} · prefill {_ms(stats.prefill_ms)} · "
+        f"decode {stats.decode_tokens_per_s:,.0f} tok/s · KV cache {stats.kv_cache_bytes / 2**20:,.1f} MiB"
+    )
+
+
+def chat_messages(conversation: Conversation, side: str) -> list[dict]:
+    messages = []
+    for turn in conversation.turns:
+        messages.append({"role": "user", "content": turn.question})
+        answer, stats = turn.answers[side], turn.stats.get(side)
+        if turn.running == side:
+            text = answer + " ▌"
+        elif stats is None:
+            text = "… waiting: the other side runs first this turn" if turn.running else f"{answer} ■ stopped".lstrip()
+        elif stats.error:
+            text = (answer + "\n\n" if answer else "") + f"⚠️ {stats.error}"
+        else:
+            text = f"{answer.strip() or '(empty answer)'}\n\n<small>{stats_line(stats, turn.frames.get(side))}</small>"
+        messages.append({"role": "assistant", "content": text})
+    return messages
+
+
+def summary_markdown(conversation: Conversation) -> str:
+    """The latest turn's ratio large, earlier turns below; full (more visual tokens) -> reduced."""
+    lines = []
+    for number, turn in reversed(list(enumerate(conversation.turns, start=1))):
+        pair = [turn.stats.get(side) for side in SIDES]
+        if None in pair:
+            continue
+        full, reduced = sorted(pair, key=lambda stats: -stats.visual_tokens)
+        line = summary_line(full, reduced)
+        same_input = full.visual_tokens == reduced.visual_tokens and len(set(turn.frames.values())) <= 1
+        if line and same_input:  # e.g. VisionZip with and without the tuned projector: a speed ratio would be noise
+            left, right = pair
+            line = f"{left.visual_tokens:,} visual tokens on both sides (left: {left.mode}; right: {right.mode})"
+        elif line and turn.frames:
+            line += f" ({turn.frames[full.side]} -> {turn.frames[reduced.side]} frames)"
+        if line:
+            lines.append(f"Turn {number}: {line}")
+    if not lines:
+        return ""
+    return f"**{lines[0]}**" + "".join(f"<br><small>{line}</small>" for line in lines[1:])
+
+
+def stats_records(conversation: Conversation) -> list[dict]:
+    return [asdict(stats) for stats in conversation.all_stats()]
+
+
+def side_header(registry: ModelRegistry, conversation: Conversation, side: str, max_new_tokens: int) -> str:
+    config = conversation.sides[side]
+    title = "With VisionZip" if config.mode.enabled else "Without VisionZip"
+    title += " + tuned projector" if config.mode.tuned else ""
+    detail = f"{config.model} · {config.mode.label}"
+    loaded = next((m for m in registry.loaded() if m.label == config.model), None)
+    if loaded is not None and conversation.media_path is not None and conversation.media_kind == "video":
+        detail += " · " + video_budget(loaded, conversation, side, max_new_tokens)
+    elif loaded is not None and conversation.media_path is not None:
+        image, _ = load_image(conversation.media_path)
+        with use_mode(loaded, config.mode):
+            detail += (
+                f" · **{loaded.handle.num_image_tokens((image.height, image.width)):,} visual tokens** for this image"
+            )
+    return f"### {title}\n{detail}"
+
+
+def video_budget(loaded: LoadedModel, conversation: Conversation, side: str, max_new_tokens: int) -> str:
+    """This side's visual tokens for the clip and whether the next turn fits its context window,
+    known before anything runs (the same check that refuses the turn)."""
+    messages = messages_for(conversation, side, "")
+    try:
+        clip, input_ids, per_frame = video_tokens(
+            loaded, conversation.sides[side].mode, conversation, messages, max_new_tokens
+        )
+    except ContextTooLong as error:
+        return f"**refused:** {error}"
+    except MediaError as error:
+        return f"⚠️ {error}"
+    frames = len(clip.frames)
+    return (
+        f"**{frames} frames × {per_frame} = {frames * per_frame:,} visual tokens** for this clip · **fits** its "
+        f"{loaded.context_window:,}-token context window ({input_ids.shape[1]:,} before the question + {max_new_tokens} to answer)"
+    )
+
+
+def banner_update(registry: ModelRegistry, conversation: Conversation) -> dict:
+    tiny = any(registry.is_tiny(conversation.sides[side].model) for side in SIDES)
+    return gr.Markdown(TINY_BANNER, visible=tiny)
+
+
+def models_markdown(registry: ModelRegistry) -> str:
+    loaded = registry.loaded()
+    device = resolve_device(registry.device_name)
+    lines = [f"- {model.describe()}" for model in loaded] or ["- none yet: a model loads on first use"]
+    return (
+        "**Loaded models** (both sides share one copy of each; the least recently used is unloaded when "
+        "a new one does not fit in GPU memory):\n" + "\n".join(lines) + f"\n\n**Timing:** {timing_method(device)}. "
+        "Prefill = vision encode + LLM prefill, up to the first new token."
+    )
+
+
+def tuned_box(registry: ModelRegistry, conversation: Conversation, side: str) -> dict:
+    """The side's "tuned projector" checkbox settings: shown only when its model has one, ticked when in use."""
+    config = conversation.sides[side]
+    projector = registry.projector_for(config.model)
+    label = f"+ tuned projector ({projector.describe()})" if projector else "+ tuned projector"
+    return dict(value=config.mode.tuned is not None, label=label, visible=projector is not None)
+
+
+def vision_side(conversation: Conversation) -> str | None:
+    """The side whose budget the overlay shows: the right one if it uses VisionZip, else the left."""
+    return next((side for side in ("right", "left") if conversation.sides[side].mode.enabled), None)
+
+
+def export_files(conversation: Conversation, session: str) -> tuple[str, str]:
+    """The conversation's measurements as JSON and CSV files, one folder per browser session."""
+    folder = EXPORTS / hashlib.sha256(session.encode()).hexdigest()[:16]  # the client picks session ids: no raw paths
+    folder.mkdir(parents=True, exist_ok=True)
+    stats = conversation.all_stats()
+    (folder / "visionzip_turns.json").write_text(export_json(stats))
+    (folder / "visionzip_turns.csv").write_text(export_csv(stats))
+    return str(folder / "visionzip_turns.json"), str(folder / "visionzip_turns.csv")
