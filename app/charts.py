@@ -116,7 +116,7 @@ def times_chart(turns: list[TurnStats]) -> go.Figure:
         parts = [
             ("vision encode", [t.vision_ms for t in side_turns]),
             # timer jitter can put the vision time a hair above the time to first token: no negative bar
-            ("LLM prefill", [max(0.0, t.prefill_ms - t.vision_ms) for t in side_turns]),
+            ("LLM prefill", [t.llm_prefill_ms for t in side_turns]),
             ("decode", [decode_ms(t) for t in side_turns]),
         ]
         _stacked(figure, side, labels[side], side_turns, parts, "ms")
@@ -147,8 +147,8 @@ def speedup_chart(turns: list[TurnStats]) -> go.Figure:
         totals[side], firsts[side] = [], []
         for turn in shared:
             stats = ok[(turn, side)]
-            total += (stats.prefill_ms + decode_ms(stats)) / 1000
-            first += stats.prefill_ms / 1000
+            total += (stats.ttft_ms + decode_ms(stats)) / 1000
+            first += stats.ttft_ms / 1000
             totals[side].append(total)
             firsts[side].append(first)
         figure.add_scatter(

@@ -35,7 +35,7 @@ def stats_line(stats: TurnStats, frames: int | None = None) -> str:
     clip = f"{frames} frames · " if frames is not None else ""
     return (
         f"{stats.mode} · {clip}**{stats.visual_tokens:,}** visual + {stats.text_tokens:,} text = {stats.context_tokens:,} tokens · "
-        f"vision {_ms(stats.vision_ms)} · prefill {_ms(stats.prefill_ms)} · "
+        f"vision {_ms(stats.vision_ms)} + LLM prefill {_ms(stats.llm_prefill_ms)} = TTFT {_ms(stats.ttft_ms)} · "
         f"decode {stats.decode_tokens_per_s:,.0f} tok/s · KV cache {stats.kv_cache_bytes / 2**20:,.1f} MiB"
     )
 
@@ -131,7 +131,7 @@ def models_markdown(registry: ModelRegistry) -> str:
     return (
         "**Loaded models** (both sides share one copy of each; the least recently used is unloaded when "
         "a new one does not fit in GPU memory):\n" + "\n".join(lines) + f"\n\n**Timing:** {timing_method(device)}. "
-        "Prefill = vision encode + LLM prefill, up to the first new token."
+        "TTFT (time to first token) = vision encode + LLM prefill, up to the first new token."
     )
 
 

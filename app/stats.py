@@ -17,13 +17,18 @@ class TurnStats:
     visual_tokens: int
     text_tokens: int
     context_tokens: int  # visual + text tokens prefilled this turn
-    vision_ms: float  # vision tower (+ VisionZip) time
-    prefill_ms: float  # time to first token: vision encode + LLM prefill
+    vision_ms: float  # vision tower (+ the method's own work) time
+    ttft_ms: float  # time to first token: vision encode + LLM prefill
     decode_tokens_per_s: float
     new_tokens: int
     kv_cache_bytes: int
     device: str = "cpu"
     error: str | None = None
+    llm_prefill_ms: float | None = None  # the LLM's part of the time to first token; derived when not given
+
+    def __post_init__(self) -> None:
+        if self.llm_prefill_ms is None:
+            self.llm_prefill_ms = max(0.0, self.ttft_ms - self.vision_ms) if self.ttft_ms else 0.0
 
     @property
     def ok(self) -> bool:
@@ -31,13 +36,13 @@ class TurnStats:
 
 
 def summary_line(full: TurnStats, reduced: TurnStats) -> str:
-    """E.g. '2928 -> 320 visual tokens, prefill 7.1x faster' for one turn (or 'slower', which
+    """E.g. '2928 -> 320 visual tokens, time to first token 7.1x faster' for one turn (or 'slower', which
     happens when the VisionZip side was given more frames, or on a model too small to notice)."""
-    if not (full.ok and reduced.ok) or reduced.prefill_ms <= 0 or full.prefill_ms <= 0:
+    if not (full.ok and reduced.ok) or reduced.ttft_ms <= 0 or full.ttft_ms <= 0:
         return ""
-    speedup = full.prefill_ms / reduced.prefill_ms
+    speedup = full.ttft_ms / reduced.ttft_ms
     change = f"{speedup:.1f}x faster" if speedup >= 1 else f"{1 / speedup:.1f}x slower"
-    return f"{full.visual_tokens} -> {reduced.visual_tokens} visual tokens, prefill {change}"
+    return f"{full.visual_tokens} -> {reduced.visual_tokens} visual tokens, time to first token {change}"
 
 
 def export_json(turns: list[TurnStats]) -> str:

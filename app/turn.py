@@ -209,7 +209,7 @@ def stream_side(
             text_tokens=prepared.text_tokens,
             context_tokens=prepared.context_tokens,
             vision_ms=(vision_end - start) * 1000,
-            prefill_ms=(times[0] - start) * 1000 if times else 0.0,
+            ttft_ms=(times[0] - start) * 1000 if times else 0.0,
             decode_tokens_per_s=(new_tokens - 1) / decode_s if decode_s > 0 else 0.0,
             new_tokens=new_tokens,
             kv_cache_bytes=kv_cache_bytes(loaded.model.config, prepared.context_tokens + new_tokens, loaded.dtype),

@@ -76,7 +76,8 @@ def assert_answered(record: dict, visual_tokens: int) -> None:
     assert record["error"] is None
     assert record["visual_tokens"] == visual_tokens
     assert record["context_tokens"] == record["visual_tokens"] + record["text_tokens"]
-    assert record["vision_ms"] > 0 and record["prefill_ms"] >= record["vision_ms"]
+    assert record["vision_ms"] > 0 and record["ttft_ms"] >= record["vision_ms"]
+    assert record["llm_prefill_ms"] == pytest.approx(record["ttft_ms"] - record["vision_ms"])
     assert record["new_tokens"] > 0 and record["kv_cache_bytes"] > 0
 
 

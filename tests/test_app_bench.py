@@ -60,9 +60,9 @@ def test_medians_and_ratios_come_from_the_recorded_turns(report):
     for row in results["rows"]:
         turns = [conversation[row["turn"] - 1] for conversation in results["conversations"][row["budget"]]]
         assert len(turns) == 2 and all(turn["left"]["turn"] == row["turn"] for turn in turns)
-        assert row["full_ttft_ms"] == statistics.median(turn["left"]["prefill_ms"] for turn in turns)
+        assert row["full_ttft_ms"] == statistics.median(turn["left"]["ttft_ms"] for turn in turns)
         assert row["visionzip_vision_ms"] == statistics.median(turn["right"]["vision_ms"] for turn in turns)
-        ratios = [turn["left"]["prefill_ms"] / turn["right"]["prefill_ms"] for turn in turns]
+        ratios = [turn["left"]["ttft_ms"] / turn["right"]["ttft_ms"] for turn in turns]
         assert row["ttft_speedup"] == pytest.approx(statistics.median(ratios))
         # the second turn re-reads the first question and answer
         if row["turn"] == 2:

@@ -3,16 +3,18 @@
 from app.stats import TurnStats, export_csv, export_json, summary_line
 
 
-def stats(side: str, visual: int, prefill_ms: float, error: str | None = None) -> TurnStats:
-    return TurnStats(1, side, "m", "full", visual, 40, visual + 40, 5.0, prefill_ms, 10.0, 8, 1024, error=error)
+def stats(side: str, visual: int, ttft_ms: float, error: str | None = None) -> TurnStats:
+    return TurnStats(1, side, "m", "full", visual, 40, visual + 40, 5.0, ttft_ms, 10.0, 8, 1024, error=error)
 
 
 def test_summary_says_faster_or_slower():
     assert (
         summary_line(stats("left", 2928, 710.0), stats("right", 320, 100.0))
-        == "2928 -> 320 visual tokens, prefill 7.1x faster"
+        == "2928 -> 320 visual tokens, time to first token 7.1x faster"
     )
-    assert summary_line(stats("left", 2304, 100.0), stats("right", 2304, 300.0)).endswith("prefill 3.0x slower")
+    assert summary_line(stats("left", 2304, 100.0), stats("right", 2304, 300.0)).endswith(
+        "time to first token 3.0x slower"
+    )
 
 
 def test_summary_is_empty_when_a_side_failed():
