@@ -36,7 +36,19 @@ IMAGE_FORMATS = ("JPEG", "MPO", "PNG", "WEBP", "GIF", "BMP", "TIFF", "AVIF", "HE
 
 
 class MediaError(ValueError):
-    """A user-facing problem with an uploaded file; its message is shown as is."""
+    """A user-facing problem with an uploaded file; its message is shown as is, less server paths."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(without_paths(message))
+
+
+_PATH = re.compile(r"(?:[A-Za-z]:)?(?:[/\\][^\s/\\'\"]+)+[/\\]([^\s/\\'\":,]+)")
+
+
+def without_paths(text: str) -> str:
+    """`text` with every absolute file path cut to the file's name: a decoder's error names the
+    server's upload folder, which is no business of the visitor's."""
+    return _PATH.sub(r"\1", text)
 
 
 # -- what a file is ---------------------------------------------------------------------------------
@@ -376,7 +388,7 @@ def _next_at_or_after(decoded, stamp: int, check_deadline: Callable[[], None]):
 def _first_line(error: Exception) -> str:
     """The gist of a decoder's error, without decord's "[time] source.cc:line:" prefix."""
     lines = str(error).strip().splitlines()
-    text = re.sub(r"^\[[\d:]+\] \S+:\d+: ", "", lines[-1])[:160] if lines else ""
+    text = without_paths(re.sub(r"^\[[\d:]+\] \S+:\d+: ", "", lines[-1]))[:160] if lines else ""
     return f"{type(error).__name__}: {text}" if text else type(error).__name__
 
 

@@ -52,7 +52,7 @@ class Page:
         self.add("question", gr.Textbox(label="question", visible=False))  # the question, once the box is cleared
         gr.Markdown(INTRO)
         tiny = self.registry.is_tiny(self.registry.default)
-        self.add("banner", gr.Markdown(render.TINY_BANNER, visible=tiny, elem_id="banner"))
+        self.add("banner", gr.Markdown(render.TINY_BANNER, visible=tiny, label="banner", elem_id="banner"))
         with gr.Row(equal_height=False):
             self.render_media_column()
             for side in SIDES:

@@ -4,6 +4,8 @@ stats line under each answer, the summary, side headers, the loaded models, and 
 from __future__ import annotations
 
 import hashlib
+import os
+import shutil
 import tempfile
 from dataclasses import asdict
 from pathlib import Path
@@ -25,6 +27,7 @@ TINY_BANNER = (
     "24x24 patches, the same grids). Start with `--model llava-hf/llava-v1.6-vicuna-7b-hf` on a GPU for real answers."
 )
 EXPORTS = Path(tempfile.gettempdir()) / "visionzip-live-exports"
+MAX_EXPORT_SESSIONS = 64  # export folders kept, one per browser session; the least recently written go first
 
 
 def _ms(value: float) -> str:
@@ -149,10 +152,20 @@ def vision_side(conversation: Conversation) -> str | None:
 
 
 def export_files(conversation: Conversation, session: str) -> tuple[str, str]:
-    """The conversation's measurements as JSON and CSV files, one folder per browser session."""
+    """The conversation's measurements as JSON and CSV files, one folder per browser session; only the
+    MAX_EXPORT_SESSIONS most recently written folders are kept, so a long-running Space's disk does
+    not fill up with them."""
     folder = EXPORTS / hashlib.sha256(session.encode()).hexdigest()[:16]  # the client picks session ids: no raw paths
     folder.mkdir(parents=True, exist_ok=True)
+    os.utime(folder)  # this session's folder is the newest
+    _prune_exports(keep=folder)
     stats = conversation.all_stats()
     (folder / "visionzip_turns.json").write_text(export_json(stats))
     (folder / "visionzip_turns.csv").write_text(export_csv(stats))
     return str(folder / "visionzip_turns.json"), str(folder / "visionzip_turns.csv")
+
+
+def _prune_exports(keep: Path) -> None:
+    folders = sorted((f for f in EXPORTS.iterdir() if f.is_dir() and f != keep), key=lambda f: f.stat().st_mtime)
+    for stale in folders[: max(0, len(folders) + 1 - MAX_EXPORT_SESSIONS)]:
+        shutil.rmtree(stale, ignore_errors=True)

@@ -253,3 +253,13 @@ def test_a_listed_checkpoint_named_with_model_keeps_one_label():
     sources = list(registry.choices.values())
     assert sources.count("llava-hf/llava-v1.6-vicuna-7b-hf") == 1
     assert registry.choices[registry.default] == "llava-hf/llava-v1.6-vicuna-7b-hf"
+
+
+def test_every_endpoint_names_its_parameters_and_results(app_url):
+    """gradio_client users read the API page: no result is an anonymous `value_N`."""
+    endpoints = Client(app_url, verbose=False).view_api(return_format="dict", print_info=False)["named_endpoints"]
+    assert {"/set_media", "/set_frames", "/ask", "/clear", "/set_mode", "/set_model"} <= set(endpoints)
+    for name, endpoint in endpoints.items():
+        labels = [result["label"] for result in endpoint["returns"]]
+        assert labels and not [label for label in labels if label.startswith("value_")], (name, labels)
+    assert [p["parameter_name"] for p in endpoints["/set_model"]["parameters"]] == ["left_model", "right_model"]

@@ -94,7 +94,9 @@ def test_mode_change_sets_the_budget_and_a_refused_one_changes_nothing(handlers,
 
 def test_model_change_maps_the_preset_and_a_failed_load_keeps_the_models(handlers):
     conversation = new_conversation(handlers.registry)
-    results = handlers.set_model(conversation, TINY_LABEL, TINY_15_LABEL)
+    shown = []
+    results = handlers.set_model(conversation, TINY_LABEL, TINY_15_LABEL, progress=lambda *a, **k: shown.append(k))
+    assert {"desc": f"Loading {TINY_15_LABEL}"} in shown  # the page says which model is loading
     assert set(results) <= set(MODEL_OUTPUTS)
     right = results["state"].sides["right"]
     assert right.model == TINY_15_LABEL and right.mode.name == "VisionZip 128"  # 320 <-> 128, as the paper pairs them

@@ -150,6 +150,7 @@ def test_animated_gif_is_a_video_read_by_pyav_when_decord_fails(tmp_path):
     assert info["backend"] == "pyav"
     if importlib.util.find_spec("decord"):  # decord cannot read GIF: the fallback must say so
         assert any("decord could not read it" in note for note in info["notes"])
+    assert not [note for note in info["notes"] if str(tmp_path) in note or "/" + path.name in note]  # no server path
     assert [frame_number(frame) for frame in frames] == info["indices"]
     starts = np.cumsum([0] + [100] * 6 + [50] * 5) / 1000
     assert timestamps == pytest.approx([starts[index] for index in info["indices"]], abs=1e-3)
@@ -401,3 +402,14 @@ def test_odd_images_go_through_the_llava_next_processor(tmp_path, tiny_next, siz
     inputs = processor(images=image, text="USER: <image>\nWhat is this? ASSISTANT:", return_tensors="pt")
     assert inputs["pixel_values"].shape[-2:] == (336, 336)
     assert int((inputs["input_ids"] == processor.image_token_id).sum()) > 0
+
+
+def test_messages_name_the_file_never_the_server_folder(tmp_path):
+    folder = tmp_path / "uploads" / "3f2a9c"
+    folder.mkdir(parents=True)
+    broken = folder / "holiday.mp4"
+    broken.write_bytes(b"\x00\x00\x00\x18ftypmp42" + b"\x00" * 64)
+    with pytest.raises(MediaError) as refused:
+        load_video(broken, 4)
+    assert "holiday.mp4" in str(refused.value) and str(tmp_path) not in str(refused.value)
+    assert str(MediaError(f"cannot open {broken}: bad header")) == "cannot open holiday.mp4: bad header"

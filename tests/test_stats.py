@@ -1,5 +1,7 @@
 """The summary line a speaker reads out: the ratio must point the right way."""
 
+from pathlib import Path
+
 from app.stats import TurnStats, export_csv, export_json, summary_line
 
 
@@ -26,3 +28,18 @@ def test_exports_carry_every_field():
     assert '"visual_tokens": 320' in export_json(turns) and '"error": "x"' in export_json(turns)
     header, first, second = export_csv(turns).strip().splitlines()
     assert header.startswith("turn,side,model,mode,visual_tokens") and first.startswith("1,left,m,full,2928")
+
+
+def test_exports_keep_only_the_most_recent_sessions(tmp_path, monkeypatch):
+    from app import render
+    from app.conversation import Conversation
+
+    monkeypatch.setattr(render, "EXPORTS", tmp_path)
+    monkeypatch.setattr(render, "MAX_EXPORT_SESSIONS", 3)
+    conversation = Conversation(sides={})
+    written = [render.export_files(conversation, f"session-{n}")[0] for n in range(5)]
+    kept = sorted(path.parent.name for path in tmp_path.glob("*/visionzip_turns.json"))
+    assert len(kept) == 3
+    assert sorted(Path(path).parent.name for path in written[-3:]) == kept  # the newest sessions stay
+    again = render.export_files(conversation, "session-2")[0]  # a kept session writes again: nothing else goes
+    assert Path(again).exists() and len(list(tmp_path.iterdir())) == 3
