@@ -78,172 +78,143 @@ def build_demo(registry: ModelRegistry | None = None, max_new_tokens: int = 128)
     handlers = Handlers(registry, max_new_tokens, stops)
     with gr.Blocks(title="VisionZip Live") as demo:
         page = Page(registry, new_conversation(registry), max_new_tokens)
-        wire(page, handlers)
+        Wiring(page, handlers).wire()
     demo.queue(max_size=QUEUE_SIZE)
     return demo
 
 
-def wire(page: Page, handlers: Handlers) -> None:
-    """Every event of the page, in one place."""
-
-    def on(triggers, handler: Callable, inputs: list[str], outputs: list[str], **options):
-        return gr.on(
-            triggers, adapt(handler, outputs), [page[n] for n in inputs], [page[n] for n in outputs], **options
-        )
+class Wiring:
+    """Every event of the page, in one place: `on` connects triggers to a handler by component names,
+    `follow` chains a handler after an event (`then`, `success` or `failure`)."""
 
     # Model work and every change to the conversation share one slot: a change made while a turn
     # streams (new media, clear, regenerate) waits for it instead of being overwritten by its next chunk.
-    gpu = dict(concurrency_id="gpu", concurrency_limit=1)
-    private = dict(api_visibility="private")
-    quiet = dict(api_visibility="private", show_progress="hidden")  # follow-up refreshes: no spinners
+    GPU = dict(concurrency_id="gpu", concurrency_limit=1)
+    PRIVATE = dict(api_visibility="private")
+    QUIET = dict(api_visibility="private", show_progress="hidden")  # follow-up refreshes: no spinners
 
-    def refresh_tokens(event):
+    def __init__(self, page: Page, handlers: Handlers) -> None:
+        self.page, self.handlers = page, handlers
+
+    def components(self, names: list[str]) -> list:
+        return [self.page[name] for name in names]
+
+    def on(self, triggers: list, handler: Callable, inputs: list[str], outputs: list[str], **options):
+        return gr.on(triggers, adapt(handler, outputs), self.components(inputs), self.components(outputs), **options)
+
+    def follow(self, step: Callable, handler: Callable, inputs: list[str], outputs: list[str], **options):
+        return step(adapt(handler, outputs), self.components(inputs), self.components(outputs), **options)
+
+    def wire(self) -> None:
+        self.wire_media()
+        self.wire_turns()
+        self.wire_modes()
+        self.wire_models()
+        self.follow(
+            self.page["view"].input,
+            self.handlers.overlay_views,
+            ["selection_state", "state", "view"],
+            OVERLAY[1:],
+            **self.PRIVATE,
+        )
+
+    def refresh_tokens(self, event):
         """After a change of media, mode or model: what the reducing side keeps, image or video."""
-        event = event.success(
-            adapt(handlers.refresh_overlay, OVERLAY),
-            [page["state"], page["view"]],
-            [page[n] for n in OVERLAY],
-            **private,
-            **gpu,
+        event = self.follow(
+            event.success, self.handlers.refresh_overlay, ["state", "view"], OVERLAY, **self.PRIVATE, **self.GPU
         )
-        return event.then(
-            adapt(handlers.refresh_filmstrip, FILMSTRIP),
-            [page["state"]],
-            [page[n] for n in FILMSTRIP],
-            **private,
-            **gpu,
+        return self.follow(
+            event.then, self.handlers.refresh_filmstrip, ["state"], FILMSTRIP, **self.PRIVATE, **self.GPU
         )
 
-    after_turn = (adapt(handlers.after_turn, AFTER_TURN), [page["state"]], [page[n] for n in AFTER_TURN])
+    def after_turn(self, event) -> None:
+        self.follow(event.then, self.handlers.after_turn, ["state"], AFTER_TURN, **self.QUIET)
 
-    media_inputs = ["media", "state", "video", "frames", "same_budget"]
-    media = page["media"], page["video"]
-    # preprocess=False: the files reach set_media unopened (see handlers.uploaded_path)
-    media_change = on(
-        [media[0].change, media[1].change],
-        handlers.set_media,
-        media_inputs,
-        MEDIA,
-        api_name="set_media",
-        preprocess=False,
-        **gpu,
-    )
-    refresh_tokens(media_change).then(*after_turn, **quiet)
-    media_change.failure(
-        adapt(handlers.show_media, ["media", "video"]), [page["state"]], list(media), show_progress="hidden", **private
-    )
+    def wire_media(self) -> None:
+        page, handlers = self.page, self.handlers
+        media_inputs = ["media", "state", "video", "frames", "same_budget"]
+        triggers = [page["media"].change, page["video"].change]
+        # preprocess=False: the files reach set_media unopened (see handlers.uploaded_path)
+        changed = self.on(
+            triggers, handlers.set_media, media_inputs, MEDIA, api_name="set_media", preprocess=False, **self.GPU
+        )
+        self.after_turn(self.refresh_tokens(changed))
+        self.follow(
+            changed.failure, handlers.show_media, ["state"], ["media", "video"], show_progress="hidden", **self.PRIVATE
+        )
 
-    frames = on(
-        [page["frames"].change, page["same_budget"].input],  # change: dragged or typed (release misses typing)
-        handlers.set_frames,
-        ["state", "frames", "same_budget"],
-        ["state", "media_info", *HEADERS],
-        api_name="set_frames",
-        trigger_mode="always_last",
-        show_progress="hidden",
-        **gpu,
-    )
-    frames.success(
-        adapt(handlers.refresh_filmstrip, FILMSTRIP), [page["state"]], [page[n] for n in FILMSTRIP], **private, **gpu
-    )
+        triggers = [
+            page["frames"].change,
+            page["same_budget"].input,
+        ]  # change: dragged or typed (release misses typing)
+        options = dict(api_name="set_frames", trigger_mode="always_last", show_progress="hidden", **self.GPU)
+        frames = self.on(
+            triggers,
+            handlers.set_frames,
+            ["state", "frames", "same_budget"],
+            ["state", "media_info", *HEADERS],
+            **options,
+        )
+        self.follow(frames.success, handlers.refresh_filmstrip, ["state"], FILMSTRIP, **self.PRIVATE, **self.GPU)
 
-    submitted = on(
-        [page["message"].submit, page["send"].click],
-        handlers.take_message,
-        ["message"],
-        ["message", "question"],
-        queue=False,
-        **private,
-    )
-    asked = submitted.then(
-        adapt(handlers.ask, VIEWS),
-        [page["question"], page["state"]],
-        [page[n] for n in VIEWS],
-        api_name="ask",
-        show_progress="minimal",
-        **gpu,
-    )
-    asked.then(*after_turn, **quiet)
-    page["stop"].click(handlers.request_stop, None, None, queue=False, **private)
+    def wire_turns(self) -> None:
+        page, handlers = self.page, self.handlers
+        triggers = [page["message"].submit, page["send"].click]
+        submitted = self.on(
+            triggers, handlers.take_message, ["message"], ["message", "question"], queue=False, **self.PRIVATE
+        )
+        asked = self.follow(
+            submitted.then,
+            handlers.ask,
+            ["question", "state"],
+            VIEWS,
+            api_name="ask",
+            show_progress="minimal",
+            **self.GPU,
+        )
+        self.after_turn(asked)
+        page["stop"].click(handlers.request_stop, None, None, queue=False, **self.PRIVATE)
 
-    regenerated = on(
-        [page["regenerate"].click], handlers.pop_last_turn, ["state"], [*VIEWS, "question"], **private, **gpu
-    )
-    regenerated = regenerated.success(
-        adapt(handlers.ask, VIEWS),
-        [page["question"], page["state"]],
-        [page[n] for n in VIEWS],
-        show_progress="minimal",
-        **private,
-        **gpu,
-    )
-    regenerated.then(*after_turn, **quiet)
+        popped = self.on(
+            [page["regenerate"].click],
+            handlers.pop_last_turn,
+            ["state"],
+            [*VIEWS, "question"],
+            **self.PRIVATE,
+            **self.GPU,
+        )
+        options = dict(show_progress="minimal", **self.PRIVATE, **self.GPU)
+        self.after_turn(self.follow(popped.success, handlers.ask, ["question", "state"], VIEWS, **options))
 
-    on([page["clear"].click], handlers.clear_conversation, ["state"], VIEWS, api_name="clear", **gpu).then(
-        *after_turn, **quiet
-    )
-    # a chat column's own trash button clears the whole conversation, not just the view
-    chat_clears = [page[f"{side}_chat"].clear for side in SIDES]
-    on(chat_clears, handlers.clear_conversation, ["state"], VIEWS, **private, **gpu).then(*after_turn, **quiet)
+        self.after_turn(
+            self.on([page["clear"].click], handlers.clear_conversation, ["state"], VIEWS, api_name="clear", **self.GPU)
+        )
+        # a chat column's own trash button clears the whole conversation, not just the view
+        chat_clears = [page[f"{side}_chat"].clear for side in SIDES]
+        self.after_turn(self.on(chat_clears, handlers.clear_conversation, ["state"], VIEWS, **self.PRIVATE, **self.GPU))
 
-    wire_modes(page, handlers, on, refresh_tokens, gpu)
+    def wire_modes(self) -> None:
+        page, inputs, triggers = self.page, ["state"], []
+        for side in SIDES:
+            inputs += [f"{side}_mode", f"{side}_dominant", f"{side}_contextual"]
+            boxes = (page[f"{side}_dominant"], page[f"{side}_contextual"])
+            triggers += [page[f"{side}_mode"].input, page[f"{side}_tuned"].input]
+            triggers += [event for box in boxes for event in (box.submit, box.blur)]
+        inputs += [f"{side}_tuned" for side in SIDES]  # last, so older callers' positional arguments still fit
+        outputs = ["state", *(f"{side}_custom_row" for side in SIDES), *HEADERS]
+        options = dict(api_name="set_mode", trigger_mode="always_last", show_progress="hidden", **self.GPU)
+        changed = self.on(triggers, self.handlers.set_mode, inputs, outputs, **options)  # may load a model on first use
+        self.follow(changed.failure, self.handlers.show_modes, ["state"], MODE_CONTROLS, **self.QUIET)
+        self.refresh_tokens(changed)
 
-
-def wire_modes(page: Page, handlers: Handlers, on: Callable, refresh_tokens: Callable, gpu: dict) -> None:
-    """Mode and model changes, and the overlay's view switch."""
-    mode_inputs, mode_triggers = ["state"], []
-    for side in SIDES:
-        mode_inputs += [f"{side}_mode", f"{side}_dominant", f"{side}_contextual"]
-        mode_triggers += [page[f"{side}_mode"].input, page[f"{side}_dominant"].submit, page[f"{side}_dominant"].blur]
-        mode_triggers += [
-            page[f"{side}_contextual"].submit,
-            page[f"{side}_contextual"].blur,
-            page[f"{side}_tuned"].input,
-        ]
-    mode_inputs += [f"{side}_tuned" for side in SIDES]  # last, so older callers' positional arguments still fit
-    mode_outputs = ["state", *(f"{side}_custom_row" for side in SIDES), *HEADERS]
-    # may load a model on first use
-    mode_change = on(
-        mode_triggers,
-        handlers.set_mode,
-        mode_inputs,
-        mode_outputs,
-        api_name="set_mode",
-        trigger_mode="always_last",
-        show_progress="hidden",
-        **gpu,
-    )
-    mode_change.failure(
-        adapt(handlers.show_modes, MODE_CONTROLS),
-        [page["state"]],
-        [page[n] for n in MODE_CONTROLS],
-        api_visibility="private",
-        show_progress="hidden",
-    )
-    refresh_tokens(mode_change)
-
-    model_triggers = [page[f"{side}_model"].input for side in SIDES]
-    model_change = on(
-        model_triggers,
-        handlers.set_model,
-        ["state", "left_model", "right_model"],
-        MODEL_OUTPUTS,
-        api_name="set_model",
-        **gpu,
-    )
-    refresh_tokens(model_change)
-    models = [f"{side}_model" for side in SIDES]
-    model_change.failure(
-        adapt(handlers.show_models, models), [page["state"]], [page[n] for n in models], api_visibility="private"
-    )
-
-    view_outputs = OVERLAY[1:]
-    page["view"].input(
-        adapt(handlers.overlay_views, view_outputs),
-        [page["selection_state"], page["state"], page["view"]],
-        [page[n] for n in view_outputs],
-        api_visibility="private",
-    )
+    def wire_models(self) -> None:
+        models = [f"{side}_model" for side in SIDES]
+        triggers = [self.page[name].input for name in models]
+        changed = self.on(
+            triggers, self.handlers.set_model, ["state", *models], MODEL_OUTPUTS, api_name="set_model", **self.GPU
+        )
+        self.refresh_tokens(changed)
+        self.follow(changed.failure, self.handlers.show_models, ["state"], models, **self.PRIVATE)
 
 
 def launch(demo: gr.Blocks, host: str = "127.0.0.1", port: int | None = 7860, **options) -> tuple:

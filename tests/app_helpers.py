@@ -22,6 +22,7 @@ from app.ui import launch
 from visionzip import preset_budget
 from visionzip.tiny import tiny_checkpoint
 
+ARTIFACTS = Path(__file__).resolve().parents[1] / "artifacts"  # screenshots, kept for a look after the run
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [
     "--no-sandbox",

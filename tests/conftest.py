@@ -43,4 +43,45 @@ def make_image():
     return random_image
 
 
+# -- the served demo: one definition; a module overrides `registry` or `max_new_tokens` to change it ----
+@pytest.fixture(scope="module")
+def registry():
+    from app.models import ModelRegistry
+
+    return ModelRegistry()
+
+
+@pytest.fixture(scope="module")
+def max_new_tokens():
+    return 8
+
+
+@pytest.fixture(scope="module")
+def app_url(registry, max_new_tokens):
+    from app_helpers import served
+
+    from app.ui import build_demo
+
+    with served(build_demo(registry, max_new_tokens=max_new_tokens)) as url:
+        yield url
+
+
+@pytest.fixture
+def client(app_url):
+    """A fresh browser-like session: its own conversation state."""
+    from gradio_client import Client
+
+    return Client(app_url, verbose=False)
+
+
+@pytest.fixture(scope="module")
+def page(app_url):
+    """One Chromium page on the served demo for the whole module; screenshots go to artifacts/."""
+    from app_helpers import ARTIFACTS, browser_page
+
+    ARTIFACTS.mkdir(exist_ok=True)
+    with browser_page(app_url) as page:
+        yield page
+
+
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))

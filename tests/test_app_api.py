@@ -6,7 +6,6 @@ import threading
 from collections.abc import Iterator
 
 import pytest
-from app_helpers import served
 from gradio_client import Client, handle_file
 from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
 
@@ -14,7 +13,6 @@ from app.conversation import Conversation, SideConfig
 from app.models import TINY_15_LABEL, TINY_LABEL, ModelRegistry
 from app.modes import FULL, make_mode
 from app.turn import TurnRefused, load_side_models, run_turn
-from app.ui import build_demo
 from visionzip import preset_budget
 from visionzip.tiny import tiny_checkpoint
 
@@ -31,15 +29,8 @@ def registry(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def app_url(registry):
-    with served(build_demo(registry, max_new_tokens=6)) as url:
-        yield url
-
-
-@pytest.fixture
-def client(app_url):
-    """A fresh browser-like session: its own conversation state."""
-    return Client(app_url, verbose=False)
+def max_new_tokens():
+    return 6
 
 
 @pytest.fixture

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 from app_helpers import expected_visual_tokens, served
-from gradio_client import Client, handle_file
+from gradio_client import handle_file
 from PIL import Image, ImageDraw
 from transformers import AutoConfig, LlavaNextForConditionalGeneration
 
@@ -118,11 +118,6 @@ def app_url(app_main, tuned_path):
     registry = app_main.make_registry(app_main.parse_args(["--projector", str(tuned_path)]))
     with served(build_demo(registry, max_new_tokens=MAX_NEW_TOKENS)) as url:
         yield url
-
-
-@pytest.fixture
-def client(app_url):
-    return Client(app_url, verbose=False)
 
 
 def by_side(stats: list[dict], turn: int) -> dict[str, dict]:

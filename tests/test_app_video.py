@@ -5,14 +5,12 @@ import av  # before anything loads decord (see app/media.py)
 import numpy as np
 import pytest
 import torch
-from app_helpers import served
-from gradio_client import Client, handle_file
+from gradio_client import handle_file
 from PIL import Image
 
 from app import overlay
 from app.media import Clip
 from app.models import TINY_LABEL, ModelRegistry
-from app.ui import build_demo
 from app.video import filmstrip, frame_tile
 from visionzip import preset_budget
 from visionzip.video import frame_pixel_values
@@ -43,14 +41,8 @@ def registry():
 
 
 @pytest.fixture(scope="module")
-def app_url(registry):
-    with served(build_demo(registry, max_new_tokens=6)) as url:
-        yield url
-
-
-@pytest.fixture
-def client(app_url):
-    return Client(app_url, verbose=False)
+def max_new_tokens():
+    return 6
 
 
 @pytest.fixture(scope="module")

@@ -8,32 +8,16 @@ import re
 from pathlib import Path
 
 import pytest
-from app_helpers import browser_page, served
-
-from app.models import ModelRegistry
-from app.ui import build_demo
+from app_helpers import ARTIFACTS
 
 pytestmark = pytest.mark.browser
 
 ROOT = Path(__file__).resolve().parents[1]
-ARTIFACTS = ROOT / "artifacts"
+
 IMAGE = ROOT / "assets" / "house_and_car.png"  # 672x672
 STATS = re.compile(
     r"([\d,]+) visual \+ ([\d,]+) text = ([\d,]+) tokens · vision ([\d.,]+) ms \+ LLM prefill [\d.,]+ ms = TTFT ([\d.,]+) ms"
 )
-
-
-@pytest.fixture(scope="module")
-def app_url():
-    with served(build_demo(ModelRegistry(), max_new_tokens=8)) as url:
-        yield url
-
-
-@pytest.fixture(scope="module")
-def page(app_url):
-    ARTIFACTS.mkdir(exist_ok=True)
-    with browser_page(app_url) as page:
-        yield page
 
 
 def answered_turns(page, side: str) -> list[tuple[int, int, int, float, float]]:

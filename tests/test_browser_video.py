@@ -10,16 +10,14 @@ from pathlib import Path
 import av  # before anything loads decord (see app/media.py)
 import numpy as np
 import pytest
-from app_helpers import browser_page, served
+from app_helpers import ARTIFACTS
 
-from app.models import ModelRegistry
-from app.ui import build_demo
 from visionzip import preset_budget
 
 pytestmark = pytest.mark.browser
 
 ROOT = Path(__file__).resolve().parents[1]
-ARTIFACTS = ROOT / "artifacts"
+
 STATS = re.compile(r"(\d+) frames · ([\d,]+) visual \+ ([\d,]+) text = ([\d,]+) tokens")
 PATCHES_PER_FRAME = 24 * 24  # CLIP-L/14-336: a 336x336 tile is 24x24 patches, CLS dropped
 PER_FRAME_320 = preset_budget("llava_next", 320).per_tile  # the right side's default mode
@@ -43,19 +41,6 @@ def clip(tmp_path_factory):
             container.mux(stream.encode(av.VideoFrame.from_ndarray(pixels, format="rgb24")))
         container.mux(stream.encode())
     return path
-
-
-@pytest.fixture(scope="module")
-def app_url():
-    with served(build_demo(ModelRegistry(), max_new_tokens=8)) as url:
-        yield url
-
-
-@pytest.fixture(scope="module")
-def page(app_url):
-    ARTIFACTS.mkdir(exist_ok=True)
-    with browser_page(app_url) as page:
-        yield page
 
 
 def answered_turns(page, side: str) -> list[tuple[int, int, int, int]]:

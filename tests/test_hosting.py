@@ -1,8 +1,11 @@
 """What Spaces and Docker read from this repository: a wrong pin here breaks a deploy, not a test run."""
 
 import re
+import subprocess
+import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -54,3 +57,18 @@ def test_dockerfile_runs_the_app_as_a_user_on_all_interfaces():
         assert dockerfile.index("userdel --remove ubuntu") < dockerfile.index("useradd")
     ignored = (ROOT / ".dockerignore").read_text().split()
     assert ".venv" in ignored and ".git" in ignored
+
+
+def test_the_page_imports_no_trainer_or_benchmark_and_spaces_comes_before_torch():
+    """`import app.ui` is what a Space runs first: it must not drag in the projector trainer or the
+    benchmarks, and on ZeroGPU `spaces` must be imported before torch, whatever module comes first."""
+    pytest.importorskip("spaces", reason="the spaces package (requirements-test.txt) is not installed")
+    code = (
+        "import sys, app.ui; names = list(sys.modules); "
+        "print([n for n in names if n.startswith(('visionzip.tune', 'bench'))]); "
+        "print(names.index('spaces') < names.index('torch'))"
+    )
+    root = Path(__file__).resolve().parents[1]
+    result = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split() == ["[]", "True"]

@@ -6,21 +6,17 @@ import time
 
 import numpy as np
 import pytest
-from app_helpers import expected_visual_tokens, served
+from app_helpers import expected_visual_tokens
 from gradio_client import Client, handle_file
 from PIL import Image
-
-from app.models import ModelRegistry
-from app.ui import build_demo
 
 SIZES = [(336, 336), (672, 672), (640, 480), (480, 640), (1008, 336), (336, 1008), (900, 500), (1280, 720)]  # (w, h)
 TURNS = 3
 
 
 @pytest.fixture(scope="module")
-def app_url():
-    with served(build_demo(ModelRegistry(), max_new_tokens=2)) as url:
-        yield url
+def max_new_tokens():
+    return 2
 
 
 def converse(url: str, picture: str, visitor: int, results: dict, errors: dict) -> None:

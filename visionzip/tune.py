@@ -22,12 +22,14 @@ import json
 import math
 import random
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from PIL import Image
+from torch import nn
 from torch.nn.utils.rnn import pad_sequence
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
@@ -283,27 +285,37 @@ class TrainResult:
     path: Path | None  # the final projector file, if an output folder was given
 
 
-def train(handle: VisionZip, data: LlavaData, config: TrainConfig) -> TrainResult:
-    """Train the projector of `handle.model` in place on `data`, under the handle's current
-    VisionZip settings (fixed for the run); every other weight stays frozen and untouched."""
-    model, base = handle.model, handle.base
-    if not hasattr(model, "lm_head"):
-        raise TypeError("train needs the ...ForConditionalGeneration model (with lm_head) passed to apply()")
-    settings = Settings(True, handle.settings.budget, handle.settings.merge)
-    projector = base.multi_modal_projector
-    dtype = next(projector.parameters()).dtype
-    if dtype == torch.float16:
-        raise ValueError("train in bf16 or fp32: fp16 gradients need loss scaling, which this trainer omits")
-    device = next(projector.parameters()).device
-    pad_token_id = handle.processor.tokenizer.pad_token_id
-    if pad_token_id is None:
-        pad_token_id = handle.processor.tokenizer.eos_token_id
+def _pad_token_id(handle: VisionZip) -> int:
+    tokenizer = handle.processor.tokenizer
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
-    batches_per_epoch = math.ceil(len(data.records) / config.batch_size)
-    total_steps = config.max_steps or config.epochs * math.ceil(batches_per_epoch / config.grad_accum)
-    if total_steps < 1:
-        raise ValueError(f"nothing to train: {config.epochs} epochs, max_steps={config.max_steps}")
-    max_length = config.max_length or model.config.text_config.max_position_embeddings
+
+@contextlib.contextmanager
+def _projector_training(model: nn.Module, projector: nn.Module, config: TrainConfig) -> Iterator[None]:
+    """Only the projector trains inside the block, as fp32 master weights; afterwards every weight's
+    dtype, requires_grad and the model's mode are as they were."""
+    dtype = next(projector.parameters()).dtype
+    was_training = model.training
+    trainable = {name: parameter.requires_grad for name, parameter in model.named_parameters()}
+    model.requires_grad_(False)
+    projector.float().requires_grad_(True)
+    model.train()  # as LLaVA trains; LLaVA checkpoints have no dropout
+    if config.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    try:
+        yield
+    finally:
+        projector.to(dtype)
+        for name, parameter in model.named_parameters():
+            parameter.requires_grad_(trainable[name])
+        if config.gradient_checkpointing:
+            model.gradient_checkpointing_disable()
+        model.train(was_training)
+
+
+def _batches(handle: VisionZip, settings: Settings, data: LlavaData, config: TrainConfig, skipped: SkipLog):
+    """Collated batches of usable examples, epoch after epoch (records that fail are counted in `skipped`)."""
+    max_length = config.max_length or handle.model.config.text_config.max_position_embeddings
     loader = torch.utils.data.DataLoader(
         _Examples(handle, settings, data.records, max_length),
         batch_size=config.batch_size,
@@ -312,80 +324,81 @@ def train(handle: VisionZip, data: LlavaData, config: TrainConfig) -> TrainResul
         collate_fn=_as_list,
         num_workers=config.workers,
     )
+    pad_token_id = _pad_token_id(handle)
+    for _epoch in itertools.count() if config.max_steps else range(config.epochs):
+        used = 0
+        for items in loader:
+            examples = [item for item in items if isinstance(item, Example)]
+            for item in items:
+                if not isinstance(item, Example):
+                    skipped.add(*item)
+            if examples:
+                used += 1
+                yield collate(examples, pad_token_id)
+        if used == 0:
+            raise ValueError(f"{data.source}: no usable records; {skipped}")
 
-    # Frozen weights keep their dtype; a low-precision projector trains as fp32 master weights
-    # under autocast and goes back to its dtype afterwards.
-    was_training = model.training
-    trainable = {name: parameter.requires_grad for name, parameter in model.named_parameters()}
-    model.requires_grad_(False)
-    projector.float().requires_grad_(True)
-    model.train()  # as LLaVA trains; LLaVA checkpoints have no dropout
-    if config.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
-    optimizer = torch.optim.AdamW(projector.parameters(), lr=config.lr, weight_decay=0.0)
-    scheduler = get_cosine_schedule_with_warmup(optimizer, round(config.warmup_ratio * total_steps), total_steps)
 
+def train(handle: VisionZip, data: LlavaData, config: TrainConfig) -> TrainResult:
+    """Train the projector of `handle.model` in place on `data`, under the handle's current
+    VisionZip settings (fixed for the run); every other weight stays frozen and untouched."""
+    model, projector = handle.model, handle.base.multi_modal_projector
+    if not hasattr(model, "lm_head"):
+        raise TypeError("train needs the ...ForConditionalGeneration model (with lm_head) passed to apply()")
+    settings = Settings(True, handle.settings.budget, handle.settings.merge)
+    dtype, device = next(projector.parameters()).dtype, next(projector.parameters()).device
+    if dtype == torch.float16:
+        raise ValueError("train in bf16 or fp32: fp16 gradients need loss scaling, which this trainer omits")
+    batches_per_epoch = math.ceil(len(data.records) / config.batch_size)
+    total_steps = config.max_steps or config.epochs * math.ceil(batches_per_epoch / config.grad_accum)
+    if total_steps < 1:
+        raise ValueError(f"nothing to train: {config.epochs} epochs, max_steps={config.max_steps}")
     skipped = SkipLog(copy.deepcopy(data.skipped.ids))
-    losses, pending, tokens, step, micro = [], [], 0, 0, 0
+    losses, pending, tokens, step = [], [], 0, 0
     output = Path(config.output) if config.output is not None else None
     bar = tqdm(total=total_steps, unit="step", disable=not config.progress)
     start = time.perf_counter()
-
-    def optimizer_step() -> None:
-        nonlocal step
-        torch.nn.utils.clip_grad_norm_(projector.parameters(), config.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        losses.append(sum(pending) / len(pending))
-        pending.clear()
-        bar.update(1)
-        bar.set_postfix(loss=f"{losses[-1]:.4f}", tok_s=f"{tokens / (time.perf_counter() - start):.0f}")
-        if output is not None and config.save_every and step % config.save_every == 0 and step < total_steps:
-            save_projector(model, output / f"projector-step{step}.safetensors", settings.budget, settings.merge, step)
-
-    try:
-        for epoch in itertools.count():
-            if step >= total_steps or (config.max_steps is None and epoch >= config.epochs):
-                break
-            used = 0
-            for items in loader:
-                examples = [item for item in items if isinstance(item, Example)]
-                for item in items:
-                    if not isinstance(item, Example):
-                        skipped.add(*item)
-                if not examples:
-                    continue
-                used += 1
-                inputs = {name: value.to(device) for name, value in collate(examples, pad_token_id).items()}
-                with handle.use(True, settings.budget.dominant, settings.budget.contextual, settings.merge), autocast:
-                    loss = model(**inputs).loss
-                (loss / config.grad_accum).backward()
-                pending.append(loss.item())
-                tokens += int(inputs["attention_mask"].sum())
-                micro += 1
-                if micro % config.grad_accum == 0:
-                    optimizer_step()
-                    if step >= total_steps:
-                        break
-            if used == 0:
-                raise ValueError(f"{data.source}: no usable records; {skipped}")
+    with _projector_training(model, projector, config), contextlib.closing(bar):
+        # Frozen weights keep their dtype; the fp32 projector runs under autocast to the model's dtype.
+        autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
+        optimizer = torch.optim.AdamW(projector.parameters(), lr=config.lr, weight_decay=0.0)
+        scheduler = get_cosine_schedule_with_warmup(optimizer, round(config.warmup_ratio * total_steps), total_steps)
+        for micro, batch in enumerate(_batches(handle, settings, data, config, skipped), start=1):
+            inputs = {name: value.to(device) for name, value in batch.items()}
+            with handle.use(True, settings.budget.dominant, settings.budget.contextual, settings.merge), autocast:
+                loss = model(**inputs).loss
+            (loss / config.grad_accum).backward()
+            pending.append(loss.item())
+            tokens += int(inputs["attention_mask"].sum())
+            if micro % config.grad_accum == 0:
+                step = _optimizer_step(projector, optimizer, scheduler, config, step, losses, pending)
+                bar.update(1)
+                bar.set_postfix(loss=f"{losses[-1]:.4f}", tok_s=f"{tokens / (time.perf_counter() - start):.0f}")
+                if output is not None and config.save_every and step % config.save_every == 0 and step < total_steps:
+                    save_projector(
+                        model, output / f"projector-step{step}.safetensors", settings.budget, settings.merge, step
+                    )
+                if step >= total_steps:
+                    break
         if pending and step < total_steps:  # a last, partial accumulation
-            optimizer_step()
+            step = _optimizer_step(projector, optimizer, scheduler, config, step, losses, pending)
+            bar.update(1)
         path = None
         if output is not None:  # before the projector goes back to a low-precision dtype
             path = save_projector(model, output / "projector.safetensors", settings.budget, settings.merge, step)
-    finally:
-        bar.close()
-        projector.to(dtype)
-        for name, parameter in model.named_parameters():
-            parameter.requires_grad_(trainable[name])
-        if config.gradient_checkpointing:
-            model.gradient_checkpointing_disable()
-        model.train(was_training)
     return TrainResult(step, losses, skipped, tokens, time.perf_counter() - start, path)
+
+
+def _optimizer_step(
+    projector, optimizer, scheduler, config: TrainConfig, step: int, losses: list, pending: list
+) -> int:
+    torch.nn.utils.clip_grad_norm_(projector.parameters(), config.max_grad_norm)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    losses.append(sum(pending) / len(pending))
+    pending.clear()
+    return step + 1
 
 
 # -- command line -----------------------------------------------------------------------------------
