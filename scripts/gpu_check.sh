@@ -7,13 +7,13 @@
 # Installs the wheels carried in .whl/ (made here by scripts/gpu_wheels.sh) into a private folder that
 # shadows the machine's own packages, prints the versions it runs with, then runs python -m bench.gpu_check
 # under a wall-clock budget. Arguments are passed on to it (--steps, --budgets, --budget-s ...).
-# Environment: OUT (results folder, default ./gpu-check-out), PYTHON (default python3: on the GPU machine,
+# Environment: OUT (results folder, default /tmp/gpu-check-out), PYTHON (default python3: on the GPU machine,
 # the one that holds PyTorch), GPU_CHECK_BUDGET_S (default 255: the steps' budget, so that installing
 # the wheels, a step killed at its box and writing the results still end inside a 300-second call),
 # GPU_CHECK_SITE (where the wheels go, default /tmp/site).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-OUT=${OUT:-gpu-check-out}
+OUT=${OUT:-/tmp/gpu-check-out}
 PYTHON=${PYTHON:-python3}
 BUDGET_S=${GPU_CHECK_BUDGET_S:-255}
 SITE=${GPU_CHECK_SITE:-/tmp/site}
