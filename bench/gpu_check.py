@@ -98,7 +98,7 @@ GPU_PACKAGES = set(
 # requirements.txt pins. Anything else the check imports must already be there (the env step checks).
 CARRIED = {
     "transformers": "5.17 there; the library needs 5.24 (pyproject)",
-    "av": "not there; app.media imports PyAV at import time, and app.chat imports app.media",
+    "av": "not there; app.media imports PyAV at import time, and app.turn imports app.media",
     "plotly": "not there; app.video imports app.overlay, which imports plotly.colors",
 }
 # Not on the GPU machine: the steps make them unimportable, so a dry run that passes here proves the
