@@ -11,7 +11,7 @@ import plotly.graph_objects as go
 
 from app.overlay import tile_names, tiles_in_view
 from app.stats import TurnStats
-from visionzip import Budget, ImageSelection
+from visionzip import ImageSelection
 
 FONT_SIZE = 18
 HEIGHT = 520
@@ -185,14 +185,13 @@ def speedup_chart(turns: list[TurnStats]) -> go.Figure:
     return figure if shared else _with_note(figure, "No turn finished on both sides yet")
 
 
-def attention_chart(selection: ImageSelection, budget: Budget, view: str = "base") -> go.Figure:
+def attention_chart(selection: ImageSelection, cut: int, view: str = "base") -> go.Figure:
     """The redundancy view (the paper's figure 2): patches sorted by the CLS attention they receive,
     each one's share of it, and the cumulative share held by the top k, with the budget's cut after
-    the top `dominant - 1` patches (CLS is always kept besides)."""
+    the top `cut` patches (VisionZip: dominant - 1, the CLS token is kept besides)."""
     tiles = [tile for panel in tiles_in_view(selection, view) for tile in panel]
     share_axis = "y2" if len(tiles) == 1 else "y"  # one tile: its bars on y, cumulative share on y2
     names = tile_names(selection)
-    cut = budget.dominant - 1
     figure = go.Figure()
     notes = []
     for tile in tiles:

@@ -24,7 +24,21 @@ from app.conversation import SIDES, Conversation, SideConfig, load_media, messag
 from app.hosting import gpu_task
 from app.media import MediaError, detect_media_kind, load_clip, load_image
 from app.models import ModelLoadError, ModelRegistry
-from app.modes import CUSTOM, FULL, Mode, make_mode, mode_choices, translate_mode, tuned_mode
+from app.modes import (
+    CUSTOM,
+    CUSTOM_TOKENS,
+    FULL,
+    Mode,
+    default_mode,
+    make_mode,
+    matched_mode,
+    method_by_title,
+    method_titles,
+    mode_choices,
+    translate_mode,
+    tuned_mode,
+    use_mode,
+)
 from app.turn import (
     ContextTooLong,
     StopFlag,
@@ -41,6 +55,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_MODES = {"left": FULL, "right": "VisionZip 320"}
 CUSTOM_START = (54, 10)  # the custom D/C boxes' first values: VisionZip 320's budget per tile
+CUSTOM_TOKENS_START = 64  # the custom token box's first value: 320 over a 2x2 grid's 5 tiles
 NO_IMAGE = "Upload an image to see which tokens VisionZip keeps."
 NO_VISIONZIP = "Neither side uses VisionZip: pick a VisionZip mode to see what it keeps."
 STREAM_INTERVAL_S = 0.1  # redraw streaming answers at most this often: a browser re-renders the whole chat each time
@@ -252,38 +267,61 @@ class Handlers:
         right_contextual: float,
         left_tuned: bool = False,
         right_tuned: bool = False,
+        left_method: str | None = None,
+        right_method: str | None = None,
+        left_tokens: float | None = None,
+        right_tokens: float | None = None,
+        event: gr.EventData = None,
     ) -> Results:
-        """Both sides' modes: FULL, a preset ("VisionZip 320") or CUSTOM with dominant/contextual per tile,
-        each with its model's tuned projector (`left_tuned`/`right_tuned`) when the app was given one."""
-        sides = dict(conversation.sides)
+        """Both sides' modes: FULL, a preset of any method ("VisionZip 320", "DivPrune 320"), CUSTOM
+        (VisionZip, dominant/contextual per tile) or CUSTOM_TOKENS (`*_method` by title, `*_tokens`),
+        each with its model's tuned projector (`*_tuned`) when the app was given one.  When a side's
+        method dropdown changed, that side gets the new method's preset of the same rank."""
+        trigger = getattr(event.target, "elem_id", None) if event is not None else None
         values = {
-            "left": (left_mode, left_dominant, left_contextual, left_tuned),
-            "right": (right_mode, right_dominant, right_contextual, right_tuned),
+            "left": (left_mode, left_dominant, left_contextual, left_tuned, left_method, left_tokens),
+            "right": (right_mode, right_dominant, right_contextual, right_tuned, right_method, right_tokens),
         }
-        for side, (name, dominant, contextual, tuned) in values.items():
+        sides = dict(conversation.sides)
+        for side, (name, dominant, contextual, tuned, title, tokens) in values.items():
             try:
                 loaded = self.registry.get(sides[side].model)
-                mode = make_mode(name, loaded.family, dominant, contextual, loaded.handle.tokens_per_tile)
+                method = FULL if title in (None, FULL) else method_by_title(title).name
+                if trigger == f"{side}-method":
+                    mode = default_mode(method, loaded.family, like=sides[side].mode)
+                else:
+                    mode = make_mode(
+                        name, loaded.family, dominant, contextual, loaded.handle.tokens_per_tile, tokens, method
+                    )
                 mode = tuned_mode(mode, loaded, bool(tuned))
             except (ValueError, ModelLoadError) as error:
                 raise gr.Error(f"{render.SIDE_NAMES[side]} side: {error}") from None
             sides[side] = replace(sides[side], mode=mode)
         conversation = replace(conversation, sides=sides)
-        rows = {f"{side}_custom_row": gr.Row(visible=conversation.sides[side].mode.name == CUSTOM) for side in SIDES}
-        return {"state": conversation, **rows, **self.headers(conversation)}
+        return {"state": conversation, **self.mode_controls(conversation, values=False), **self.headers(conversation)}
 
-    @staticmethod
-    def show_modes(conversation: Conversation) -> Results:
-        """Each side's mode controls as the budget in force: a refused budget leaves no trace."""
+    def mode_controls(self, conversation: Conversation, values: bool = True) -> Results:
+        """Each side's method, budget choices and custom boxes as the mode in force (`values`: the
+        custom numbers too, so a refused budget leaves no trace)."""
         controls = {}
         for side in SIDES:
             mode = conversation.sides[side].mode
-            dominant, contextual = (mode.dominant, mode.contextual) if mode.enabled else CUSTOM_START
-            controls[f"{side}_mode"] = gr.Dropdown(value=mode.name)
-            controls[f"{side}_dominant"], controls[f"{side}_contextual"] = dominant, contextual
+            family = self.registry.family(conversation.sides[side].model)
+            controls[f"{side}_method"] = gr.Dropdown(choices=method_titles(), value=mode.method_title)
+            choices = mode_choices(family, mode.method if mode.enabled else FULL)
+            controls[f"{side}_mode"] = gr.Dropdown(choices=choices, value=mode.name)
             controls[f"{side}_custom_row"] = gr.Row(visible=mode.name == CUSTOM)
-            controls[f"{side}_tuned"] = gr.Checkbox(value=mode.tuned is not None)
+            controls[f"{side}_tokens_row"] = gr.Row(visible=mode.name == CUSTOM_TOKENS)
+            if values:
+                dominant, contextual = (mode.dominant, mode.contextual) if mode.name == CUSTOM else CUSTOM_START
+                controls[f"{side}_dominant"], controls[f"{side}_contextual"] = dominant, contextual
+                controls[f"{side}_tokens"] = mode.tokens if mode.tokens is not None else CUSTOM_TOKENS_START
+                controls[f"{side}_tuned"] = gr.Checkbox(value=mode.tuned is not None)
         return controls
+
+    def show_modes(self, conversation: Conversation) -> Results:
+        """Each side's mode controls as the budget in force: a refused budget leaves no trace."""
+        return self.mode_controls(conversation)
 
     def set_model(
         self, conversation: Conversation, left_model: str, right_model: str, progress=gr.Progress(track_tqdm=True)
@@ -303,20 +341,46 @@ class Handlers:
                 raise gr.Error(f"{render.SIDE_NAMES[side]} side keeps {sides[side].model}: {error}") from None
             sides[side] = SideConfig(label, mode)
         conversation = replace(conversation, sides=sides)
-        results: Results = {"state": conversation, **self.headers(conversation)}
+        results: Results = {
+            "state": conversation,
+            **self.headers(conversation),
+            **self.mode_controls(conversation, False),
+        }
         for side in SIDES:
-            family = self.registry.get(conversation.sides[side].model).family
-            results[f"{side}_mode"] = gr.Dropdown(
-                choices=mode_choices(family), value=conversation.sides[side].mode.name
-            )
             results[f"{side}_tuned"] = gr.Checkbox(**render.tuned_box(self.registry, conversation, side))
         results["banner"] = render.banner_update(self.registry, conversation)
         results["models_info"] = render.models_markdown(self.registry)
         return results
 
-    @staticmethod
-    def show_models(conversation: Conversation) -> Results:
-        return {f"{side}_model": gr.Dropdown(value=conversation.sides[side].model) for side in SIDES}
+    def show_models(self, conversation: Conversation) -> Results:
+        models = list(self.registry.choices)
+        return {f"{side}_model": gr.Dropdown(choices=models, value=conversation.sides[side].model) for side in SIDES}
+
+    def match_left(self, conversation: Conversation) -> Results:
+        """The left side's method at the right side's visual-token count for this image (as near as
+        the method's budget rule allows; the headers show both real counts)."""
+        return self._match(conversation, "left")
+
+    def match_right(self, conversation: Conversation) -> Results:
+        """The right side's method at the left side's visual-token count for this image."""
+        return self._match(conversation, "right")
+
+    def _match(self, conversation: Conversation, side: str) -> Results:
+        other = "right" if side == "left" else "left"
+        if conversation.media_path is None or conversation.media_kind != "image":
+            raise gr.Error("Upload an image first: the count to match is the other side's count for that image.")
+        try:
+            picture = load_media(conversation)
+            loaded, other_loaded = (self.registry.get(conversation.sides[s].model) for s in (side, other))
+            with use_mode(other_loaded, conversation.sides[other].mode):
+                target = other_loaded.handle.num_image_tokens((picture.height, picture.width))
+            mode = matched_mode(loaded, conversation.sides[side].mode, (picture.height, picture.width), target)
+            mode = tuned_mode(mode, loaded, conversation.sides[side].mode.tuned is not None)
+        except (ValueError, ModelLoadError, MediaError) as error:
+            raise gr.Error(f"{render.SIDE_NAMES[side]} side: {error}") from None
+        sides = {**conversation.sides, side: replace(conversation.sides[side], mode=mode)}
+        conversation = replace(conversation, sides=sides)
+        return {"state": conversation, **self.mode_controls(conversation), **self.headers(conversation)}
 
     # -- what the methods keep ------------------------------------------------------------------
     def overlay_views(
@@ -335,15 +399,20 @@ class Handlers:
         choices = overlay.view_choices(selection)
         chosen = chosen if chosen in choices else "all"
         config = conversation.sides[side]
-        budget = visionzip.Budget(config.mode.dominant, config.mode.contextual)
         title = f"**{render.SIDE_NAMES[side]} side**: {config.model}, {config.mode.label}.\n\n"
-        return {
+        results = {
             "legend": title + overlay.legend_markdown(selection, chosen),
             "view": gr.Dropdown(choices=choices, value=chosen),
             "overlay": overlay.draw_overlay(picture, selection, chosen),
-            "heatmap": overlay.draw_attention_heatmap(picture, selection, chosen),
-            "attention_plot": charts.attention_chart(selection, budget, chosen),
+            "heatmap": None,
+            "attention_plot": None,
         }
+        if all(tile.cls_attention is not None for tile in selection.tiles):  # methods that read it
+            results["heatmap"] = overlay.draw_attention_heatmap(picture, selection, chosen)
+            results["attention_plot"] = charts.attention_chart(selection, len(selection.tiles[0].kept), chosen)
+        else:
+            results["legend"] += f"\n\n{config.mode.method_title} does not read the CLS attention: no heatmap."
+        return results
 
     def refresh_overlay(self, conversation: Conversation, chosen: str) -> Results:
         """Run the vision tower alone under the reducing side's mode and draw what it keeps."""

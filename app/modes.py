@@ -3,16 +3,19 @@ the library's `use()` block that puts a mode in force for one call."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 
 import visionzip
 from app.models import LoadedModel
+from visionzip.methods.base import PAPER_TOTALS
 from visionzip.projector import use_projector
 
-FULL = "Full"  # every visual token: no reduction
-CUSTOM = "Custom D/C"
+FULL = "Full"  # every visual token: no reduction (as a method and as a budget)
+CUSTOM = "Custom D/C"  # VisionZip with dominant/contextual per tile typed in
+CUSTOM_TOKENS = "Custom tokens"  # another method with its token budget typed in
 PRESET_PREFIX = "VisionZip "
 
 
@@ -20,7 +23,7 @@ PRESET_PREFIX = "VisionZip "
 class Mode:
     """What one side runs: the stock model, or a reduction method (visionzip.METHODS) and its budget."""
 
-    name: str  # as chosen in the UI: FULL, "VisionZip 320", CUSTOM
+    name: str  # as chosen in the UI: FULL, "<method title> <paper budget>" ("VisionZip 320"), CUSTOM, CUSTOM_TOKENS
     enabled: bool
     dominant: int = 0  # VisionZip's budget per tile
     contextual: int = 0
@@ -32,6 +35,10 @@ class Mode:
     @property
     def label(self) -> str:
         return self.settings().describe() + (f" + tuned projector ({self.tuned})" if self.tuned else "")
+
+    @property
+    def method_title(self) -> str:
+        return visionzip.get_method(self.method).title if self.enabled else FULL
 
     @property
     def key(self) -> tuple:
@@ -51,40 +58,125 @@ class Mode:
         return visionzip.Settings(self.enabled, budget, merge, self.method, self.tokens, self.seed)
 
 
-def mode_choices(family: str) -> list[str]:
-    """FULL, the paper's presets for this model family (largest first), CUSTOM."""
-    return [FULL] + [f"{PRESET_PREFIX}{n}" for n in sorted(visionzip.PRESETS[family], reverse=True)] + [CUSTOM]
+def method_titles() -> list[str]:
+    """The page's method choices: FULL, then every registered method by title."""
+    return [FULL] + [method.title for method in visionzip.METHODS.values()]
+
+
+def method_by_title(title: str) -> visionzip.Method:
+    for method in visionzip.METHODS.values():
+        if method.title == title:
+            return method
+    raise ValueError(f"unknown method {title!r}; choose one of {method_titles()}")
+
+
+def mode_choices(family: str, method: str = "visionzip") -> list[str]:
+    """The budgets a side can pick for `method` (a registry name, or FULL): the paper's presets for
+    this model family, largest first, then the custom entry."""
+    if method == FULL:
+        return [FULL]
+    reducer = visionzip.get_method(method)
+    custom = CUSTOM if reducer.budget_kind == "dominant+contextual" else CUSTOM_TOKENS
+    return [f"{reducer.title} {name}" for name in reducer.presets(family)] + [custom]
 
 
 def make_mode(
-    name: str, family: str, dominant: float | None = None, contextual: float | None = None, tokens_per_tile: int = 577
+    name: str,
+    family: str,
+    dominant: float | None = None,
+    contextual: float | None = None,
+    tokens_per_tile: int = 577,
+    tokens: float | None = None,
+    method: str | None = None,
 ) -> Mode:
-    """The Mode a UI choice names; raises ValueError (with the limits) for a budget that a tile of
-    `tokens_per_tile` tokens (CLS + patches; 577 for CLIP-L/14-336) cannot meet."""
+    """The Mode a UI choice names (`method`, a registry name, is needed only for CUSTOM_TOKENS);
+    raises ValueError (with the limits) for a budget that a tile of `tokens_per_tile` tokens
+    (CLS + patches; 577 for CLIP-L/14-336) cannot meet."""
     if name == FULL:
         return Mode(FULL, False)
     if name == CUSTOM:
-        budget = visionzip.Budget(_whole(dominant, "dominant"), _whole(contextual, "contextual"))
-    elif name.startswith(PRESET_PREFIX):
-        budget = visionzip.preset_budget(family, name.removeprefix(PRESET_PREFIX))
-    else:
-        raise ValueError(f"unknown mode {name!r}; choose one of {mode_choices(family)}")
-    budget.check(tokens_per_tile)
-    return Mode(name, True, budget.dominant, budget.contextual)
+        budget = visionzip.Budget(_whole(dominant, "dominant"), _whole(contextual, "contextual")).check(tokens_per_tile)
+        return Mode(name, True, budget.dominant, budget.contextual)
+    if name == CUSTOM_TOKENS:
+        if method in (None, FULL, "visionzip"):
+            raise ValueError(f"{CUSTOM_TOKENS} needs a method other than VisionZip (VisionZip takes {CUSTOM})")
+        mode = Mode(name, True, method=visionzip.get_method(method).name, tokens=_whole(tokens, "tokens"))
+        return _checked(mode, tokens_per_tile)
+    title, _, preset = name.rpartition(" ")
+    try:
+        reducer = method_by_title(title)
+        size = reducer.presets(family)[int(preset)]
+    except (ValueError, KeyError):
+        raise ValueError(
+            f"unknown mode {name!r}; choose one of {mode_choices(family, method or 'visionzip')}"
+        ) from None
+    if reducer.name == "visionzip":
+        budget = visionzip.preset_budget(family, preset)
+        return Mode(name, True, budget.dominant, budget.contextual)
+    return _checked(Mode(name, True, method=reducer.name, tokens=size), tokens_per_tile)
+
+
+def _checked(mode: Mode, tokens_per_tile: int) -> Mode:
+    visionzip.get_method(mode.method).check(mode.settings(), math.isqrt(tokens_per_tile - 1))
+    return mode
+
+
+def default_mode(method: str, family: str, like: Mode | None = None) -> Mode:
+    """`method`'s preset of the same rank as `like`'s (the middle one otherwise): what a side runs
+    right after its method is switched."""
+    if method == FULL:
+        return Mode(FULL, False)
+    presets = mode_choices(family, method)[:-1]
+    rank = _preset_rank(like, family) if like is not None else None
+    return make_mode(presets[len(presets) // 2 if rank is None else rank], family)
+
+
+def _preset_rank(mode: Mode, family: str) -> int | None:
+    """0 for the largest of the paper's budgets, 1 for the middle, 2 for the smallest; None for custom."""
+    _, _, preset = mode.name.rpartition(" ")
+    for totals in PAPER_TOTALS.values():
+        if preset.isdigit() and int(preset) in totals:
+            return totals.index(int(preset))
+    return None
+
+
+def matched_mode(loaded: LoadedModel, mode: Mode, image_size: tuple[int, int], target: int) -> Mode:
+    """`mode`'s method with the budget that gives `target` visual tokens for an image of `image_size`,
+    or the nearest count its budget rule allows (per tile: a whole number per tile; pooling: a square)."""
+    if not mode.enabled:
+        raise ValueError("Full uses every visual token: pick a method to match the other side's count")
+    handle, method = loaded.handle, visionzip.get_method(mode.method)
+    if method.budget_rule == "per image":
+        return _checked(Mode(CUSTOM_TOKENS, True, method=method.name, tokens=target), handle.tokens_per_tile)
+    tiles = handle.family.num_tiles(handle.base.config, image_size)
+    per_tile = max(1, round((target - (1 if tiles == 1 else 0)) / tiles))
+    if method.budget_kind == "dominant+contextual":  # VisionZip: the paper's 54:10 split of a tile's budget
+        dominant = min(per_tile, max(1, round(per_tile * 54 / 64)))
+        return make_mode(CUSTOM, loaded.family, dominant, per_tile - dominant, handle.tokens_per_tile)
+    allowed = [n for n in range(1, handle.tokens_per_tile + 1) if _allows(method, n, handle.side)]
+    nearest = min(allowed, key=lambda n: (abs(n - per_tile), n))
+    return make_mode(
+        CUSTOM_TOKENS, loaded.family, tokens=nearest, tokens_per_tile=handle.tokens_per_tile, method=method.name
+    )
+
+
+def _allows(method: visionzip.Method, tokens: int, side: int) -> bool:
+    try:
+        method.check(visionzip.Settings(True, visionzip.Budget(1, 0), method=method.name, tokens=tokens), side)
+    except ValueError:
+        return False
+    return True
 
 
 def translate_mode(mode: Mode, family: str) -> Mode:
     """The same mode for another model family: presets map by rank (640 <-> 192, 320 <-> 128,
     160 <-> 64), as the paper pairs them; full and custom budgets carry over."""
-    if not mode.name.startswith(PRESET_PREFIX) or mode.name in mode_choices(family):
+    if not mode.enabled or mode.name in (CUSTOM, CUSTOM_TOKENS) or mode.name in mode_choices(family, mode.method):
         return mode
-    for presets in visionzip.PRESETS.values():
-        ranked = sorted(presets, reverse=True)
-        name = int(mode.name.removeprefix(PRESET_PREFIX))
-        if name in ranked:
-            target = sorted(visionzip.PRESETS[family], reverse=True)[ranked.index(name)]
-            return make_mode(f"{PRESET_PREFIX}{target}", family)
-    raise ValueError(f"unknown preset {mode.name!r}")
+    rank = _preset_rank(mode, family)
+    if rank is None:
+        raise ValueError(f"unknown preset {mode.name!r}")
+    return replace(make_mode(mode_choices(family, mode.method)[rank], family), seed=mode.seed)
 
 
 def tuned_mode(mode: Mode, loaded: LoadedModel, tuned: bool) -> Mode:

@@ -314,9 +314,11 @@ def legend_markdown(selection: ImageSelection, view: str) -> str:
     colour legend, as Markdown (with inline HTML colour swatches)."""
     lone = len(selection.tiles) == 1
     names = tile_names(selection)
+    method = visionzip.get_method(selection.method)
+    cls = 1 if method.keeps_cls else 0
     rows = [
-        "| tile | kept patches (+CLS) | contextual tokens | patches merged into them | dropped "
-        "| padding cells (kept) | tokens |",
+        f"| tile | kept patches{' (+CLS)' if cls else ''} | {method.merged_as} tokens | patches merged into them "
+        "| dropped | padding cells (kept) | tokens |",
         "|---|---|---|---|---|---|---|",
     ]
     groups, dropped = 0, 0
@@ -331,20 +333,23 @@ def legend_markdown(selection: ImageSelection, view: str) -> str:
             kept, contextual = len(chosen.kept), len(chosen.targets)
             groups, dropped = max(groups, contextual), dropped + int((roles == -2).sum())
             rows.append(
-                f"| {names[tile]} | {kept} + 1 | {contextual} | {contextual + len(chosen.merged)} "
+                f"| {names[tile]} | {kept}{' + 1' if cls else ''} | {contextual} | {contextual + len(chosen.merged)} "
                 f"| {int((roles == -2).sum())} | {int(padding.sum())} ({int((roles[padding] == -1).sum())}) "
-                f"| {kept + 1 + contextual} |"
+                f"| {kept + cls + contextual} |"
             )
     swatches = " ".join(_swatch(c) for c in group_colours(groups)[:12]) + (" ..." if groups > 12 else "")
     legend = [
-        f"{_swatch(KEPT_RGB)} **kept** (dominant: highest CLS attention; yellow tint, outlined)",
-        f"{swatches} **merged**: one colour per contextual group, ⚪ on its target patch" if groups else "",
-        "dark: **dropped** (no contextual tokens)" if dropped else "",
+        f"{_swatch(KEPT_RGB)} **kept** ({method.kept_as}; {KEPT_NAME.lower()} tint, outlined)",
+        f"{swatches} **merged**: one colour per {method.merged_as}, ⚪ on its anchor patch" if groups else "",
+        "dark: **dropped** (feeds no token)" if dropped else "",
         "dimmed outside the tile: cropped away by the processor"
         if lone
         else "padding cells (the grid's blank border) are not drawn, only counted",
     ]
-    total = f"**{selection.num_tokens} visual tokens** for this image (all tiles, as fed to the language model)."
+    total = (
+        f"**{selection.num_tokens} visual tokens** for this image under {selection.budget or method.title} "
+        "(all tiles, as fed to the language model)."
+    )
     return "\n".join(rows) + "\n\n" + " · ".join(part for part in legend if part) + "\n\n" + total
 
 

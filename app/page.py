@@ -9,9 +9,9 @@ import gradio as gr
 
 from app import charts, render
 from app.conversation import SIDES, Conversation
-from app.handlers import CUSTOM_START, NO_IMAGE
+from app.handlers import CUSTOM_START, CUSTOM_TOKENS_START, NO_IMAGE
 from app.models import ModelRegistry
-from app.modes import mode_choices
+from app.modes import FULL, method_titles, mode_choices
 from app.video import DEFAULT_FRAMES, MAX_FRAMES
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
@@ -25,9 +25,10 @@ CSS = """
 .message-wrap .message { font-size: 1.05em; }
 """
 INTRO = (
-    "# VisionZip Live\nThe same question, answered twice: with every visual token (left) and with "
-    "[VisionZip](https://arxiv.org/abs/2412.04467)'s few dominant + contextual tokens (right). "
-    "Each side re-reads the whole conversation every turn, so the saving shows on every turn."
+    "# VisionZip Live\nThe same question, answered twice on one copy of the weights: by default with every "
+    "visual token (left) and with [VisionZip](https://arxiv.org/abs/2412.04467)'s few dominant + contextual "
+    "tokens (right). Each side can run any method at any budget; **Match** sets one side to the other's "
+    "visual-token count. Each side re-reads the whole conversation every turn, so the saving shows on every turn."
 )
 
 
@@ -95,22 +96,28 @@ class Page:
                 f"{side}_header",
                 gr.Markdown(header, label=f"{side} header", elem_id=f"{side}-header", elem_classes="side-header"),
             )
+            mode = start.sides[side].mode
             with gr.Row():
                 models = list(registry.choices)
                 model = gr.Dropdown(
                     models, value=start.sides[side].model, label="Model", elem_id=f"{side}-model", scale=2
                 )
                 self.add(f"{side}_model", model)
-                modes = mode_choices(registry.family(registry.default))
-                mode = gr.Dropdown(
-                    modes,
-                    value=start.sides[side].mode.name,
-                    label="Mode",
+                method = gr.Dropdown(method_titles(), value=mode.method_title, label="Method", elem_id=f"{side}-method")
+                self.add(f"{side}_method", method)
+                choices = mode_choices(registry.family(registry.default), mode.method if mode.enabled else FULL)
+                # any method's budget can arrive through the API: make_mode checks the name
+                budget = gr.Dropdown(
+                    choices,
+                    value=mode.name,
+                    label="Budget",
+                    allow_custom_value=True,
                     elem_id=f"{side}-mode",
-                    scale=1,
                     min_width=150,
                 )
-                self.add(f"{side}_mode", mode)
+                self.add(f"{side}_mode", budget)
+            match = gr.Button("Match the other side's visual-token count", size="sm", elem_id=f"{side}-match")
+            self.add(f"{side}_match", match)
             tuned_info = "The same tokens, through a projector fine-tuned for VisionZip (the paper's VisionZip‡)"
             tuned = gr.Checkbox(**render.tuned_box(registry, start, side), info=tuned_info, elem_id=f"{side}-tuned")
             self.add(f"{side}_tuned", tuned)
@@ -124,8 +131,17 @@ class Page:
                     CUSTOM_START[1], label=contextual_label, precision=0, elem_id=f"{side}-contextual"
                 )
                 self.add(f"{side}_contextual", contextual)
+            with gr.Row(visible=False) as tokens_row:
+                self.add(f"{side}_tokens_row", tokens_row)
+                tokens_label = "Visual tokens (per tile or per image, as the method counts them)"
+                tokens = gr.Number(CUSTOM_TOKENS_START, label=tokens_label, precision=0, elem_id=f"{side}-tokens")
+                self.add(f"{side}_tokens", tokens)
             chat = gr.Chatbot(
-                label=render.SIDE_NAMES[side], show_label=False, height=460, elem_id=f"{side}-chat", buttons=["copy"]
+                label=f"{render.SIDE_NAMES[side]} chat",
+                show_label=False,
+                height=460,
+                elem_id=f"{side}-chat",
+                buttons=["copy"],
             )
             self.add(f"{side}_chat", chat)
 

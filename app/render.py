@@ -17,10 +17,10 @@ from app.hosting import timing_method
 from app.media import MediaError, load_image
 from app.models import LoadedModel, ModelRegistry, resolve_device
 from app.modes import use_mode
-from app.stats import TurnStats, export_csv, export_json, summary_line
+from app.stats import TurnStats, comparison_line, export_csv, export_json, summary_line
 from app.turn import ContextTooLong, video_tokens
 
-SIDE_NAMES = {"left": "Without VisionZip", "right": "With VisionZip"}
+SIDE_NAMES = {"left": "Left", "right": "Right"}  # as messages name the sides: each side may run any method
 TINY_BANNER = (
     "⚠️ **Tiny offline model.** Its weights are random, so its *answers are meaningless noise*; "
     "its *token counts and timings are real*: it has LLaVA-NeXT's exact image geometry (336x336 tiles of "
@@ -67,12 +67,15 @@ def summary_markdown(conversation: Conversation) -> str:
         pair = [turn.stats.get(side) for side in SIDES]
         if None in pair:
             continue
+        left, right = pair
         full, reduced = sorted(pair, key=lambda stats: -stats.visual_tokens)
         line = summary_line(full, reduced)
         same_input = full.visual_tokens == reduced.visual_tokens and len(set(turn.frames.values())) <= 1
-        if line and same_input:  # e.g. VisionZip with and without the tuned projector: a speed ratio would be noise
-            left, right = pair
+        same_method = left.mode.split(" + tuned")[0] == right.mode.split(" + tuned")[0]
+        if line and same_input and same_method:  # e.g. with and without the tuned projector: a speed ratio is noise
             line = f"{left.visual_tokens:,} visual tokens on both sides (left: {left.mode}; right: {right.mode})"
+        elif line and "full" not in (left.mode, right.mode):  # two methods: the counts are said, matched or not
+            line = comparison_line(left, right)
         elif line and turn.frames:
             line += f" ({turn.frames[full.side]} -> {turn.frames[reduced.side]} frames)"
         if line:
@@ -88,7 +91,7 @@ def stats_records(conversation: Conversation) -> list[dict]:
 
 def side_header(registry: ModelRegistry, conversation: Conversation, side: str, max_new_tokens: int) -> str:
     config = conversation.sides[side]
-    title = "With VisionZip" if config.mode.enabled else "Without VisionZip"
+    title = f"With {config.mode.method_title}" if config.mode.enabled else "Without reduction"
     title += " + tuned projector" if config.mode.tuned else ""
     detail = f"{config.model} · {config.mode.label}"
     loaded = next((m for m in registry.loaded() if m.label == config.model), None)

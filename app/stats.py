@@ -45,6 +45,20 @@ def summary_line(full: TurnStats, reduced: TurnStats) -> str:
     return f"{full.visual_tokens} -> {reduced.visual_tokens} visual tokens, time to first token {change}"
 
 
+def comparison_line(left: TurnStats, right: TurnStats) -> str:
+    """Two reducing sides of one turn, e.g. 'DivPrune 320/image vs VisionZip 54+10/tile: 320 vs 320
+    visual tokens (equal counts), time to first token 1.2x faster on the right'."""
+    if not (left.ok and right.ok) or left.ttft_ms <= 0 or right.ttft_ms <= 0:
+        return ""
+    counts = "equal counts" if left.visual_tokens == right.visual_tokens else "counts differ"
+    speedup = left.ttft_ms / right.ttft_ms
+    change = f"{speedup:.1f}x faster" if speedup >= 1 else f"{1 / speedup:.1f}x slower"
+    return (
+        f"{left.mode} vs {right.mode}: {left.visual_tokens:,} vs {right.visual_tokens:,} visual tokens ({counts}), "
+        f"time to first token {change} on the right"
+    )
+
+
 def export_json(turns: list[TurnStats]) -> str:
     return json.dumps([asdict(turn) for turn in turns], indent=2)
 

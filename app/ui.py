@@ -36,10 +36,14 @@ MEDIA = [*VIEWS, "media_info", *HEADERS, "media", "video"]
 OVERLAY = ["selection_state", "legend", "view", "overlay", "heatmap", "attention_plot"]
 AFTER_TURN = ["tokens_plot", "times_plot", "speedup_plot", "export_json", "export_csv", "models_info", *HEADERS]
 FILMSTRIP = ["filmstrip", "legend", "view", "image_views"]
+MODE_PARTS = ("method", "mode", "custom_row", "tokens_row")  # what follows a side's mode
+MODE_VIEW = [f"{side}_{part}" for side in SIDES for part in MODE_PARTS]
 MODE_CONTROLS = [
-    f"{side}_{part}" for side in SIDES for part in ("mode", "dominant", "contextual", "custom_row", "tuned")
+    *MODE_VIEW,
+    *(f"{side}_{part}" for side in SIDES for part in ("dominant", "contextual", "tokens", "tuned")),
 ]
-MODEL_OUTPUTS = ["state", "left_mode", "right_mode", *HEADERS, "banner", "models_info", "left_tuned", "right_tuned"]
+MODE_OUTPUTS = ["state", *MODE_VIEW, *HEADERS]
+MODEL_OUTPUTS = ["state", *HEADERS, *MODE_VIEW, "banner", "models_info", "left_tuned", "right_tuned"]
 
 
 def ordered(results: dict | None, names: list[str]):
@@ -197,15 +201,27 @@ class Wiring:
         page, inputs, triggers = self.page, ["state"], []
         for side in SIDES:
             inputs += [f"{side}_mode", f"{side}_dominant", f"{side}_contextual"]
-            boxes = (page[f"{side}_dominant"], page[f"{side}_contextual"])
-            triggers += [page[f"{side}_mode"].input, page[f"{side}_tuned"].input]
+            boxes = (page[f"{side}_dominant"], page[f"{side}_contextual"], page[f"{side}_tokens"])
+            triggers += [page[f"{side}_{name}"].input for name in ("method", "mode", "tuned")]
             triggers += [event for box in boxes for event in (box.submit, box.blur)]
-        inputs += [f"{side}_tuned" for side in SIDES]  # last, so older callers' positional arguments still fit
-        outputs = ["state", *(f"{side}_custom_row" for side in SIDES), *HEADERS]
+        # after the first ones, so older callers' positional arguments still fit
+        inputs += [f"{side}_tuned" for side in SIDES] + [f"{side}_method" for side in SIDES]
+        inputs += [f"{side}_tokens" for side in SIDES]
         options = dict(api_name="set_mode", trigger_mode="always_last", show_progress="hidden", **self.GPU)
-        changed = self.on(triggers, self.handlers.set_mode, inputs, outputs, **options)  # may load a model on first use
+        changed = self.on(triggers, self.handlers.set_mode, inputs, MODE_OUTPUTS, **options)  # may load a model
         self.follow(changed.failure, self.handlers.show_modes, ["state"], MODE_CONTROLS, **self.QUIET)
         self.refresh_tokens(changed)
+        for side in SIDES:  # "match": this side's method at the other side's count
+            handler = getattr(self.handlers, f"match_{side}")
+            matched = self.on(
+                [page[f"{side}_match"].click],
+                handler,
+                ["state"],
+                ["state", *MODE_CONTROLS, *HEADERS],
+                api_name=f"match_{side}",
+                **self.GPU,
+            )
+            self.refresh_tokens(matched)
 
     def wire_models(self) -> None:
         models = [f"{side}_model" for side in SIDES]

@@ -12,7 +12,7 @@ import torch
 
 from app.charts import attention_chart, speedup_chart, times_chart, tokens_chart
 from app.stats import TurnStats
-from visionzip import Budget, ImageSelection, TileSelection
+from visionzip import ImageSelection, TileSelection
 
 ARTIFACTS = Path(__file__).resolve().parent.parent / "artifacts"
 FULL, REDUCED = "full", "VisionZip 54+10/tile"
@@ -139,7 +139,7 @@ def test_attention_chart_sorts_patches_and_marks_the_budget_cut():
     selection = ImageSelection(
         (672, 672), (2, 2), [tile_with_attention(concentrated_attention(s)) for s in range(5)], 320
     )
-    figure = attention_chart(selection, Budget(11, 5), view="crop 2")
+    figure = attention_chart(selection, 10, view="crop 2")
     shares = list(trace(figure, "share of each patch").y)
     assert shares[:10] == pytest.approx([5.0] * 10) and shares[10:] == pytest.approx([50 / 566] * 566)
     cumulative = trace(figure, "crop 2: top-k cumulative share")
@@ -149,7 +149,7 @@ def test_attention_chart_sorts_patches_and_marks_the_budget_cut():
     assert "top 10" in figure.layout.title.subtitle.text and "50%" in figure.layout.title.subtitle.text
     save_html(figure, "chart_attention_crop2.html")
 
-    every_tile = attention_chart(selection, Budget(11, 5), view="all")
+    every_tile = attention_chart(selection, 10, view="all")
     names = [t.name for t in every_tile.data]
     assert names == [f"crop {k}: top-k cumulative share" for k in range(1, 5)] + [
         "base: top-k cumulative share",

@@ -26,6 +26,11 @@ if TYPE_CHECKING:
     from ..core import Settings
     from ..tower import TowerSignals
 
+# The paper's budget names (total visual tokens) per model family, and the tiles they assume: LLaVA-NeXT's
+# totals are for a 2x2 grid (5 tiles), so a per-tile method's budget is the total / 5 there.
+PAPER_TOTALS = {"llava_next": (640, 320, 160), "llava": (192, 128, 64)}
+NOMINAL_TILES = {"llava_next": 5, "llava": 1}
+
 # Token kinds in `TileOutput.positions`, besides a patch's raster index (>= 0).
 CLS = -1
 MERGED = -2  # a token that stands for several patches (a contextual token): no position of its own
@@ -60,6 +65,10 @@ class Method:
     reads_text: ClassVar[bool] = False  # chooses by the question (text-dependent)
     needs_attention: ClassVar[bool] = False  # needs the feature layer's CLS row and head-mean keys
     budget_kind: ClassVar[str] = "tokens"  # "tokens", or "dominant+contextual" (VisionZip)
+    # How its choice reads on a picture (TileSelection): kept patches, merged groups, the CLS token.
+    keeps_cls: ClassVar[bool] = False
+    kept_as: ClassVar[str] = "kept"
+    merged_as: ClassVar[str] = "merged group"
 
     def check(self, settings: Settings, side: int) -> None:
         """Raise a ValueError that states the limits when `settings` cannot run on tiles of
@@ -73,6 +82,12 @@ class Method:
     def describe(self, settings: Settings) -> str:
         unit = "/tile" if self.budget_rule == "per tile" else "/image"
         return f"{self.title} {settings.tokens}{unit}"
+
+    def presets(self, family: str) -> dict[int, int]:
+        """The paper's budget names for `family` (largest first) -> this method's `tokens`: the total
+        itself for a per-image method, the total over the nominal tiles for a per-tile one."""
+        tiles = NOMINAL_TILES[family] if self.budget_rule == "per tile" else 1
+        return {total: total // tiles for total in PAPER_TOTALS[family]}
 
     # -- per tile -------------------------------------------------------------------------------
     def tile_tokens(self, settings: Settings, side: int) -> int:

@@ -25,6 +25,8 @@ class DominantOnly(Method):
     budget_rule = "per tile"
     reference = "arXiv 2412.04467 (CVPR 2025); github.com/dvlab-research/VisionZip (its demo: contextual 0)"
     needs_attention = True
+    keeps_cls = True
+    kept_as = "dominant: highest CLS attention"
 
     def check(self, settings: Settings, side: int) -> None:
         tokens = settings.tokens

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from ..budget import PRESETS
 from ..merge import choose_tokens, merge_tokens
 from ..selection import tile_selections
 from .base import MERGED, Method, TileOutput
@@ -24,7 +25,10 @@ class VisionZipMethod(Method):
     budget_rule = "per tile"
     reference = "arXiv 2412.04467 (CVPR 2025); github.com/dvlab-research/VisionZip"
     needs_attention = True
+    keeps_cls = True
+    kept_as = "dominant: highest CLS attention"
     budget_kind = "dominant+contextual"
+    merged_as = "contextual group"
 
     def check(self, settings: Settings, side: int) -> None:
         settings.budget.check(side * side + 1)  # the handle checks it too; a method checks its own budget
@@ -34,6 +38,10 @@ class VisionZipMethod(Method):
 
     def tile_tokens(self, settings: Settings, side: int) -> int:
         return settings.budget.per_tile
+
+    def presets(self, family: str) -> dict[int, int]:
+        """VisionZip's presets are (dominant, contextual) splits: `visionzip.PRESETS`; here, their sizes."""
+        return {name: sum(split) for name, split in sorted(PRESETS[family].items(), reverse=True)}
 
     def reduce_tiles(
         self, signals: TowerSignals, settings: Settings, project: Callable[[torch.Tensor], torch.Tensor]
