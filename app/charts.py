@@ -125,6 +125,26 @@ def times_chart(turns: list[TurnStats]) -> go.Figure:
     return figure if by_side else _with_note(figure, "No finished turns yet")
 
 
+def quality_chart(turns: list[TurnStats]) -> go.Figure:
+    """Per turn, each reducing side's KL divergence from the full model's first-token distribution
+    (0: the next token is predicted as with every visual token)."""
+    figure = go.Figure()
+    labels = _side_labels(turns)
+    for side, side_turns in _ok_by_side(turns).items():
+        measured = [t for t in side_turns if t.kl_to_full is not None]
+        if measured:
+            shade = SIDE_SHADES[side][1]
+            figure.add_bar(
+                x=[t.turn for t in measured], y=[t.kl_to_full for t in measured], name=labels[side], marker_color=shade
+            )
+    figure.update_layout(barmode="group")
+    subtitle = "KL(full || reduced) of the first answer token, nats; lower is closer to the full model"
+    _styled(figure, "How far each reduction moves the next-token distribution", "turn", "nats", subtitle)
+    return (
+        figure if figure.data else _with_note(figure, "No KL measured yet: it needs a full side or the quality check")
+    )
+
+
 def speedup_chart(turns: list[TurnStats]) -> go.Figure:
     """Over the turns both sides finished: each side's cumulative time (seconds) and the speed-up,
     full over reduced (or left over right when neither side is "full"), of the total time and of

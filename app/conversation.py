@@ -38,6 +38,7 @@ class Conversation:
     turns: list[Turn] = field(default_factory=list)
     num_frames: int = DEFAULT_FRAMES  # video: frames sampled for a full side
     same_budget: bool = False  # video: a VisionZip side gets as many frames as fit in a full side's tokens
+    quality_check: bool = False  # one more forward per reducing side: reference KL and the full answer scored
 
     def all_stats(self) -> list[TurnStats]:
         return [turn.stats[side] for turn in self.turns for side in SIDES if side in turn.stats]

@@ -58,6 +58,8 @@ CUSTOM_START = (54, 10)  # the custom D/C boxes' first values: VisionZip 320's b
 CUSTOM_TOKENS_START = 64  # the custom token box's first value: 320 over a 2x2 grid's 5 tiles
 NO_IMAGE = "Upload an image to see which tokens VisionZip keeps."
 NO_VISIONZIP = "Neither side uses VisionZip: pick a VisionZip mode to see what it keeps."
+NO_DIFFERENCE = "Set both sides to a reduction method (on one model family) to see where their choices differ."
+NO_DIFFERENCE_MEDIA = "Upload an image to compare what the two sides keep."
 STREAM_INTERVAL_S = 0.1  # redraw streaming answers at most this often: a browser re-renders the whole chat each time
 Results = dict[str, object]
 
@@ -191,6 +193,11 @@ class Handlers:
             results["media_info"] = describe_clip(Path(conversation.media_path).name, clip)
         return results
 
+    def set_quality(self, conversation: Conversation, quality_check: bool) -> Results:
+        """The quality check: from the next turn on, one reference prefill with every visual token per
+        reducing side (its KL when no full side shares its prompt) and the full answer scored under it."""
+        return {"state": replace(conversation, quality_check=bool(quality_check))}
+
     # -- asking --------------------------------------------------------------------------------
     @staticmethod
     def take_message(text: str) -> Results:
@@ -231,6 +238,7 @@ class Handlers:
             "tokens_plot": charts.tokens_chart(turns),
             "times_plot": charts.times_chart(turns),
             "speedup_plot": charts.speedup_chart(turns),
+            "quality_plot": charts.quality_chart(turns),
             "export_json": json_file,
             "export_csv": csv_file,
             "models_info": render.models_markdown(self.registry),
@@ -443,6 +451,33 @@ class Handlers:
             return [overlay.image_selection(loaded, picture, mode) for picture in pictures]
         except Exception as error:  # on ZeroGPU anything but gr.Error would reach the page as "worker error"
             raise gr.Error(describe_error(error)) from None
+
+    def compare_sides(self, conversation: Conversation, chosen: str = "all") -> Results:
+        """When both sides reduce the same image on one model family: which patches each keeps as
+        itself, drawn on the picture, and their overlap per tile and overall (also as JSON)."""
+        modes = [conversation.sides[side].mode for side in SIDES]
+        families = {self.registry.family(conversation.sides[side].model) for side in SIDES}
+        if conversation.media_kind != "image" or conversation.media_path is None:
+            return {"difference_table": NO_DIFFERENCE_MEDIA, "difference_image": None, "difference_json": None}
+        if not all(mode.enabled for mode in modes) or len(families) > 1:
+            return {"difference_table": NO_DIFFERENCE, "difference_image": None, "difference_json": None}
+        try:
+            picture = load_media(conversation)
+            for side in SIDES:
+                self.registry.get(conversation.sides[side].model)
+        except (ValueError, ModelLoadError, MediaError) as error:
+            raise gr.Error(str(error)) from None
+        left, right = (
+            self.select_tokens(conversation.sides[s].model, conversation.sides[s].mode, (picture,), False)[0]
+            for s in SIDES
+        )
+        rows = overlay.kept_overlap(left, right)
+        view = chosen if chosen in overlay.view_choices(left) else "all"
+        return {
+            "difference_table": overlay.overlap_markdown(rows, modes[0].label, modes[1].label),
+            "difference_image": overlay.draw_difference(picture, left, right, view),
+            "difference_json": rows,
+        }
 
     def refresh_filmstrip(self, conversation: Conversation) -> Results:
         """For a video: each frame the reducing side sees (or, with none, the left side's), with what it

@@ -29,6 +29,9 @@ TITLE_PX = 44  # height of the title strip above each panel of a multi-panel vie
 # The overlay's colours and the words the page uses for them, in one place.
 KEPT_RGB = (255, 221, 0)  # kept (dominant) tokens: one clear colour, absent from the group palette
 KEPT_NAME = "Yellow"
+LEFT_ONLY_RGB, LEFT_ONLY_NAME = (66, 133, 244), "blue"  # the difference view: kept by one side, the other, both
+RIGHT_ONLY_RGB, RIGHT_ONLY_NAME = (255, 140, 0), "orange"
+BOTH_RGB, BOTH_NAME = (52, 199, 89), "green"
 FILMSTRIP_LEGEND = f"{KEPT_NAME}: kept (dominant) tokens; colours: contextual groups, ⚪ on each group's target. "
 KEPT_TINT = 0.35
 GROUP_TINT = 0.45
@@ -351,6 +354,71 @@ def legend_markdown(selection: ImageSelection, view: str) -> str:
         "(all tiles, as fed to the language model)."
     )
     return "\n".join(rows) + "\n\n" + " · ".join(part for part in legend if part) + "\n\n" + total
+
+
+# -- two sides' choices compared --------------------------------------------------------------------
+def kept_overlap(left: ImageSelection, right: ImageSelection) -> list[dict]:
+    """Per tile, the patches each side feeds the language model as themselves (TileSelection.kept):
+    left only, right only, both, and their Jaccard overlap |L & R| / |L | R| (None when neither keeps
+    any, e.g. pooling); the last row, tile "all", pools every tile's patches."""
+    if len(left.tiles) != len(right.tiles):
+        raise ValueError("the two sides cut this image into different tiles: their choices cannot be compared")
+    rows, totals = [], [0, 0, 0]
+    for tile, name in enumerate(tile_names(left)):
+        kept_left, kept_right = set(left.tiles[tile].kept.tolist()), set(right.tiles[tile].kept.tolist())
+        counts = [len(kept_left - kept_right), len(kept_right - kept_left), len(kept_left & kept_right)]
+        totals = [total + count for total, count in zip(totals, counts)]
+        rows.append(_overlap_row(name, *counts))
+    return rows + [_overlap_row("all", *totals)]
+
+
+def _overlap_row(tile: str, left_only: int, right_only: int, both: int) -> dict:
+    union = left_only + right_only + both
+    jaccard = both / union if union else None
+    return {"tile": tile, "left_only": left_only, "right_only": right_only, "both": both, "jaccard": jaccard}
+
+
+def overlap_markdown(rows: list[dict], left_label: str, right_label: str) -> str:
+    table = [
+        f"| tile | {_swatch(LEFT_ONLY_RGB)} left only | {_swatch(RIGHT_ONLY_RGB)} right only | {_swatch(BOTH_RGB)} both "
+        "| overlap (Jaccard) |",
+        "|---|---|---|---|---|",
+    ]
+    for row in rows:
+        jaccard = "n/a (no patch kept as itself)" if row["jaccard"] is None else f"{row['jaccard']:.2f}"
+        name = f"**{row['tile']}**" if row["tile"] == "all" else row["tile"]
+        table.append(f"| {name} | {row['left_only']} | {row['right_only']} | {row['both']} | {jaccard} |")
+    note = (
+        f"Patches each side feeds the language model as themselves: left ({left_label}) only in "
+        f"{LEFT_ONLY_NAME}, right ({right_label}) only in {RIGHT_ONLY_NAME}, both in {BOTH_NAME}. "
+        "Merged and pooled tokens are not counted."
+    )
+    return note + "\n\n" + "\n".join(table)
+
+
+def draw_difference(image: Image.Image, left: ImageSelection, right: ImageSelection, view: str = "all") -> Image.Image:
+    """The picture with each patch cell coloured by which side kept it as itself."""
+    size = _image_size(image, left)
+    panels = []
+    for tiles in tiles_in_view(left, view):
+        canvas = _canvas(image)
+        original = canvas.copy()
+        canvas *= DROPPED_DIM
+        for tile in tiles:
+            kept_left, kept_right = set(left.tiles[tile].kept.tolist()), set(right.tiles[tile].kept.tolist())
+            for index, region, _ in _cells(_pixel_boxes(left, size, tile, canvas.shape)):
+                colour = _difference_colour(index in kept_left, index in kept_right)
+                if colour is not None:
+                    canvas[region] = (1 - GROUP_TINT) * original[region] + GROUP_TINT * np.array(colour)
+        picture = Image.fromarray(np.clip(canvas, 0, 255).astype(np.uint8))
+        panels.append((_panel_title(left, tiles), _mark_tiles(picture, left, size, tiles)))
+    return panels[0][1] if len(panels) == 1 else _compose(panels)
+
+
+def _difference_colour(in_left: bool, in_right: bool) -> tuple[int, int, int] | None:
+    if in_left and in_right:
+        return BOTH_RGB
+    return LEFT_ONLY_RGB if in_left else RIGHT_ONLY_RGB if in_right else None
 
 
 # -- what to draw: the vision tower alone, under one side's mode ------------------------------------

@@ -9,7 +9,7 @@ import gradio as gr
 
 from app import charts, render
 from app.conversation import SIDES, Conversation
-from app.handlers import CUSTOM_START, CUSTOM_TOKENS_START, NO_IMAGE
+from app.handlers import CUSTOM_START, CUSTOM_TOKENS_START, NO_DIFFERENCE, NO_IMAGE
 from app.models import ModelRegistry
 from app.modes import FULL, method_titles, mode_choices
 from app.video import DEFAULT_FRAMES, MAX_FRAMES
@@ -60,11 +60,16 @@ class Page:
                 self.render_side(side)
         self.render_message_row()
         self.add("summary", gr.Markdown(label="summary", elem_id="summary"))
+        quality_label = (
+            "Quality check: KL to the full model on every turn and the full answer scored (one more forward)"
+        )
+        self.add("quality_check", gr.Checkbox(False, label=quality_label, elem_id="quality-check"))
         self.add(
             "models_info", gr.Markdown(render.models_markdown(self.registry), label="models", elem_id="models-info")
         )
         with gr.Tabs():
             self.render_overlay_tab()
+            self.render_difference_tab()
             self.render_charts_tab()
             self.render_export_tab()
 
@@ -168,6 +173,14 @@ class Page:
                     self.add("heatmap", gr.Image(label="CLS attention", elem_id="heatmap", **picture))
                 self.add("attention_plot", gr.Plot(label="attention", show_label=False, elem_id="attention-chart"))
 
+    def render_difference_tab(self) -> None:
+        with gr.Tab("Where the sides differ", elem_id="tab-difference"):
+            self.add("compare", gr.Button("Compare the two sides' choices", size="sm", elem_id="compare"))
+            self.add("difference_table", gr.Markdown(NO_DIFFERENCE, label="overlap", elem_id="difference-table"))
+            picture = dict(show_label=False, type="pil", interactive=False)
+            self.add("difference_image", gr.Image(label="kept by left, right, both", elem_id="difference", **picture))
+            self.add("difference_json", gr.JSON(label="overlap per tile", visible=False, elem_id="difference-json"))
+
     def render_charts_tab(self) -> None:
         with gr.Tab("Charts", elem_id="tab-charts"):
             self.add(
@@ -179,6 +192,8 @@ class Page:
             )
             speedup = gr.Plot(charts.speedup_chart([]), label="speed-up", show_label=False, elem_id="speedup-chart")
             self.add("speedup_plot", speedup)
+            quality = gr.Plot(charts.quality_chart([]), label="quality", show_label=False, elem_id="quality-chart")
+            self.add("quality_plot", quality)
 
     def render_export_tab(self) -> None:
         with gr.Tab("Export", elem_id="tab-export"):

@@ -40,7 +40,21 @@ def stats_line(stats: TurnStats, frames: int | None = None) -> str:
         f"{stats.mode} · {clip}**{stats.visual_tokens:,}** visual + {stats.text_tokens:,} text = {stats.context_tokens:,} tokens · "
         f"vision {_ms(stats.vision_ms)} + LLM prefill {_ms(stats.llm_prefill_ms)} = TTFT {_ms(stats.ttft_ms)} · "
         f"decode {stats.decode_tokens_per_s:,.0f} tok/s · KV cache {stats.kv_cache_bytes / 2**20:,.1f} MiB"
+        + quality_line(stats)
     )
+
+
+def quality_line(stats: TurnStats) -> str:
+    """The quality signal under a reducing side's answer (see app.quality), or why it is missing."""
+    if stats.kl_to_full is not None:
+        line = f"<br>KL to the full model's first token: **{stats.kl_to_full:.3f} nats** (vs {stats.quality_reference})"
+        if stats.full_answer_logprob is not None:
+            line += (
+                f" · full answer scored here: {stats.full_answer_logprob:.2f} log-prob/token, "
+                f"perplexity {stats.full_answer_ppl:,.1f}"
+            )
+        return line
+    return f"<br>KL to the full model: {stats.quality_reference}" if stats.quality_reference else ""
 
 
 def chat_messages(conversation: Conversation, side: str) -> list[dict]:

@@ -25,6 +25,10 @@ class TurnStats:
     device: str = "cpu"
     error: str | None = None
     llm_prefill_ms: float | None = None  # the LLM's part of the time to first token; derived when not given
+    kl_to_full: float | None = None  # KL(full || this side) of the first answer token, nats (app.quality)
+    quality_reference: str | None = None  # where the full distribution came from, or why there is none
+    full_answer_logprob: float | None = None  # the full side's answer scored under this side: mean log-prob
+    full_answer_ppl: float | None = None  # ... and its perplexity
 
     def __post_init__(self) -> None:
         if self.llm_prefill_ms is None:

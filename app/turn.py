@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -21,6 +21,7 @@ from app.hosting import clock
 from app.media import Clip, load_clip
 from app.models import LoadedModel, ModelLoadError, ModelRegistry
 from app.modes import Mode, use_mode
+from app.quality import FULL_MODE, SideOutput, first_token_logprobs, kl_divergence, prompt_logits, score_answer
 from app.stats import TurnStats
 from app.video import same_budget_frames
 from visionzip.video import (
@@ -48,6 +49,8 @@ class Prepared:
     inputs: dict
     visual_tokens: int
     text_tokens: int
+    messages: list[dict] = field(default_factory=list)  # the conversation this side sees, this turn's question last
+    output: SideOutput | None = None  # once the side has answered: what the quality signal reads
 
     @property
     def context_tokens(self) -> int:
@@ -167,14 +170,19 @@ def stream_side(
 
     streamer = TimedStreamer(loaded.processor.tokenizer, loaded.device)
     failure: list[BaseException] = []
+    results = []
 
     def generate() -> None:
         try:  # contextvars do not follow a new thread: enter the mode here
             with torch.inference_mode(), use_mode(prepared.loaded, prepared.mode):
-                loaded.model.generate(
-                    **_generate_kwargs(prepared, features, max_new_tokens),
-                    streamer=streamer,
-                    stopping_criteria=StoppingCriteriaList([StopOnEvent(stop)]),
+                results.append(
+                    loaded.model.generate(
+                        **_generate_kwargs(prepared, features, max_new_tokens),
+                        streamer=streamer,
+                        stopping_criteria=StoppingCriteriaList([StopOnEvent(stop)]),
+                        return_dict_in_generate=True,
+                        output_logits=True,  # the first token's distribution: the quality signal
+                    )
                 )
         except BaseException as error:
             failure.append(error)
@@ -194,6 +202,9 @@ def stream_side(
         worker.join()
     if failure:
         raise failure[0]
+    if results and results[0].logits:
+        generated = results[0].sequences[0, -len(results[0].logits) :].cpu()  # prompt ids, if any, come first
+        prepared.output = SideOutput(first_token_logprobs(results[0].logits[0]), generated)
 
     times = streamer.token_times
     new_tokens = len(times)
@@ -240,7 +251,7 @@ class VideoPrepared(Prepared):
     """One side's turn over a clip: `inputs` holds the prompt's `input_ids` (frame placeholders
     expanded) and the frames' `pixel_values`."""
 
-    frames: int
+    frames: int = 0
 
     @property
     def warm_key(self) -> tuple:
@@ -322,22 +333,11 @@ def load_side_models(registry: ModelRegistry, conversation: Conversation) -> Non
             pass
 
 
-def run_turn(
-    registry: ModelRegistry,
-    conversation: Conversation,
-    question: str,
-    max_new_tokens: int,
-    stop: threading.Event | StopFlag,
-) -> Iterator[Conversation]:
-    """Ask `question` of both sides, one after the other (never at once, so their timings are
-    comparable), the first side alternating per turn.  Yields the conversation as it fills in.
-    The models must be loaded already (load_side_models).  A side that fails gets its error in its
-    stats; raises TurnRefused (conversation untouched) only when no side can run."""
-    question = question.strip()
-    if not question:
-        raise ValueError("Type a question first.")
+def prepare_sides(
+    registry: ModelRegistry, conversation: Conversation, question: str, max_new_tokens: int
+) -> tuple[dict[str, Prepared], dict[str, str]]:
+    """Each side's prepared turn, or the reason it cannot run (its model, its context window)."""
     image = load_media(conversation) if conversation.media_kind == "image" else None
-    number = len(conversation.turns) + 1
     prepared: dict[str, Prepared] = {}
     errors: dict[str, str] = {}
     for side in SIDES:
@@ -349,8 +349,28 @@ def run_turn(
                 prepared[side] = prepare_video(loaded, config.mode, conversation, messages, max_new_tokens)
             else:
                 prepared[side] = prepare(loaded, config.mode, messages, image, max_new_tokens)
+            prepared[side].messages = messages
         except Exception as error:
             errors[side] = describe_error(error)
+    return prepared, errors
+
+
+def run_turn(
+    registry: ModelRegistry,
+    conversation: Conversation,
+    question: str,
+    max_new_tokens: int,
+    stop: threading.Event | StopFlag,
+) -> Iterator[Conversation]:
+    """Ask `question` of both sides, one after the other (never at once, so their timings are
+    comparable), the first side alternating per turn, then measure the quality signal.  Yields the
+    conversation as it fills in.  The models must be loaded already (load_side_models).  A side that
+    fails gets its error in its stats; raises TurnRefused (conversation untouched) only when no side can run."""
+    question = question.strip()
+    if not question:
+        raise ValueError("Type a question first.")
+    number = len(conversation.turns) + 1
+    prepared, errors = prepare_sides(registry, conversation, question, max_new_tokens)
     if not prepared:
         raise TurnRefused(" / ".join(errors[side] for side in SIDES))
 
@@ -378,4 +398,39 @@ def run_turn(
         finally:  # also when the caller goes away mid-turn (cancelled, tab closed): stop generating now
             stream.close()
             turn.running = None
+    if not stop.is_set():
+        assess_quality(conversation, turn, prepared, max_new_tokens)
     yield conversation
+
+
+def assess_quality(conversation: Conversation, turn: Turn, prepared: dict[str, Prepared], max_new_tokens: int) -> None:
+    """Each reducing side's KL to the full model's first-token distribution on its own prompt, and,
+    with the quality check on, the full side's answer scored under it (see app.quality)."""
+    for side, this in prepared.items():
+        stats = turn.stats.get(side)
+        if not this.mode.enabled or this.output is None or stats is None or not stats.ok:
+            continue
+        other = prepared.get("left" if side == "right" else "right")
+        full_side = other if other is not None and not other.mode.enabled and other.output is not None else None
+        try:
+            if full_side is not None and full_side.loaded is this.loaded and full_side.messages == this.messages:
+                reference, stats.quality_reference = full_side.output.first_logprobs, "the full side, same prompt"
+            elif conversation.quality_check:
+                reference_prepared = reference_prefill(conversation, this, max_new_tokens)
+                reference = first_token_logprobs(prompt_logits(reference_prepared)[-1])
+                stats.quality_reference = "a reference prefill with every visual token"
+            else:
+                stats.quality_reference = "turn on the quality check (one reference prefill)"
+                continue
+            stats.kl_to_full = kl_divergence(reference, this.output.first_logprobs)
+            if conversation.quality_check and full_side is not None and full_side.loaded is this.loaded:
+                stats.full_answer_logprob, stats.full_answer_ppl = score_answer(this, full_side.output.answer_ids)
+        except Exception as error:  # the answers stand; the measure says why it is missing
+            stats.quality_reference = f"quality signal failed: {describe_error(error)}"
+
+
+def reference_prefill(conversation: Conversation, this: Prepared, max_new_tokens: int) -> Prepared:
+    """This side's prompt with every visual token, for the reference distribution."""
+    if isinstance(this, VideoPrepared):
+        return prepare_video(this.loaded, FULL_MODE, conversation, this.messages, max_new_tokens)
+    return prepare(this.loaded, FULL_MODE, this.messages, load_media(conversation), max_new_tokens)

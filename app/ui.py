@@ -34,8 +34,18 @@ VIEWS = ["state", "left_chat", "right_chat", "stats_json", "summary"]
 HEADERS = [f"{side}_header" for side in SIDES]
 MEDIA = [*VIEWS, "media_info", *HEADERS, "media", "video"]
 OVERLAY = ["selection_state", "legend", "view", "overlay", "heatmap", "attention_plot"]
-AFTER_TURN = ["tokens_plot", "times_plot", "speedup_plot", "export_json", "export_csv", "models_info", *HEADERS]
+AFTER_TURN = [
+    "tokens_plot",
+    "times_plot",
+    "speedup_plot",
+    "quality_plot",
+    "export_json",
+    "export_csv",
+    "models_info",
+    *HEADERS,
+]
 FILMSTRIP = ["filmstrip", "legend", "view", "image_views"]
+DIFFERENCE = ["difference_table", "difference_image", "difference_json"]
 MODE_PARTS = ("method", "mode", "custom_row", "tokens_row")  # what follows a side's mode
 MODE_VIEW = [f"{side}_{part}" for side in SIDES for part in MODE_PARTS]
 MODE_CONTROLS = [
@@ -110,6 +120,17 @@ class Wiring:
         return step(adapt(handler, outputs), self.components(inputs), self.components(outputs), **options)
 
     def wire(self) -> None:
+        compare = self.page["compare"].click
+        self.on([compare], self.handlers.compare_sides, ["state", "view"], DIFFERENCE, api_name="compare", **self.GPU)
+        quality = self.page["quality_check"].input
+        self.on(
+            [quality],
+            self.handlers.set_quality,
+            ["state", "quality_check"],
+            ["state"],
+            api_name="set_quality",
+            **self.GPU,
+        )
         self.wire_media()
         self.wire_turns()
         self.wire_modes()
