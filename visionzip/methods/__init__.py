@@ -3,11 +3,13 @@ descriptor and pure tensor functions; see `base.py`) plus one registration line 
 
 from .base import CLS, MERGED, METHODS, Method, TileOutput, get_method, register
 from .dominant import DominantOnly
+from .pool import Pool
 from .random_patches import RandomPatches
 from .visionzip import VisionZipMethod
 
 register(VisionZipMethod())
 register(DominantOnly())
 register(RandomPatches())
+register(Pool())
 
 __all__ = ["CLS", "MERGED", "METHODS", "Method", "TileOutput", "get_method", "register"]
