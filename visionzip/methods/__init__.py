@@ -2,6 +2,7 @@
 descriptor and pure tensor functions; see `base.py`) plus one registration line below."""
 
 from .base import CLS, MERGED, METHODS, Method, TileOutput, get_method, register
+from .divprune import DivPrune
 from .dominant import DominantOnly
 from .pool import Pool
 from .random_patches import RandomPatches
@@ -11,5 +12,6 @@ register(VisionZipMethod())
 register(DominantOnly())
 register(RandomPatches())
 register(Pool())
+register(DivPrune())
 
 __all__ = ["CLS", "MERGED", "METHODS", "Method", "TileOutput", "get_method", "register"]
