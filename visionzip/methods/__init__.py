@@ -7,11 +7,13 @@ from .dominant import DominantOnly
 from .pool import Pool
 from .random_patches import RandomPatches
 from .visionzip import VisionZipMethod
+from .vispruner import VisPruner
 
 register(VisionZipMethod())
 register(DominantOnly())
 register(RandomPatches())
 register(Pool())
 register(DivPrune())
+register(VisPruner())
 
 __all__ = ["CLS", "MERGED", "METHODS", "Method", "TileOutput", "get_method", "register"]
