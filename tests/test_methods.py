@@ -164,10 +164,11 @@ def test_divprune_budget_above_a_frame_is_refused_for_video(tiny_llava):
         handle.remove()
 
 
-def test_off_is_stock_after_every_method_ran(make_image):
+def test_off_is_stock_after_every_method_ran(tiny_next, make_image):
+    """The shared model, patched and unpatched by every test before, against one that never was."""
     stock, processor = load_tiny("llava_next")
-    patched, patched_processor = load_tiny("llava_next")
-    image = make_image(480, 640, seed=3)
+    patched, patched_processor = tiny_next
+    image = make_image(336, 336, seed=3)
     prompt = "<image>\nDescribe the picture."
     stock_inputs = processor(images=image, text=prompt, return_tensors="pt")
     handle = visionzip.apply(patched, patched_processor, enabled=False)
