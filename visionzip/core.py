@@ -210,5 +210,9 @@ def apply(
     another registered one (`visionzip.methods.METHODS`) with its budget in `tokens`."""
     handle = VisionZip(model, processor, Budget(dominant, contextual), merge, enabled)
     if method != "visionzip" or tokens is not None or seed:
-        handle.set_method(method, tokens, seed)
+        try:
+            handle.set_method(method, tokens, seed)
+        except Exception:
+            handle.remove()  # an impossible budget must not leave the model patched
+            raise
     return handle

@@ -101,3 +101,23 @@ def _to_cpu_tiles(choice: TileChoice, cls_attn: torch.Tensor, side: int) -> list
         )
         for t in range(cpu.dominant.shape[0])
     ]
+
+
+def kept_tiles(kept: torch.Tensor, side: int, cls_attn: torch.Tensor | None = None) -> LazyTiles:
+    """Per-tile records of a method that keeps patches as themselves and drops the rest.
+
+    kept: (T, k) ascending patch raster indices; cls_attn: (T, 1 + side^2) the CLS row, or None when
+    the method never read it.  Copied to the CPU when first read."""
+    kept = kept.detach()
+    attention = None if cls_attn is None else cls_attn.detach()
+
+    def make() -> list[TileSelection]:
+        cpu_kept = kept.cpu()
+        cpu_attention = None if attention is None else attention.float().cpu()[:, 1:]
+        empty = torch.zeros(0, dtype=torch.long)
+        return [
+            TileSelection(side, cpu_kept[t], empty, empty, empty, None if cpu_attention is None else cpu_attention[t])
+            for t in range(cpu_kept.shape[0])
+        ]
+
+    return LazyTiles(kept.shape[0], make)

@@ -2,10 +2,18 @@
 descriptor and pure tensor functions; see `base.py`) plus one registration line below."""
 
 from .base import CLS, MERGED, METHODS, Method, TileOutput, get_method, register
+from .divprune import DivPrune
 from .dominant import DominantOnly
+from .pool import Pool
+from .random_patches import RandomPatches
 from .visionzip import VisionZipMethod
+from .vispruner import VisPruner
 
 register(VisionZipMethod())
 register(DominantOnly())
+register(RandomPatches())
+register(Pool())
+register(DivPrune())
+register(VisPruner())
 
 __all__ = ["CLS", "MERGED", "METHODS", "Method", "TileOutput", "get_method", "register"]

@@ -1,0 +1,130 @@
+"""DivPrune against the spec's greedy max-min cosine distance, run on the stock model's own packed
+projector output (LLaVA-NeXT: base tile, unpadded grid, newlines; LLaVA-1.5: the 576 patches)."""
+
+import pytest
+import torch
+from method_refs import (
+    apply_method,
+    count_placeholders,
+    divprune_reference,
+    image_tiles,
+    models64,
+    reduced_features,
+    stock_signals,
+)
+
+from visionzip.methods.divprune import divprune_select
+
+
+def features(rows, width, seed):
+    return torch.randn(rows, width, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("rows, width", [(1, 8), (7, 4), (50, 16), (300, 32)])
+def test_selection_matches_reference(rows, width):
+    x = features(rows, width, rows)
+    for tokens in sorted({1, 2, rows // 3, rows - 1, rows} & set(range(1, rows + 1))):
+        ours = divprune_select(x, tokens)
+        assert ours.tolist() == divprune_reference(x, tokens), tokens
+        assert ours.dtype == torch.long and ours.shape == (tokens,)
+
+
+def test_duplicate_rows_like_newlines_survive_once_and_never_first():
+    x = features(40, 8, 1)
+    x[[5, 13, 21, 29, 37]] = x[5].clone()  # five identical rows, as the newline vectors of one image
+    distinct = 36
+    first = divprune_select(x, 1).item()
+    assert first not in (5, 13, 21, 29, 37)  # its nearest neighbour is a copy: distance 0
+    ours = divprune_select(x, distinct)
+    assert ours.tolist() == divprune_reference(x, distinct)
+    assert len(set(ours.tolist()) & {5, 13, 21, 29, 37}) == 1
+    # Past the distinct rows every row is still picked once: the official loop could re-pick one.
+    assert divprune_select(x, 40).tolist() == list(range(40)) == divprune_reference(x, 40)
+
+
+def test_half_precision_distances_are_float32():
+    x = features(120, 16, 2).bfloat16()
+    assert torch.equal(divprune_select(x, 30), divprune_select(x.float(), 30))
+
+
+def test_out_of_range_budget_is_refused():
+    with pytest.raises(ValueError, match="1 to 5"):
+        divprune_select(features(5, 4, 0), 6)
+
+
+def stock_image_features(oracle, inputs, index=0):
+    """The unpatched model's own image features: one image's packed rows, and its per-tile features."""
+    with torch.no_grad():
+        kwargs = {"pixel_values": inputs.pixel_values[index : index + 1]}
+        if "image_sizes" in inputs:
+            kwargs["image_sizes"] = inputs.image_sizes[index : index + 1]
+        packed = oracle.model.get_image_features(**kwargs).pooler_output[0]
+        tiles, _ = image_tiles(oracle, inputs, index)
+        hidden, _ = stock_signals(oracle, tiles)
+        return packed, oracle.model.multi_modal_projector(hidden[:, 1:])  # (N, E), (tiles, 576, E)
+
+
+def recorded_patches_match_rows(selection, rows, tile_features, newline):
+    """Every kept row that is no newline is the stock feature of one (tile, patch) the record lists."""
+    flat = tile_features.reshape(-1, tile_features.shape[-1])
+    is_newline = (rows - newline).abs().amax(dim=1) < 1e-12
+    nearest = torch.cdist(rows[~is_newline], flat, compute_mode="donot_use_mm_for_euclid_dist").min(dim=1)
+    assert float(nearest.values.max()) < 1e-6  # the eager and SDPA towers differ by ~1e-9
+    side_sq = tile_features.shape[1]
+    found = sorted((int(i) // side_sq, int(i) % side_sq) for i in nearest.indices)
+    recorded = sorted((t, p) for t, tile in enumerate(selection.tiles) for p in tile.kept.tolist())
+    assert found == recorded
+    return int(is_newline.sum())
+
+
+@pytest.mark.parametrize("size, tokens", [((336, 672), 200), ((672, 672), 320), ((480, 640), 1), ((1008, 336), 640)])
+def test_llava_next_matches_reference_on_the_stock_packed_sequence(make_image, size, tokens):
+    model, oracle, processor = models64("llava_next")
+    handle = apply_method(model, processor, "divprune", tokens)
+    try:
+        inputs, [ours] = reduced_features(model, processor, make_image(*size, seed=tokens), "<image>\nhi")
+        stock, tile_features = stock_image_features(oracle, inputs)
+        kept = divprune_reference(stock, tokens)
+        torch.testing.assert_close(ours, stock[kept], rtol=1e-7, atol=1e-7)
+        assert count_placeholders(inputs, model) == ours.shape[0] == handle.num_image_tokens(size) == tokens
+        newlines = recorded_patches_match_rows(handle.last_selection[0], ours, tile_features, model.model.image_newline)
+        assert newlines <= 1 and handle.last_selection[0].num_tokens == tokens
+    finally:
+        handle.remove()
+
+
+def test_llava_15_matches_reference(make_image):
+    model, oracle, processor = models64("llava")
+    handle = apply_method(model, processor, "divprune", 64)
+    try:
+        images = [make_image(480, 640, seed=12), make_image(700, 300, seed=13)]
+        inputs, ours = reduced_features(model, processor, images, ["<image>\na", "<image>\nb"])
+        for b in range(2):
+            stock, _ = stock_image_features(oracle, inputs, b)
+            kept = divprune_reference(stock, 64)
+            torch.testing.assert_close(ours[b], stock[kept], rtol=1e-7, atol=1e-7)
+            assert handle.last_selection[b].tiles[0].kept.tolist() == kept  # rows are patches here
+        assert count_placeholders(inputs, model) == 2 * 64
+    finally:
+        handle.remove()
+
+
+def test_more_tokens_than_the_image_has_is_refused_naming_its_count(tiny_next, tiny_llava, make_image):
+    model, processor = tiny_next
+    handle = apply_method(model, processor, "divprune", 2929)
+    try:
+        with pytest.raises(ValueError, match=r"tokens=2929 is more than this image's 2928 stock tokens"):
+            processor(images=make_image(672, 672), text="<image>", return_tensors="pt")
+        with pytest.raises(ValueError, match="2928"):
+            handle.num_image_tokens((672, 672))
+        with handle.use(tokens=2928):
+            assert handle.num_image_tokens((672, 672)) == 2928
+    finally:
+        handle.remove()
+    model, processor = tiny_llava
+    handle = apply_method(model, processor, "divprune", 577)
+    try:
+        with pytest.raises(ValueError, match="need 1 <= tokens <= 576"):
+            processor(images=make_image(336, 336), text="<image>", return_tensors="pt")
+    finally:
+        handle.remove()
