@@ -57,7 +57,7 @@ DEFAULT_MODES = {"left": FULL, "right": "VisionZip 320"}
 CUSTOM_START = (54, 10)  # the custom D/C boxes' first values: VisionZip 320's budget per tile
 CUSTOM_TOKENS_START = 64  # the custom token box's first value: 320 over a 2x2 grid's 5 tiles
 NO_IMAGE = "Upload an image to see which tokens VisionZip keeps."
-NO_VISIONZIP = "Neither side uses VisionZip: pick a VisionZip mode to see what it keeps."
+NO_VISIONZIP = "Neither side reduces: pick a method to see what it keeps."
 NO_DIFFERENCE = "Set both sides to a reduction method (on one model family) to see where their choices differ."
 NO_DIFFERENCE_MEDIA = "Upload an image to compare what the two sides keep."
 STREAM_INTERVAL_S = 0.1  # redraw streaming answers at most this often: a browser re-renders the whole chat each time
@@ -480,47 +480,48 @@ class Handlers:
         }
 
     def refresh_filmstrip(self, conversation: Conversation) -> Results:
-        """For a video: each frame the reducing side sees (or, with none, the left side's), with what it
-        keeps and merges on it; the image views are hidden."""
+        """For a video: each frame each reducing side sees (both sides' when both reduce; with none, the
+        left side's plain frames), with what it keeps and merges on it; the image views are hidden."""
         if conversation.media_kind != "video":
             return {
                 "filmstrip": gr.Gallery(value=None, visible=False),
                 "view": gr.Dropdown(visible=True),
                 "image_views": gr.Column(visible=True),
             }
-        side = render.vision_side(conversation) or "left"
+        reducing = [side for side in SIDES if conversation.sides[side].mode.enabled] or ["left"]
+        strips, legends, counts = [], [], []
+        for side in reducing:
+            strip, legend = self._side_filmstrip(conversation, side)
+            prefix = f"{render.SIDE_NAMES[side]} · " if len(reducing) > 1 else ""
+            strips += [(picture, prefix + caption) for picture, caption in strip]
+            legends.append(legend)
+            counts.append(f"{len(strip)} frames")
+        hidden = {"view": gr.Dropdown(visible=False), "image_views": gr.Column(visible=False)}
+        gallery = gr.Gallery(value=strips or None, label=" + ".join(counts), visible=bool(strips))
+        return {"filmstrip": gallery, "legend": "\n\n".join(legends), **hidden}
+
+    def _side_filmstrip(self, conversation: Conversation, side: str) -> tuple[list, str]:
+        """(frames with what `side` keeps drawn on them, a legend line); no frames when the side is refused."""
         config = conversation.sides[side]
         title = f"**{render.SIDE_NAMES[side]} side**: {config.model}, {config.mode.label}"
-        hidden = {"view": gr.Dropdown(visible=False), "image_views": gr.Column(visible=False)}
         try:
             loaded = self.registry.get(config.model)
             messages = messages_for(conversation, side, "")
             clip, _, per_frame = video_tokens(loaded, config.mode, conversation, messages, self.max_new_tokens)
         except ContextTooLong as error:
-            return {
-                "filmstrip": gr.Gallery(value=None, visible=False),
-                "legend": f"{title}: **refused:** {error}",
-                **hidden,
-            }
+            return [], f"{title}: **refused:** {error}"
         except (ValueError, ModelLoadError, MediaError) as error:
             raise gr.Error(str(error)) from None
         with loaded.handle.use(enabled=False):
             full = tokens_per_frame(loaded.handle)
-        selections = (
-            self.select_tokens(config.model, config.mode, clip.frames, frames=True) if config.mode.enabled else None
+        selections = None
+        if config.mode.enabled:
+            selections = self.select_tokens(config.model, config.mode, clip.frames, frames=True)
+        shown = (
+            "Frames are shown squashed to the square base tile the model sees."
+            if loaded.family == "llava_next"
+            else "Frames are shown centre-cropped, as the model sees them."
         )
-        strip = filmstrip(clip, loaded.family, selections, full)
-        legend = (
-            f"{title}: {len(clip.frames)} frames, each one 336x336 tile of {per_frame} tokens. "
-            + (overlay.FILMSTRIP_LEGEND if selections else NO_VISIONZIP + " ")
-            + (
-                "Frames are shown squashed to the square base tile the model sees."
-                if loaded.family == "llava_next"
-                else "Frames are shown centre-cropped, as the model sees them."
-            )
-        )
-        return {
-            "filmstrip": gr.Gallery(value=strip, label=f"{len(clip.frames)} frames", visible=True),
-            "legend": legend,
-            **hidden,
-        }
+        legend = f"{title}: {len(clip.frames)} frames, each one 336x336 tile of {per_frame} tokens. "
+        legend += (overlay.FILMSTRIP_LEGEND if selections else NO_VISIONZIP + " ") + shown
+        return filmstrip(clip, loaded.family, selections, full), legend

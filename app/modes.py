@@ -132,11 +132,16 @@ def default_mode(method: str, family: str, like: Mode | None = None) -> Mode:
 
 
 def _preset_rank(mode: Mode, family: str) -> int | None:
-    """0 for the largest of the paper's budgets, 1 for the middle, 2 for the smallest; None for custom."""
+    """0 for the largest of the method's presets (in any family), 1 for the middle, 2 for the smallest;
+    None for full and custom budgets."""
     _, _, preset = mode.name.rpartition(" ")
-    for totals in PAPER_TOTALS.values():
-        if preset.isdigit() and int(preset) in totals:
-            return totals.index(int(preset))
+    if not mode.enabled or not preset.isdigit():
+        return None
+    method = visionzip.get_method(mode.method)
+    for known in PAPER_TOTALS:
+        names = list(method.presets(known))
+        if int(preset) in names:
+            return names.index(int(preset))
     return None
 
 

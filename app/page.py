@@ -24,6 +24,12 @@ CSS = """
 .side-header h3 { margin: 0; }
 .message-wrap .message { font-size: 1.05em; }
 """
+PROBES = [
+    "Is there a car in this picture? Answer yes or no.",
+    "What does the text in the picture say?",
+    "Now look at the top-left corner: what is there?",
+]
+PROBES_LABEL = "Questions that probe the weak spots: object existence, reading text, another region on a later turn"
 INTRO = (
     "# VisionZip Live\nThe same question, answered twice on one copy of the weights: by default with every "
     "visual token (left) and with [VisionZip](https://arxiv.org/abs/2412.04467)'s few dominant + contextual "
@@ -158,9 +164,12 @@ class Page:
             self.add("stop", gr.Button("Stop", variant="stop", scale=1, elem_id="stop"))
             self.add("regenerate", gr.Button("Regenerate", scale=1, elem_id="regenerate"))
             self.add("clear", gr.Button("Clear", scale=1, elem_id="clear"))
+        # The known weak spots of token reduction: object existence (POPE), reading text, and a later
+        # question about a region the first one did not ask about (where text-dependent methods fail).
+        gr.Examples(examples=[[q] for q in PROBES], inputs=[self["message"]], label=PROBES_LABEL, cache_examples=False)
 
     def render_overlay_tab(self) -> None:
-        with gr.Tab("What VisionZip keeps", elem_id="tab-overlay"):
+        with gr.Tab("What the method keeps", elem_id="tab-overlay"):
             self.add("view", gr.Dropdown(["all"], value="all", label="Tiles", elem_id="overlay-view"))
             filmstrip = gr.Gallery(label="Filmstrip", columns=6, height="auto", visible=False, elem_id="filmstrip")
             self.add("filmstrip", filmstrip)

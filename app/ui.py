@@ -148,8 +148,11 @@ class Wiring:
         event = self.follow(
             event.success, self.handlers.refresh_overlay, ["state", "view"], OVERLAY, **self.PRIVATE, **self.GPU
         )
-        return self.follow(
+        event = self.follow(
             event.then, self.handlers.refresh_filmstrip, ["state"], FILMSTRIP, **self.PRIVATE, **self.GPU
+        )
+        return self.follow(
+            event.then, self.handlers.compare_sides, ["state", "view"], DIFFERENCE, **self.QUIET, **self.GPU
         )
 
     def after_turn(self, event) -> None:

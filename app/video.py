@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from PIL import Image, ImageOps
 
+import visionzip
 from app import overlay
 from app.media import Clip
 from visionzip import ImageSelection
@@ -54,7 +55,8 @@ def filmstrip(
         else:
             chosen = selections[k].tiles[0]
             picture = overlay.draw_overlay(tile, selections[k])
-            tokens = f"{len(chosen.kept) + 1} kept + {len(chosen.targets)} merged tokens"
+            cls = 1 if visionzip.get_method(selections[k].method).keeps_cls else 0
+            tokens = f"{len(chosen.kept) + cls} kept + {len(chosen.targets)} merged tokens"
         picture = picture.resize((FILMSTRIP_PX, FILMSTRIP_PX), Image.Resampling.BICUBIC)
         strip.append((picture, f"frame {k + 1} · {seconds:.1f} s · {tokens}"))
     return strip

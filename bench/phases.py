@@ -315,26 +315,57 @@ def bench_image() -> Image.Image:
 
 
 # -- the modes -------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Reduction:
+    """A method and its budget: VisionZip's (dominant, contextual) per tile, or another method's tokens."""
+
+    method: str
+    budget: Budget | None = None
+    tokens: int | None = None
+
+    def use(self) -> dict[str, Any]:
+        if self.method == "visionzip":
+            return dict(enabled=True, dominant=self.budget.dominant, contextual=self.budget.contextual)
+        return dict(enabled=True, method=self.method, tokens=self.tokens)
+
+
+def parse_budget(name: str) -> Reduction:
+    """ "640" is VisionZip's preset; "METHOD:NAME" (e.g. "divprune:320") another method's preset of that name."""
+    method, _, preset = name.rpartition(":")
+    method = method or "visionzip"
+    if method == "visionzip":
+        return Reduction("visionzip", preset_budget("llava_next", preset))
+    presets = visionzip.get_method(method).presets("llava_next")
+    if not preset.isdigit() or int(preset) not in presets:
+        raise ValueError(f"{method} has no preset {preset!r}; presets: {sorted(presets, reverse=True)}")
+    return Reduction(method, tokens=presets[int(preset)])
+
+
 @dataclass
 class Mode:
-    name: str  # "full" or the budget's name ("640")
-    budget: Budget | None  # None: the stock model
+    name: str  # "full", the budget's name ("640": VisionZip) or "METHOD:NAME"
+    reduction: Reduction | None  # None: the stock model
     inputs: dict[str, torch.Tensor]
     visual_tokens: int
     text_tokens: int
     tiles: int  # 336x336 tiles the tower sees (base image + grid crops)
 
+    @property
+    def budget(self) -> Budget | None:
+        """VisionZip's budget; None for the stock model and the other methods."""
+        return self.reduction.budget if self.reduction is not None else None
+
 
 @contextlib.contextmanager
-def mode_context(model: nn.Module, processor: Any, budget: Budget | None) -> Iterator[visionzip.Call | None]:
-    """The stock model as loaded when `budget` is None; VisionZip at that budget otherwise,
+def mode_context(model: nn.Module, processor: Any, reduction: Reduction | None) -> Iterator[visionzip.Call | None]:
+    """The stock model as loaded when `reduction` is None; the method at its budget otherwise,
     removed again on exit so the next stock run sees an untouched model."""
-    if budget is None:
+    if reduction is None:
         yield None
         return
     handle = visionzip.apply(model, processor)
     try:
-        with handle.use(enabled=True, dominant=budget.dominant, contextual=budget.contextual) as call:
+        with handle.use(**reduction.use()) as call:
             yield call
     finally:
         handle.remove()
@@ -350,13 +381,13 @@ def prepare_modes(subject: Subject, budgets: list[str], device: torch.device, dt
     image = bench_image()
     modes = []
     for name in ["full", *budgets]:
-        budget = None if name == "full" else preset_budget("llava_next", name)
-        with mode_context(subject.model, processor, budget):
+        reduction = None if name == "full" else parse_budget(name)
+        with mode_context(subject.model, processor, reduction):
             inputs = processor(images=image, text=prompt, return_tensors="pt")
         inputs = {key: value.to(device, dtype if value.is_floating_point() else None) for key, value in inputs.items()}
         visual = int((inputs["input_ids"] == image_token_id).sum())
         tiles = inputs["pixel_values"].shape[1]  # (images=1, tiles, 3, 336, 336)
-        modes.append(Mode(name, budget, inputs, visual, inputs["input_ids"].shape[1] - visual, tiles))
+        modes.append(Mode(name, reduction, inputs, visual, inputs["input_ids"].shape[1] - visual, tiles))
     return modes
 
 
@@ -365,7 +396,7 @@ def run_prefill_decode(
 ) -> dict[str, float | None]:
     """One time-to-first-token forward with its phases, then `new_tokens` decode steps."""
     model = subject.model
-    with mode_context(model, subject.processor, mode.budget) as call:
+    with mode_context(model, subject.processor, mode.reduction) as call:
         with memory.measure() as peak:
             marks = PhaseMarks(model, clock, peak)
             try:
@@ -377,7 +408,7 @@ def run_prefill_decode(
                 marks.remove()
         if call is not None and call.visual_tokens != [mode.visual_tokens]:
             fed, expected = call.visual_tokens, mode.visual_tokens
-            raise RuntimeError(f"VisionZip fed {fed} visual tokens; the prompt holds {expected}")
+            raise RuntimeError(f"{mode.name} fed {fed} visual tokens; the prompt holds {expected}")
         cache, steps = output.cache, []
         kv_bytes = kv_cache_bytes(cache)
         for _ in range(new_tokens):
@@ -386,7 +417,7 @@ def run_prefill_decode(
             token = output.logits[:, -1].argmax(dim=-1, keepdim=True)
             steps.append((step_start, clock.now()))
     m = marks.marks
-    signals = clock.ms(m["signals_start"], m["signals_end"]) if mode.budget else 0.0
+    signals = clock.ms(m["signals_start"], m["signals_end"]) if "signals_end" in m and mode.reduction else 0.0
     result = {
         "tower_ms": clock.ms(m["tower_start"], m["tower_end"]) - signals,
         "signals_ms": signals,
@@ -405,6 +436,8 @@ def run_prefill_decode(
     }
     if mode.budget:  # selection (the CLS-row hook inside the tower, top-k, grouping) + merge
         result["visionzip_ms"] = signals + result["select_merge_ms"]
+    # Any method's own work, and stock's packing: the vision step less the tower's and the projector's
+    result["own_ms"] = result["vision_ms"] - result["tower_ms"] - result["projector_ms"]
     return result
 
 
@@ -479,7 +512,9 @@ def run_benchmark(
     """Run every mode `warmup + repeats` times, interleaved; return medians, derived ratios and targets."""
     if threads:
         torch.set_num_threads(threads)
-    budgets = sorted(budgets or ["640", "320", "160"], key=int, reverse=True)  # the last row is the smallest
+    budgets = budgets or ["640", "320", "160"]
+    # VisionZip's budgets largest first (the last is the smallest), then the other methods' in the order given
+    budgets = sorted((b for b in budgets if ":" not in b), key=int, reverse=True) + [b for b in budgets if ":" in b]
     torch_device = torch.device(device)
     llm_layers = llm_layers or (32 if torch_device.type == "cuda" else 2)
     clock, memory = Clock(torch_device), PeakMemory(torch_device)
@@ -489,7 +524,9 @@ def run_benchmark(
         if dense_head:
             dense_lm_head_input(subject.model)
         modes = prepare_modes(subject, budgets, torch_device, DTYPES[dtype])
-        smallest = modes[-1]
+        visionzip_modes = [mode for mode in modes if mode.budget is not None]
+        smallest = visionzip_modes[-1] if visionzip_modes else None
+        authors = authors and smallest is not None  # the authors' approach is VisionZip's
         runs: dict[str, list[dict[str, float]]] = {name: [] for name in [mode.name for mode in modes] + ["authors"]}
         load_before = os.getloadavg()
         for round_index in range(warmup + repeats):
@@ -553,7 +590,8 @@ def _medians(runs: list[dict[str, float]]) -> dict[str, float | None]:
 def mode_row(mode: Mode, runs: list[dict[str, float]], config: Any) -> dict[str, Any]:
     tiles, context = mode.tiles, mode.visual_tokens + mode.text_tokens
     patches = (config.vision_config.image_size // config.vision_config.patch_size) ** 2
-    projected = tiles * (mode.budget.per_tile if mode.budget else patches)  # stock projects every patch, then unpads
+    # stock (and a per-image method) projects every patch; VisionZip its kept tokens
+    projected = tiles * (mode.budget.per_tile if mode.budget else patches)
     row: dict[str, Any] = {
         "mode": mode.name,
         "dominant": mode.budget.dominant if mode.budget else None,
@@ -570,6 +608,7 @@ def mode_row(mode: Mode, runs: list[dict[str, float]], config: Any) -> dict[str,
     }
     own = row.setdefault("visionzip_ms", None)
     row["visionzip_pct_of_tower"] = None if own is None else 100 * own / row["tower_ms"]
+    row["own_pct_of_tower"] = 100 * row["own_ms"] / row["tower_ms"] if row.get("own_ms") is not None else None
     return row
 
 
@@ -596,7 +635,10 @@ def add_ratios(rows: list[dict[str, Any]]) -> None:
 
 def targets(rows: list[dict[str, Any]], vision: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Issue 6's targets, evaluated on this run (they are set for `wide` in bfloat16)."""
-    smallest = rows[-1]
+    visionzip_rows = [row for row in rows if row["mode"].isdigit()]
+    if not visionzip_rows:  # the targets are VisionZip's
+        return []
+    smallest = visionzip_rows[-1]  # VisionZip's smallest budget
     by_approach = {entry["approach"]: entry for entry in vision}
     name = smallest["mode"]
     checks = [
@@ -626,6 +668,8 @@ TABLE = [  # (header, key, format)
     ("tower ms", "tower_ms", "{:.1f}"),
     ("VZ ms", "visionzip_ms", "{:.2f}"),
     ("VZ %tower", "visionzip_pct_of_tower", "{:.2f}"),
+    ("own ms", "own_ms", "{:.2f}"),  # any method's work besides tower and projector (stock: its packing)
+    ("own %tower", "own_pct_of_tower", "{:.2f}"),
     ("pack ms", "pack_ms", "{:.1f}"),
     ("decoder ms", "decoder_ms", "{:.1f}"),
     ("LM head ms", "head_ms", "{:.1f}"),
@@ -764,7 +808,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", choices=list(DTYPES), default="float32")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--llm-layers", type=int, help="LM layers for --preset wide (default 2 on CPU, 32 on CUDA)")
-    parser.add_argument("--budgets", nargs="+", default=["640", "320", "160"], help="LLaVA-NeXT budget names")
+    parser.add_argument(
+        "--budgets",
+        nargs="+",
+        default=["640", "320", "160"],
+        help='LLaVA-NeXT budget names: "640" is VisionZip\'s, "METHOD:NAME" another method\'s (e.g. divprune:320)',
+    )
     parser.add_argument("--repeats", type=int, default=3, help="timed rounds (each runs every mode)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed rounds first")
     parser.add_argument("--new-tokens", type=int, default=8, help="decode steps timed after the first token")

@@ -78,7 +78,7 @@ def test_two_questions_in_the_browser(page, tiny_next):
         assert turns[1][1] > turns[0][1]  # the second turn re-reads the first question and answer
     assert "2928 -> 320 visual tokens" in page.locator("#summary").inner_text()
 
-    page.get_by_role("tab", name="What VisionZip keeps").click()
+    page.get_by_role("tab", name="What the method keeps").click()
     page.locator("#overlay img").wait_for()
     assert "320 visual tokens" in page.locator("#overlay-legend").inner_text()
     # a smaller budget redraws the overlay from the vision tower alone; the chat is not re-run

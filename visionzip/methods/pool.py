@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from ..selection import LazyTiles, TileSelection
-from .base import Method, TileOutput
+from .base import NOMINAL_TILES, Method, TileOutput
 
 if TYPE_CHECKING:
     from ..core import Settings
@@ -74,6 +74,12 @@ class Pool(Method):
     def describe(self, settings: Settings) -> str:
         grid = math.isqrt(settings.tokens)
         return f"Pool {settings.tokens}/tile ({grid}x{grid} grid)"
+
+    def presets(self, family: str) -> dict[int, int]:
+        """2x2, 3x3 and 4x4 windows of a 24x24 tile (144, 64, 36 tokens), named by their total over the
+        family's nominal tiles (the paper's 640 and 160 are no pooled grid: 128 and 32 are not squares)."""
+        tiles = NOMINAL_TILES[family]
+        return {tiles * tokens: tokens for tokens in (144, 64, 36)}
 
     def tile_tokens(self, settings: Settings, side: int) -> int:
         return settings.tokens
