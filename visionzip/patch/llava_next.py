@@ -45,7 +45,10 @@ def grid_shape(config: Any, image_size: tuple[int, int]) -> tuple[int, int]:
 def stock_count(handle: VisionZip, image_size: tuple[int, int]) -> int:
     if handle.processor is None:
         raise ValueError("counting stock LLaVA-NeXT tokens needs the processor passed to apply()")
-    return handle.processor._get_num_multimodal_tokens(image_sizes=[list(image_size)]).num_image_tokens[0]
+    # The class's own method: the instance's is patched to count reduced tokens, and a per-image
+    # method's count calls this one.
+    processor = handle.processor
+    return type(processor)._get_num_multimodal_tokens(processor, image_sizes=[list(image_size)]).num_image_tokens[0]
 
 
 def reduced_count(handle: VisionZip, image_size: tuple[int, int], settings: Settings) -> int:
@@ -113,7 +116,9 @@ def _pack_rows(handle: VisionZip, pixel_values, sizes, tile_counts, settings: Se
         size_tensor = torch.tensor(size)
 
         def pack(tile_features, newline, size_tensor=size_tensor):
-            return base.pack_image_features([tile_features], [size_tensor], strategy, image_newline=newline)[0]
+            # (features per image, their lengths): the one image's packed features
+            packed_list, _ = base.pack_image_features([tile_features], [size_tensor], strategy, image_newline=newline)
+            return packed_list[0]
 
         rows = pack(features, base.image_newline)  # (N, E): exactly the stock image features
         patch_map = packed_patch_map(pack, count, handle.side)
