@@ -29,7 +29,8 @@ from transformers import (
 from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
 from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
 
-TINY_VERSION = 1  # bump when the recipe changes, so caches rebuild
+TINY_VERSION = 2  # bump when the recipe changes, so caches rebuild (2: a 4-layer LM, so FastV's K means something)
+LM_LAYERS = 4
 PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
 CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
@@ -116,7 +117,7 @@ def _text_config(vocab_size: int, tokenizer: PreTrainedTokenizerFast) -> LlamaCo
         vocab_size=vocab_size,
         hidden_size=128,
         intermediate_size=256,
-        num_hidden_layers=2,
+        num_hidden_layers=LM_LAYERS,
         num_attention_heads=4,
         num_key_value_heads=4,
         max_position_embeddings=4096,
