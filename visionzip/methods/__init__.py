@@ -3,9 +3,11 @@ descriptor and pure tensor functions; see `base.py`) plus one registration line 
 
 from .base import CLS, MERGED, METHODS, Method, TileOutput, get_method, register
 from .dominant import DominantOnly
+from .fastv import FastV
 from .visionzip import VisionZipMethod
 
 register(VisionZipMethod())
 register(DominantOnly())
+register(FastV())
 
 __all__ = ["CLS", "MERGED", "METHODS", "Method", "TileOutput", "get_method", "register"]
