@@ -34,6 +34,7 @@ class Settings:
     tokens: int | None = None  # every other method's budget, per tile or per image by its rule
     seed: int = 0  # methods that draw at random use a generator seeded with this, per call
     fastv_layer: int = 2  # FastV's K: layer K-1's attention ranks, layers K.. run on the kept tokens
+    text: str | None = None  # the question, for methods that choose by it (CDPruner)
 
     @property
     def reducer(self) -> Method:
@@ -51,6 +52,7 @@ class Call:
     selection: list[ImageSelection] | None = None
     visual_tokens: list[int] = field(default_factory=list)
     layer_tokens: list[int] | None = None  # FastV: image tokens each language-model layer ran on (last prefill)
+    text_tower: str | None = None  # CDPruner: which CLIP text tower scored the question
 
 
 class VisionZip:
@@ -124,12 +126,14 @@ class VisionZip:
         tokens: int | None = _UNSET,
         seed: int | None = None,
         fastv_layer: int | None = None,
+        text: str | None = _UNSET,
     ) -> Iterator[Call]:
         """Settings for the calls inside the block only; yields a `Call` that records them.
 
         `method` picks a registered method (default: the handle's); `tokens` is its budget (per tile
         or per image, by the method's rule), `dominant`/`contextual` VisionZip's; `seed` seeds the
-        methods that draw at random; `fastv_layer` is FastV's K.  An impossible budget raises a ValueError before anything runs."""
+        methods that draw at random; `fastv_layer` is FastV's K; `text` the question a text-dependent
+        method (CDPruner) chooses by.  An impossible budget raises a ValueError before anything runs."""
         base = self.settings
         budget = Budget(
             base.budget.dominant if dominant is None else dominant,
@@ -147,6 +151,8 @@ class VisionZip:
             changes["seed"] = seed
         if fastv_layer is not None:
             changes["fastv_layer"] = fastv_layer
+        if text is not _UNSET:
+            changes["text"] = text
         settings = self._checked(replace(base, **changes))
         call = Call(settings)
         token = self._current.set(call)

@@ -19,6 +19,7 @@ def reduce_tiles(handle: VisionZip, tiles: torch.Tensor, settings: Settings, **t
     method = settings.reducer
     with handle.capture(attention=method.needs_attention) as signals:
         handle.base.vision_tower(tiles, **tower_kwargs)
+    signals.handle = handle  # for methods that read more of the model or the call (CDPruner)
     return method.reduce_tiles(signals, settings, handle.base.multi_modal_projector)
 
 

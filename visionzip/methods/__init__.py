@@ -2,6 +2,7 @@
 descriptor and pure tensor functions; see `base.py`) plus one registration line below."""
 
 from .base import CLS, MERGED, METHODS, Method, TileOutput, get_method, register
+from .cdpruner import CDPruner
 from .dominant import DominantOnly
 from .fastv import FastV
 from .visionzip import VisionZipMethod
@@ -9,5 +10,6 @@ from .visionzip import VisionZipMethod
 register(VisionZipMethod())
 register(DominantOnly())
 register(FastV())
+register(CDPruner())
 
 __all__ = ["CLS", "MERGED", "METHODS", "Method", "TileOutput", "get_method", "register"]
