@@ -161,6 +161,18 @@ def test_generate_matches_the_mask_variant_greedily(fastv, make_image):
     cached = [out.cache.layers[i].keys.shape[-2] for i in range(LM_LAYERS)]
     assert cached == [length] * 2 + [length - len(span) + 48] * (LM_LAYERS - 2)
 
+    # on eager attention the masks are materialised: FastV cuts them to its rows and keys
+    eager = visionzip.apply(oracle, processor)
+    try:
+        with eager.use(method="fastv", tokens=48), torch.no_grad():
+            kwargs = dict(max_new_tokens=4, do_sample=False, return_dict_in_generate=True, output_logits=True)
+            eager_out = oracle.generate(**inputs, **kwargs)
+    finally:
+        eager.remove()
+    assert torch.equal(eager_out.sequences, out.sequences)
+    for ours, theirs in zip(eager_out.logits, out.logits):
+        torch.testing.assert_close(ours, theirs)
+
 
 def test_stock_logits_are_unchanged_after_a_fastv_call(fastv, make_image):
     handle, model, _, processor = fastv("llava")

@@ -5,7 +5,9 @@ text token, at their original positions.  The prompt keeps the stock placeholder
 The cache then holds every token below layer K and the kept ones from K on; decode steps never
 re-rank (they get position prompt length + step, as transformers' generate gives them).  A forward
 with no cache (generate with use_cache=False) is a prefill every step, so it re-ranks every step,
-like the authors' "inplace" variant.  Batch 1 and no padding, as the official code.
+like the authors' "inplace" variant.  A later forward on the cache (a new chat turn) is not pruned
+again: from layer K it attends to the prefill's kept tokens only.  Batch 1 and no padding, as the
+official code.
 
 SDPA stays on: the one attention row is computed from layer K-1's own projections in a pre-hook
 (as `visionzip.tower` does for the CLS row), and pre-hooks on layers K.. slice the hidden states,
