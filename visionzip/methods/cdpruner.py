@@ -93,6 +93,7 @@ class CDPruner(Method):
     budget_rule = "per tile"
     reference = "arXiv 2506.10967; github.com/Theia-4869/CDPruner"
     reads_text = True
+    kept_as = "relevant to the question and diverse (DPP)"  # how the app's overlay names them
 
     def __init__(self, theta: float | None = None) -> None:
         self.theta = theta  # the paper's relevance weighting; None (off) as the official code

@@ -309,6 +309,7 @@ class FastV(Method):
     budget_rule = "per image"
     reference = "arXiv 2403.06764 (ECCV 2024); github.com/pkunlp-icler/FastV (its KV-cache variant)"
     reads_text = True
+    kept_as = "most attended by the last prompt token at layer K-1"  # how the app's overlay names them
 
     def check(self, settings: Settings, side: int) -> None:
         tokens, layer = settings.tokens, settings.fastv_layer
