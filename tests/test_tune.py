@@ -13,7 +13,7 @@ from transformers import AutoConfig, LlavaNextForConditionalGeneration
 
 import visionzip
 from visionzip import tune
-from visionzip.tiny import load_tiny, tiny_checkpoint
+from visionzip.tiny import TINY_VERSION, load_tiny, tiny_checkpoint
 
 COLORS = ["red", "green", "blue", "yellow"]
 SIZES = [(336, 336), (336, 500), (672, 672), (500, 336)]  # (H, W): one tile, 1x2, 2x2 and 2x1 grids
@@ -247,7 +247,7 @@ def test_projector_for_another_hidden_size_is_refused(tiny_next, tmp_path):
 
 def test_projector_from_another_base_model_warns_or_is_refused(tiny_next, tiny_llava, tmp_path):
     path = tune.save_projector(tiny_llava[0], tmp_path / "llava.safetensors", visionzip.Budget(54, 10), "sum", 3)
-    with pytest.warns(UserWarning, match="tiny-llava-v1"):
+    with pytest.warns(UserWarning, match=f"tiny-llava-v{TINY_VERSION}"):
         tuned = tune.load_projector(tiny_next[0], path)
     assert tuned.info.steps == 3
     with pytest.raises(ValueError, match="trained on base model"):

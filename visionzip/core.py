@@ -15,7 +15,7 @@ from torch import nn
 
 from .budget import Budget
 from .merge import MERGE_MODES
-from .methods import Method, get_method
+from .methods import METHODS, Method, get_method
 from .patch import FAMILIES
 from .selection import ImageSelection
 from .tower import SignalHooks, encoder_layers, feature_layer_index
@@ -33,6 +33,8 @@ class Settings:
     method: str = "visionzip"  # a name in visionzip.methods.METHODS
     tokens: int | None = None  # every other method's budget, per tile or per image by its rule
     seed: int = 0  # methods that draw at random use a generator seeded with this, per call
+    fastv_layer: int = 2  # FastV's K: layer K-1's attention ranks, layers K.. run on the kept tokens
+    text: str | None = None  # the question, for methods that choose by it (CDPruner)
 
     @property
     def reducer(self) -> Method:
@@ -49,6 +51,8 @@ class Call:
     settings: Settings
     selection: list[ImageSelection] | None = None
     visual_tokens: list[int] = field(default_factory=list)
+    layer_tokens: list[int] | None = None  # FastV: image tokens each language-model layer ran on (last prefill)
+    text_tower: str | None = None  # CDPruner: which CLIP text tower scored the question
 
 
 class VisionZip:
@@ -78,6 +82,7 @@ class VisionZip:
         self._last_selection: list[ImageSelection] | None = None
         self._unpatch = family.patch(self)
         self._hooks = SignalHooks(layers[self.layer_index])
+        self._detach = [detach for method in METHODS.values() if (detach := method.attach(self)) is not None]
 
     # -- settings -------------------------------------------------------------------------------
     @property
@@ -120,12 +125,15 @@ class VisionZip:
         method: str | None = None,
         tokens: int | None = _UNSET,
         seed: int | None = None,
+        fastv_layer: int | None = None,
+        text: str | None = _UNSET,
     ) -> Iterator[Call]:
         """Settings for the calls inside the block only; yields a `Call` that records them.
 
         `method` picks a registered method (default: the handle's); `tokens` is its budget (per tile
         or per image, by the method's rule), `dominant`/`contextual` VisionZip's; `seed` seeds the
-        methods that draw at random.  An impossible budget raises a ValueError before anything runs."""
+        methods that draw at random; `fastv_layer` is FastV's K; `text` the question a text-dependent
+        method (CDPruner) chooses by.  An impossible budget raises a ValueError before anything runs."""
         base = self.settings
         budget = Budget(
             base.budget.dominant if dominant is None else dominant,
@@ -141,6 +149,10 @@ class VisionZip:
             changes["tokens"] = tokens
         if seed is not None:
             changes["seed"] = seed
+        if fastv_layer is not None:
+            changes["fastv_layer"] = fastv_layer
+        if text is not _UNSET:
+            changes["text"] = text
         settings = self._checked(replace(base, **changes))
         call = Call(settings)
         token = self._current.set(call)
@@ -164,11 +176,17 @@ class VisionZip:
     def remove(self) -> None:
         """Undo `apply`: the model and processor are stock again."""
         self._hooks.remove()
+        for detach in self._detach:
+            detach()
         self._unpatch()
 
     # -- internals used by the patches ------------------------------------------------------------
     def capture(self, attention: bool = True):
         return self._hooks.capture(attention)
+
+    def current_call(self) -> Call | None:
+        """The `use()` block this thread is in, if any."""
+        return self._current.get()
 
     def record(self, selection: list[ImageSelection]) -> None:
         self._last_selection = selection
@@ -188,6 +206,7 @@ class VisionZip:
         if method.budget_kind == "tokens" and settings.tokens is None:
             raise ValueError(f"{method.title} needs a budget: tokens=N ({method.budget_rule})")
         method.check(settings, self.side)
+        method.check_model(settings, self)
         return settings
 
 

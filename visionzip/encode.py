@@ -7,7 +7,6 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .layout import tiles_from_kept
 from .methods.base import TileOutput
 from .selection import LazyTiles
 
@@ -20,6 +19,7 @@ def reduce_tiles(handle: VisionZip, tiles: torch.Tensor, settings: Settings, **t
     method = settings.reducer
     with handle.capture(attention=method.needs_attention) as signals:
         handle.base.vision_tower(tiles, **tower_kwargs)
+    signals.handle = handle  # for methods that read more of the model or the call (CDPruner)
     return method.reduce_tiles(signals, settings, handle.base.multi_modal_projector)
 
 
@@ -40,5 +40,4 @@ def reduce_packed(
     """One image's stock packed features (N, E) -> the per-image method's kept rows (T, E), ascending,
     and per-tile records of them (read lazily).  patch_map: (N,) from `layout.packed_patch_map`."""
     kept = settings.reducer.reduce_image(packed, settings)  # (T,) ascending
-    side = handle.side
-    return packed[kept], LazyTiles(num_tiles, lambda: tiles_from_kept(kept, patch_map, num_tiles, side))
+    return packed[kept], settings.reducer.image_record(kept, patch_map, num_tiles, handle.side)

@@ -16,6 +16,9 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import (
     AutoProcessor,
+    CLIPConfig,
+    CLIPModel,
+    CLIPTextConfig,
     CLIPVisionConfig,
     LlamaConfig,
     LlavaConfig,
@@ -29,11 +32,15 @@ from transformers import (
 from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
 from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
 
-TINY_VERSION = 1  # bump when the recipe changes, so caches rebuild
+TINY_VERSION = 2  # bump when the recipe changes, so caches rebuild (2: a 4-layer LM, so FastV's K means something)
+LM_LAYERS = 4
 PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
 CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]
+CLIP_TOKENS = ["<|startoftext|>", "<|endoftext|>"]  # CLIP wraps every text in these and pools the end one
+TINY_CLIP_LABEL = "tiny random CLIP (offline)"
+TINY_CLIP_WIDTH = 64  # the tiny vision tower's width, which the tiny CLIP's visual projection takes
 
 # Vicuna v1 with llava-hf's content blocks: images first, then text, per message.
 VICUNA_CHAT_TEMPLATE = (
@@ -116,7 +123,7 @@ def _text_config(vocab_size: int, tokenizer: PreTrainedTokenizerFast) -> LlamaCo
         vocab_size=vocab_size,
         hidden_size=128,
         intermediate_size=256,
-        num_hidden_layers=2,
+        num_hidden_layers=LM_LAYERS,
         num_attention_heads=4,
         num_key_value_heads=4,
         max_position_embeddings=4096,
@@ -195,3 +202,61 @@ def load_tiny(family: str = "llava_next", dtype: torch.dtype = torch.float32):
     model_class = LlavaNextForConditionalGeneration if family == "llava_next" else LlavaForConditionalGeneration
     model = model_class.from_pretrained(path, dtype=dtype).eval()
     return model, AutoProcessor.from_pretrained(path)
+
+
+# -- a tiny CLIP text tower and projections, for CDPruner on the tiny models ------------------------
+def build_clip_tokenizer() -> PreTrainedTokenizerFast:
+    """The tiny tokenizer's vocabulary with CLIP's start and end tokens around every text."""
+    backend = Tokenizer.from_str(build_tokenizer().backend_tokenizer.to_str())
+    backend.add_special_tokens(CLIP_TOKENS)
+    start, end = (backend.token_to_id(token) for token in CLIP_TOKENS)
+    backend.post_processor = processors.TemplateProcessing(
+        single=f"{CLIP_TOKENS[0]} $A {CLIP_TOKENS[1]}", special_tokens=[(CLIP_TOKENS[0], start), (CLIP_TOKENS[1], end)]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        bos_token=CLIP_TOKENS[0],
+        eos_token=CLIP_TOKENS[1],
+        pad_token=CLIP_TOKENS[1],
+        unk_token="<unk>",
+    )
+
+
+def build_tiny_clip(path: str | os.PathLike, seed: int = 0) -> Path:
+    """Write a tiny random `CLIPModel` checkpoint (text tower, both projections, a small vision tower of
+    the tiny LLaVA tower's width) and its tokenizer to `path`, laid out like openai/clip-vit-large-patch14-336."""
+    path = Path(path)
+    tokenizer = build_clip_tokenizer()
+    text_config = CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=TINY_CLIP_WIDTH,
+        intermediate_size=2 * TINY_CLIP_WIDTH,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=77,  # CLIP's: longer questions are split into 77-token segments
+        projection_dim=TINY_CLIP_WIDTH,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    vision_config = _vision_config(2)
+    config = CLIPConfig(
+        text_config=text_config.to_dict(), vision_config=vision_config.to_dict(), projection_dim=TINY_CLIP_WIDTH
+    )
+    torch.manual_seed(seed)
+    CLIPModel(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def tiny_clip_checkpoint(cache_dir: str | os.PathLike | None = None) -> Path:
+    """Path of the cached tiny CLIP checkpoint, built on first use."""
+    path = Path(cache_dir or cache_folder()) / f"tiny-clip-v{TINY_VERSION}"
+    if not (path / "config.json").exists():
+        staging = path.with_name(path.name + f".tmp{os.getpid()}")
+        build_tiny_clip(staging)
+        try:  # built apart and renamed, as tiny_checkpoint does
+            staging.replace(path)
+        except OSError:
+            shutil.rmtree(staging, ignore_errors=True)
+    return path

@@ -14,6 +14,7 @@ import math
 from collections.abc import Iterator
 from contextvars import ContextVar
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -27,6 +28,8 @@ class TowerSignals:
     cls_attn: torch.Tensor | None = None  # (T, S) CLS attention summed over heads (float32)
     keys_mean: torch.Tensor | None = None  # (T, S, d) keys averaged over heads
     want_attention: bool = True  # False: only the layer output is wanted (stock features)
+    handle: Any = None  # the VisionZip handle whose tower made them (set by encode.reduce_tiles), for methods
+    # that read more of the model or the call than the feature layer (CDPruner: post_layernorm, the question)
 
     @property
     def side(self) -> int:

@@ -2,8 +2,10 @@
 descriptor and pure tensor functions; see `base.py`) plus one registration line below."""
 
 from .base import CLS, MERGED, METHODS, Method, TileOutput, get_method, register
+from .cdpruner import CDPruner
 from .divprune import DivPrune
 from .dominant import DominantOnly
+from .fastv import FastV
 from .pool import Pool
 from .random_patches import RandomPatches
 from .visionzip import VisionZipMethod
@@ -15,5 +17,7 @@ register(RandomPatches())
 register(Pool())
 register(DivPrune())
 register(VisPruner())
+register(FastV())
+register(CDPruner())
 
 __all__ = ["CLS", "MERGED", "METHODS", "Method", "TileOutput", "get_method", "register"]

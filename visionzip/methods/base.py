@@ -23,7 +23,7 @@ import torch
 from ..selection import LazyTiles
 
 if TYPE_CHECKING:
-    from ..core import Settings
+    from ..core import Settings, VisionZip
     from ..tower import TowerSignals
 
 # The paper's budget names (total visual tokens) per model family, and the tiles they assume: LLaVA-NeXT's
@@ -105,6 +105,22 @@ class Method:
     def reduce_image(self, features: torch.Tensor, settings: Settings) -> torch.Tensor:
         """(N, E) one image's stock packed features -> (T,) ascending row indices to keep."""
         raise TypeError(f"{self.title} is not a per-image method")
+
+    def image_record(self, kept: torch.Tensor, patch_map: torch.Tensor, num_tiles: int, side: int) -> LazyTiles:
+        """Per-tile records of `reduce_image`'s rows `kept` (patch_map: (N,) from `layout.packed_patch_map`).
+        A method that chooses later (FastV, inside the language model) returns records it fills in then."""
+        from ..layout import tiles_from_kept  # layout imports this module
+
+        return LazyTiles(num_tiles, lambda: tiles_from_kept(kept, patch_map, num_tiles, side))
+
+    # -- methods that act beyond the vision side ------------------------------------------------
+    def attach(self, handle: VisionZip) -> Callable[[], None] | None:
+        """Install what the method needs on the handle's model for the handle's life (FastV: hooks on
+        the language model's layers, idle unless a call runs FastV); return what removes it, or None."""
+        return None
+
+    def check_model(self, settings: Settings, handle: VisionZip) -> None:
+        """Like `check`, for limits that depend on the model (FastV: K must be a language-model layer)."""
 
 
 METHODS: dict[str, Method] = {}
