@@ -28,6 +28,8 @@ class Turn:
     stats: dict[str, TurnStats] = field(default_factory=dict)  # filled when a side finishes
     running: str | None = None  # the side generating now
     frames: dict[str, int] = field(default_factory=dict)  # video: the frames each side saw
+    selections: dict[str, list] = field(default_factory=dict)  # what each side's method chose (ImageSelections)
+    chosen_for: dict[str, str] = field(default_factory=dict)  # "this question", or the earlier turn it froze
 
 
 @dataclass
@@ -39,6 +41,13 @@ class Conversation:
     num_frames: int = DEFAULT_FRAMES  # video: frames sampled for a full side
     same_budget: bool = False  # video: a VisionZip side gets as many frames as fit in a full side's tokens
     quality_check: bool = False  # one more forward per reducing side: reference KL and the full answer scored
+    keep_cache: bool = False  # later turns prefill only their new text on top of each side's KV cache
+    caches: dict = field(default_factory=dict, repr=False, compare=False)  # side -> app.turn.SideCache
+
+    def __getstate__(self) -> dict:
+        # A KV cache stays in the process that made it: on ZeroGPU it would not survive the worker anyway,
+        # and the page's state is pickled there on every streamed update.
+        return {**self.__dict__, "caches": {}}
 
     def all_stats(self) -> list[TurnStats]:
         return [turn.stats[side] for turn in self.turns for side in SIDES if side in turn.stats]

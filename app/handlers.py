@@ -198,6 +198,12 @@ class Handlers:
         reducing side (its KL when no full side shares its prompt) and the full answer scored under it."""
         return {"state": replace(conversation, quality_check=bool(quality_check))}
 
+    def set_cache(self, conversation: Conversation, keep_cache: bool) -> Results:
+        """Keep each side's KV cache between turns, as a chat server does (later turns prefill only their
+        new text; a text-dependent method keeps the tokens it chose for the first question), or re-prefill
+        the whole conversation every turn (the method re-selects for every question)."""
+        return {"state": replace(conversation, keep_cache=bool(keep_cache), caches={})}
+
     # -- asking --------------------------------------------------------------------------------
     @staticmethod
     def take_message(text: str) -> Results:
@@ -431,6 +437,8 @@ class Handlers:
             note = NO_IMAGE if conversation.media_path is None else NO_VISIONZIP
             return {"selection_state": None, "legend": note, **self.overlay_views(None, conversation, chosen)}
         config = conversation.sides[side]
+        if visionzip.get_method(config.mode.method).reads_text:  # it chose for a question: show the last turn's
+            return self.question_overlay(conversation, side, chosen)
         try:
             self.registry.get(config.model)
             picture = load_media(conversation)
@@ -439,15 +447,28 @@ class Handlers:
         selection = self.select_tokens(config.model, config.mode, (picture,), frames=False)[0]
         return {"selection_state": selection, **self.overlay_views(selection, conversation, chosen)}
 
+    def question_overlay(self, conversation: Conversation, side: str, chosen: str) -> Results:
+        """A text-dependent method's choice as the latest turn made it, and for which question."""
+        title = conversation.sides[side].mode.method_title
+        latest = next((turn for turn in reversed(conversation.turns) if side in turn.selections), None)
+        if latest is None:
+            note = f"{title} chooses by the question: ask one to see which tokens it keeps for it."
+            return {"selection_state": None, "legend": note, **self.overlay_views(None, conversation, chosen)}
+        selection = latest.selections[side][0]
+        number = conversation.turns.index(latest) + 1
+        results = self.overlay_views(selection, conversation, chosen)
+        asked = f"Chosen on turn {number} for **{latest.chosen_for[side]}**: “{latest.question}”.\n\n"
+        return {"selection_state": selection, **results, "legend": asked + results["legend"]}
+
     def select_tokens(
-        self, label: str, mode: Mode, pictures: tuple[Image.Image, ...], frames: bool
+        self, label: str, mode: Mode, pictures: tuple[Image.Image, ...], frames: bool, text: str | None = None
     ) -> list[visionzip.ImageSelection]:
         """What `mode` keeps and merges on each picture: images (anyres tiles) or a clip's frames (one
         tile each), from the vision tower alone; drawing happens outside."""
         try:
             loaded = self.registry.ready(label)
             if frames:
-                return overlay.frame_selections(loaded, pictures, mode)
+                return overlay.frame_selections(loaded, pictures, mode, text)
             return [overlay.image_selection(loaded, picture, mode) for picture in pictures]
         except Exception as error:  # on ZeroGPU anything but gr.Error would reach the page as "worker error"
             raise gr.Error(describe_error(error)) from None
@@ -514,14 +535,20 @@ class Handlers:
             raise gr.Error(str(error)) from None
         with loaded.handle.use(enabled=False):
             full = tokens_per_frame(loaded.handle)
-        selections = None
-        if config.mode.enabled:
-            selections = self.select_tokens(config.model, config.mode, clip.frames, frames=True)
+        selections, asked = None, ""
+        question = conversation.turns[-1].question if conversation.turns else None
+        if config.mode.enabled and visionzip.get_method(config.mode.method).stage == "language model":
+            asked = f"{config.mode.method_title} chooses inside the language model: no frame-by-frame choice to draw. "
+        elif config.mode.enabled and visionzip.get_method(config.mode.method).reads_text and question is None:
+            asked = f"{config.mode.method_title} chooses by the question: ask one to see its choice. "
+        elif config.mode.enabled:
+            selections = self.select_tokens(config.model, config.mode, clip.frames, True, question)
+            asked = f"Chosen for “{question}”. " if visionzip.get_method(config.mode.method).reads_text else ""
         shown = (
             "Frames are shown squashed to the square base tile the model sees."
             if loaded.family == "llava_next"
             else "Frames are shown centre-cropped, as the model sees them."
         )
-        legend = f"{title}: {len(clip.frames)} frames, each one 336x336 tile of {per_frame} tokens. "
+        legend = f"{title}: {len(clip.frames)} frames, each one 336x336 tile of {per_frame} tokens. " + asked
         legend += (overlay.FILMSTRIP_LEGEND if selections else NO_VISIONZIP + " ") + shown
         return filmstrip(clip, loaded.family, selections, full), legend

@@ -200,12 +200,14 @@ def _whole(value: float | None, name: str) -> int:
 
 
 @contextmanager
-def use_mode(loaded: LoadedModel, mode: Mode) -> Iterator[visionzip.Call]:
+def use_mode(loaded: LoadedModel, mode: Mode, text: str | None = None) -> Iterator[visionzip.Call]:
     """The handle's `use()` block for `mode`, with the mode's projector (tuned or the model's own),
     for this thread only: the other side, on the same weights, keeps its own."""
     budget = {}
     if mode.enabled:
         budget = dict(method=mode.method, tokens=mode.tokens, seed=mode.seed)
+        if visionzip.get_method(mode.method).reads_text:
+            budget["text"] = text  # the question it chooses by (None: it can count, not choose)
         if mode.method == "visionzip":
             budget.update(dominant=mode.dominant, contextual=mode.contextual)
     projector = loaded.tuned_projector() if mode.tuned else None

@@ -423,11 +423,11 @@ def _difference_colour(in_left: bool, in_right: bool) -> tuple[int, int, int] | 
 
 # -- what to draw: the vision tower alone, under one side's mode ------------------------------------
 def frame_selections(
-    loaded: LoadedModel, frames: tuple[Image.Image, ...], mode: Mode
+    loaded: LoadedModel, frames: tuple[Image.Image, ...], mode: Mode, text: str | None = None
 ) -> list[visionzip.ImageSelection]:
     """What `mode`'s method keeps and merges on each frame: the vision tower alone."""
     pixel_values = frame_pixel_values(loaded.processor, frames).to(loaded.device, loaded.dtype)
-    with torch.inference_mode(), use_mode(loaded, mode) as call:
+    with torch.inference_mode(), use_mode(loaded, mode, text) as call:
         frame_features(loaded.handle, pixel_values)
     return call.selection
 

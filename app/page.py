@@ -69,7 +69,13 @@ class Page:
         quality_label = (
             "Quality check: KL to the full model on every turn and the full answer scored (one more forward)"
         )
-        self.add("quality_check", gr.Checkbox(False, label=quality_label, elem_id="quality-check"))
+        with gr.Row():
+            self.add("quality_check", gr.Checkbox(False, label=quality_label, elem_id="quality-check"))
+            cache_label = (
+                "Keep the KV cache between turns, as a chat server does (off: re-prefill every turn, so a "
+                "text-dependent method re-selects for every question)"
+            )
+            self.add("keep_cache", gr.Checkbox(False, label=cache_label, elem_id="keep-cache"))
         self.add(
             "models_info", gr.Markdown(render.models_markdown(self.registry), label="models", elem_id="models-info")
         )

@@ -11,12 +11,13 @@ full model's on the same conversation.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
 import torch
 
-from app.modes import FULL, Mode, use_mode
+from app.modes import FULL, Mode
 
 FULL_MODE = Mode(FULL, False)
 
@@ -42,8 +43,9 @@ def kl_divergence(reference: torch.Tensor, reduced: torch.Tensor) -> float:
 
 def prompt_logits(prepared, extra_ids: torch.Tensor | None = None) -> torch.Tensor:
     """(L, V) logits of one side's prepared prompt (followed by `extra_ids`, teacher-forced) under its mode."""
+    prepared = dataclasses.replace(prepared, reuse=None)  # a whole prefill (the cache is the next turn's)
     loaded = prepared.loaded
-    with torch.inference_mode(), use_mode(loaded, prepared.mode):
+    with torch.inference_mode(), prepared.use():
         inputs = dict(prepared.generate_inputs(prepared.encode()))
         if extra_ids is not None and len(extra_ids):
             extra = extra_ids.to(loaded.device)[None]

@@ -40,8 +40,24 @@ def stats_line(stats: TurnStats, frames: int | None = None) -> str:
         f"{stats.mode} · {clip}**{stats.visual_tokens:,}** visual + {stats.text_tokens:,} text = {stats.context_tokens:,} tokens · "
         f"vision {_ms(stats.vision_ms)} + LLM prefill {_ms(stats.llm_prefill_ms)} = TTFT {_ms(stats.ttft_ms)} · "
         f"decode {stats.decode_tokens_per_s:,.0f} tok/s · KV cache {stats.kv_cache_bytes / 2**20:,.1f} MiB"
+        + cache_line(stats)
         + quality_line(stats)
     )
+
+
+def cache_line(stats: TurnStats) -> str:
+    """What the language model ran this turn: the tokens prefilled, those reused, FastV's layer lengths."""
+    parts = [f"visual tokens chosen for {stats.chosen_for}"] if stats.chosen_for else []
+    if stats.prefilled_tokens is not None and stats.cached_tokens:
+        parts.append(
+            f"prefilled **{stats.prefilled_tokens:,}** tokens, {stats.cached_tokens:,} reused from the KV cache"
+        )
+    if stats.layer_tokens:
+        first, last = stats.layer_tokens[0], stats.layer_tokens[-1]
+        drop = next((layer for layer, count in enumerate(stats.layer_tokens) if count != first), None)
+        kept = f", {last:,} from layer {drop} on" if drop is not None else ""
+        parts.append(f"visual tokens in the LLM: {first:,} in the first layers{kept}")
+    return "<br>" + " · ".join(parts) if parts else ""
 
 
 def quality_line(stats: TurnStats) -> str:

@@ -29,6 +29,10 @@ class TurnStats:
     quality_reference: str | None = None  # where the full distribution came from, or why there is none
     full_answer_logprob: float | None = None  # the full side's answer scored under this side: mean log-prob
     full_answer_ppl: float | None = None  # ... and its perplexity
+    prefilled_tokens: int | None = None  # tokens the LLM ran this turn (less than context when the cache is reused)
+    cached_tokens: int = 0  # tokens taken from the side's KV cache of earlier turns
+    layer_tokens: list[int] | None = None  # a method inside the LLM (FastV): the image tokens at each layer
+    chosen_for: str | None = None  # a text-dependent method: "this question" or the earlier turn it kept
 
     def __post_init__(self) -> None:
         if self.llm_prefill_ms is None:

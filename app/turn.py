@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
+import visionzip
 from app.conversation import SIDES, Conversation, SideConfig, Turn, load_media, messages_for
 from app.hosting import clock
 from app.media import Clip, load_clip
@@ -51,6 +52,23 @@ class Prepared:
     text_tokens: int
     messages: list[dict] = field(default_factory=list)  # the conversation this side sees, this turn's question last
     output: SideOutput | None = None  # once the side has answered: what the quality signal reads
+    text: str | None = None  # the question a text-dependent method chooses by (frozen when the cache is reused)
+    reuse: Reuse | None = None  # the KV cache of earlier turns this turn builds on, if any
+    selection: list | None = None  # what the method chose for this turn (ImageSelection per image)
+    cache: SideCache | None = None  # after the turn, when the conversation keeps caches: what the next turn reuses
+
+    def use(self):
+        """The library's `use()` block for this side's mode and question."""
+        return use_mode(self.loaded, self.mode, text=self.text)
+
+    @property
+    def prompt_tokens(self) -> int:
+        return int(self.inputs["input_ids"].shape[1]) if "input_ids" in self.inputs else self.context_tokens
+
+    @property
+    def prefilled_tokens(self) -> int:
+        """Tokens the language model runs this turn: the whole prompt, or what follows the reused prefix."""
+        return self.prompt_tokens - (self.reuse.length if self.reuse else 0)
 
     @property
     def context_tokens(self) -> int:
@@ -61,16 +79,65 @@ class Prepared:
         return self.mode.key
 
     def encode(self):
-        """The vision tower (+ VisionZip) on this turn's image, in the caller's `use()` block."""
+        """The vision tower (+ the method) on this turn's image, in the caller's `use()` block; nothing
+        when the image is in the reused cache."""
+        if self.reuse is not None:
+            return None
         inputs = self.inputs
         return self.loaded.model.model.get_image_features(
             pixel_values=inputs["pixel_values"], image_sizes=inputs.get("image_sizes")
         )
 
     def generate_inputs(self, features) -> dict:
-        """The keyword arguments `generate` takes for this turn, the image's features already computed."""
+        """The keyword arguments `generate` takes for this turn: the image's features already computed,
+        or the reused cache (cut to the prefix this prompt shares with it), which holds them."""
         text_inputs = {key: value for key, value in self.inputs.items() if key not in ("pixel_values", "image_sizes")}
+        if self.reuse is not None:
+            return dict(**text_inputs, cache=self.reuse.cut())
         return dict(**text_inputs, mm_encoder_outputs={"image": features})
+
+
+@dataclass
+class SideCache:
+    """One side's KV cache after a turn, as a chat server keeps it: the tokens it holds and the
+    question its visual tokens were chosen for (text-dependent methods keep that choice)."""
+
+    model: str
+    mode_key: tuple
+    ids: torch.Tensor  # (L,) the token ids the cache holds, on the CPU
+    kv: object  # the transformers Cache
+    question: str
+    turn: int  # the turn that chose the visual tokens
+
+
+@dataclass
+class Reuse:
+    cache: SideCache
+    length: int  # prompt tokens taken from the cache
+
+    def cut(self):
+        extra = self.cache.kv.get_seq_length() - self.length
+        if extra > 0:
+            self.cache.kv.crop(-extra)  # a regenerated or re-tokenised turn: back to the shared prefix
+        return self.cache.kv
+
+
+def reusable_prefix(cache: SideCache | None, prepared: Prepared, image_token_id: int) -> int:
+    """How many of this prompt's tokens a side's cache can serve (0: none): the shared prefix, which
+    must hold the image, leaving at least one token to prefill.  A cache that would need cutting is
+    refused for a method acting inside the LLM (FastV's pruned layers hold fewer positions)."""
+    if cache is None or cache.model != prepared.loaded.label or cache.mode_key != prepared.mode.key:
+        return 0
+    ids = prepared.inputs["input_ids"][0].cpu()
+    shared = min(len(ids), len(cache.ids))
+    mismatch = (ids[:shared] != cache.ids[:shared]).nonzero()
+    shared = int(mismatch[0]) if len(mismatch) else shared
+    images = (ids == image_token_id).nonzero()
+    if len(images) and shared <= int(images[-1]):
+        return 0
+    if shared < len(cache.ids) and prepared.mode.enabled and prepared.loaded.handle.method.stage == "language model":
+        return 0
+    return min(shared, len(ids) - 1)
 
 
 def prepare(loaded: LoadedModel, mode: Mode, messages: list[dict], image: Image.Image, max_new_tokens: int) -> Prepared:
@@ -152,29 +219,37 @@ def warm_up(prepared: Prepared) -> None:
     loaded = prepared.loaded
     if prepared.warm_key in loaded.warmed:
         return
-    with torch.inference_mode(), use_mode(prepared.loaded, prepared.mode):
+    if prepared.reuse is not None:  # the cache came from a turn that warmed this mode up
+        return
+    with torch.inference_mode(), prepared.use():
         loaded.model.generate(**_generate_kwargs(prepared, prepared.encode(), 1))
     loaded.warmed.add(prepared.warm_key)
 
 
 def stream_side(
-    prepared: Prepared, turn: int, side: str, max_new_tokens: int, stop: threading.Event | StopFlag
+    prepared: Prepared,
+    turn: int,
+    side: str,
+    max_new_tokens: int,
+    stop: threading.Event | StopFlag,
+    keep_cache: bool = False,
 ) -> Iterator[tuple[str, TurnStats | None]]:
     """Run one side: yields (answer so far, None) per streamed piece, then (answer, stats)."""
     loaded = prepared.loaded
     warm_up(prepared)
-    with torch.inference_mode(), use_mode(prepared.loaded, prepared.mode):
-        start = clock(loaded.device)
-        features = prepared.encode()
-        vision_end = clock(loaded.device)
-
     streamer = TimedStreamer(loaded.processor.tokenizer, loaded.device)
     failure: list[BaseException] = []
-    results = []
+    results, calls, clocks = [], [], {}
 
     def generate() -> None:
-        try:  # contextvars do not follow a new thread: enter the mode here
-            with torch.inference_mode(), use_mode(prepared.loaded, prepared.mode):
+        # One use() block for the encode and the generation (FastV pairs the image it encoded with the
+        # prefill that prunes it), entered in this thread: contextvars do not follow a new thread.
+        try:
+            with torch.inference_mode(), prepared.use() as call:
+                calls.append(call)
+                clocks["start"] = clock(loaded.device)
+                features = prepared.encode()
+                clocks["vision_end"] = clock(loaded.device)
                 results.append(
                     loaded.model.generate(
                         **_generate_kwargs(prepared, features, max_new_tokens),
@@ -206,6 +281,11 @@ def stream_side(
     if getattr(result, "logits", None):  # (a stand-in model in the tests returns no generate output)
         generated = result.sequences[0, -len(result.logits) :].cpu()  # prompt ids, if any, come first
         prepared.output = SideOutput(first_token_logprobs(result.logits[0]), generated)
+    # per-tile methods choose while encoding, FastV inside the language model's prefill
+    prepared.selection = calls[0].selection if calls else None
+    if keep_cache:
+        prepared.cache = kept_cache(prepared, result, turn)
+    start, vision_end = clocks["start"], clocks["vision_end"]
 
     times = streamer.token_times
     new_tokens = len(times)
@@ -226,8 +306,22 @@ def stream_side(
             new_tokens=new_tokens,
             kv_cache_bytes=kv_cache_bytes(loaded.model.config, prepared.context_tokens + new_tokens, loaded.dtype),
             device=str(loaded.device),
+            prefilled_tokens=prepared.prefilled_tokens,
+            layer_tokens=calls[0].layer_tokens if calls and calls[0].layer_tokens else None,
+            cached_tokens=prepared.reuse.length if prepared.reuse else 0,
         ),
     )
+
+
+def kept_cache(prepared: Prepared, result, turn: int) -> SideCache | None:
+    """What the next turn of this side can reuse: the cache generate filled, the ids it holds."""
+    if result is None or getattr(result, "cache", None) is None or isinstance(prepared, VideoPrepared):
+        return None
+    kv = result.cache
+    ids = result.sequences[0, : kv.get_seq_length()].cpu()  # prompt + answer, less the last token (never fed)
+    earlier = prepared.reuse.cache if prepared.reuse else None
+    question = earlier.question if earlier else prepared.messages[-1]["content"][-1]["text"]
+    return SideCache(prepared.loaded.label, prepared.mode.key, ids, kv, question, earlier.turn if earlier else turn)
 
 
 def failed_stats(turn: int, side: str, config: SideConfig, error: str, prepared: Prepared | None = None) -> TurnStats:
@@ -350,10 +444,20 @@ def prepare_sides(
                 prepared[side] = prepare_video(loaded, config.mode, conversation, messages, max_new_tokens)
             else:
                 prepared[side] = prepare(loaded, config.mode, messages, image, max_new_tokens)
-            prepared[side].messages = messages
+            prepared[side].messages, prepared[side].text = messages, question
+            if image is not None and conversation.keep_cache:
+                reuse_cache(prepared[side], conversation.caches.get(side))
         except Exception as error:
             errors[side] = describe_error(error)
     return prepared, errors
+
+
+def reuse_cache(prepared: Prepared, cache: SideCache | None) -> None:
+    """Build this turn on the side's cache when it serves the prompt; a text-dependent method then
+    keeps the tokens it chose for the question of the turn that filled the cache."""
+    length = reusable_prefix(cache, prepared, prepared.loaded.model.config.image_token_id)
+    if length:
+        prepared.reuse, prepared.text = Reuse(cache, length), cache.question
 
 
 def run_turn(
@@ -384,7 +488,8 @@ def run_turn(
         if side not in prepared or stop.is_set():
             continue
         turn.running = side
-        stream = stream_side(prepared[side], number, side, max_new_tokens, stop)
+        keep = conversation.keep_cache and conversation.media_kind == "image"
+        stream = stream_side(prepared[side], number, side, max_new_tokens, stop, keep_cache=keep)
         try:
             yield conversation
             for answer, stats in stream:
@@ -399,9 +504,28 @@ def run_turn(
         finally:  # also when the caller goes away mid-turn (cancelled, tab closed): stop generating now
             stream.close()
             turn.running = None
+    record_choices(conversation, turn, prepared)
     if not stop.is_set():
         assess_quality(conversation, turn, prepared, max_new_tokens)
     yield conversation
+
+
+def record_choices(conversation: Conversation, turn: Turn, prepared: dict[str, Prepared]) -> None:
+    """Per side: what its method chose this turn and for which question, and the cache the next turn reuses."""
+    earlier = conversation.turns[-2] if len(conversation.turns) > 1 else None
+    for side, this in prepared.items():
+        if this.selection is not None:  # chosen this turn: for this question (text-dependent methods)
+            turn.selections[side], turn.chosen_for[side] = this.selection, "this question"
+        elif this.reuse is not None and earlier is not None and side in earlier.selections:
+            turn.selections[side] = earlier.selections[side]  # the visual tokens are the cached ones
+            turn.chosen_for[side] = f"turn {this.reuse.cache.turn}'s question (frozen in the KV cache)"
+        reads_text = this.mode.enabled and visionzip.get_method(this.mode.method).reads_text
+        if reads_text and side in turn.chosen_for and side in turn.stats:
+            turn.stats[side].chosen_for = turn.chosen_for[side]
+        if this.cache is not None:
+            conversation.caches[side] = this.cache
+        elif side in conversation.caches and (not conversation.keep_cache or this.reuse is None):
+            del conversation.caches[side]  # stale: the next turn must not build on it
 
 
 def assess_quality(conversation: Conversation, turn: Turn, prepared: dict[str, Prepared], max_new_tokens: int) -> None:

@@ -122,15 +122,9 @@ class Wiring:
     def wire(self) -> None:
         compare = self.page["compare"].click
         self.on([compare], self.handlers.compare_sides, ["state", "view"], DIFFERENCE, api_name="compare", **self.GPU)
-        quality = self.page["quality_check"].input
-        self.on(
-            [quality],
-            self.handlers.set_quality,
-            ["state", "quality_check"],
-            ["state"],
-            api_name="set_quality",
-            **self.GPU,
-        )
+        for name in ("quality_check", "keep_cache"):  # conversation settings: each its own endpoint
+            handler = getattr(self.handlers, "set_quality" if name == "quality_check" else "set_cache")
+            self.on([self.page[name].input], handler, ["state", name], ["state"], api_name=handler.__name__, **self.GPU)
         self.wire_media()
         self.wire_turns()
         self.wire_modes()
@@ -156,7 +150,9 @@ class Wiring:
         )
 
     def after_turn(self, event) -> None:
-        self.follow(event.then, self.handlers.after_turn, ["state"], AFTER_TURN, **self.QUIET)
+        event = self.follow(event.then, self.handlers.after_turn, ["state"], AFTER_TURN, **self.QUIET)
+        # a text-dependent method chose anew (or kept its frozen choice): the overlay shows which
+        self.follow(event.then, self.handlers.refresh_overlay, ["state", "view"], OVERLAY, **self.QUIET, **self.GPU)
 
     def wire_media(self) -> None:
         page, handlers = self.page, self.handlers

@@ -8,6 +8,7 @@ projector and the tiny CLIP loaded here, in float64, then packs LLaVA-NeXT's til
 
 import pytest
 import torch
+from PIL import Image
 from transformers import AutoTokenizer, CLIPTextModelWithProjection, CLIPVisionModelWithProjection
 from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape
 
@@ -190,9 +191,11 @@ def test_the_question_and_budget_are_required(tiny_llava):
     model, processor = tiny_llava
     handle = visionzip.apply(model, processor)
     try:
-        with pytest.raises(ValueError, match=r"text='\.\.\.'"):
-            with handle.use(method="cdpruner", tokens=64):
-                pass
+        pixels = processor.image_processor(images=[Image.new("RGB", (336, 336))], return_tensors="pt")["pixel_values"]
+        with handle.use(method="cdpruner", tokens=64):  # counting needs no question; choosing does
+            assert handle.num_image_tokens((336, 336)) == 64
+            with pytest.raises(ValueError, match=r"text='\.\.\.'"):
+                model.model.get_image_features(pixel_values=pixels)
         with pytest.raises(ValueError, match="tokens=577 is out of range; a tile has 576 patches"):
             with handle.use(method="cdpruner", tokens=577, text=QUESTION):
                 pass

@@ -98,10 +98,8 @@ class CDPruner(Method):
     def __init__(self, theta: float | None = None) -> None:
         self.theta = theta  # the paper's relevance weighting; None (off) as the official code
 
-    def check(self, settings: Settings, side: int) -> None:
-        super().check(settings, side)
-        if not isinstance(settings.text, str) or not settings.text.strip():
-            raise ValueError("CDPruner chooses by the question: pass it per call, handle.use(..., text='...')")
+    # The question is needed only to choose, not to count: a call that counts placeholders (the
+    # processor, a page header) runs without one, and reduce_tiles refuses a choice without it.
 
     def describe(self, settings: Settings) -> str:
         theta = "" if self.theta is None else f", theta={self.theta}"
@@ -115,6 +113,8 @@ class CDPruner(Method):
     ) -> TileOutput:
         from ..clip_text import clip_text_for
 
+        if not isinstance(settings.text, str) or not settings.text.strip():
+            raise ValueError("CDPruner chooses by the question: pass it per call, handle.use(..., text='...')")
         handle = signals.handle
         clip = clip_text_for(handle.base.config.vision_config)
         patches = signals.hidden[:, 1:]  # (T, N, C) the feature layer's patch states

@@ -1,0 +1,72 @@
+"""Multi-turn chat as a chat server runs it: each side's KV cache kept between turns, later turns
+prefilling only their new text.  A cached turn must equal a whole re-prefill of the same tokens (with
+the visual tokens chosen on turn 1 for a text-dependent method), and the stats must say what ran."""
+
+import threading
+from dataclasses import replace
+
+import pytest
+import torch
+from gradio_client import handle_file
+
+from app.conversation import Conversation, SideConfig
+from app.models import TINY_LABEL
+from app.modes import FULL, make_mode
+from app.quality import first_token_logprobs, prompt_logits
+from app.turn import prepare_sides, run_turn, stream_side
+
+QUESTIONS = ["Is there a car in the picture?", "What is in the top-left corner?", "And the bottom right?"]
+MODES = ["Full", "VisionZip 320", "DivPrune 320", "Pool 320", "CDPruner 320"]
+
+
+@pytest.fixture
+def picture(tmp_path, make_image):
+    path = tmp_path / "picture.png"
+    make_image(672, 672, seed=9).save(path)
+    return str(path)
+
+
+@pytest.mark.parametrize("name", MODES)
+def test_a_cached_turn_equals_a_whole_reprefill(registry, picture, name):
+    registry.get(TINY_LABEL)
+    mode = make_mode(name, "llava_next")
+    sides = {"left": SideConfig(TINY_LABEL, mode), "right": SideConfig(TINY_LABEL, make_mode(FULL, "llava_next"))}
+    conversation = Conversation(sides, media_path=picture, keep_cache=True)
+    list(run_turn(registry, conversation, QUESTIONS[0], 4, threading.Event()))
+    assert "left" in conversation.caches
+
+    prepared, errors = prepare_sides(registry, conversation, QUESTIONS[1], 4)
+    this = prepared["left"]
+    assert not errors and this.reuse is not None and this.prefilled_tokens < 40
+    assert this.text == QUESTIONS[0]  # a text-dependent method keeps the tokens it chose for turn 1
+    for _ in stream_side(this, 2, "left", 4, threading.Event(), keep_cache=True):
+        pass
+    whole = replace(this, reuse=None)  # the same token ids, prefilled from scratch
+    expected = first_token_logprobs(prompt_logits(whole)[-1])
+    torch.testing.assert_close(this.output.first_logprobs, expected, atol=2e-4, rtol=1e-4)
+
+
+def test_three_cached_turns_through_the_api_with_a_frozen_cdpruner(client, picture):
+    client.predict(handle_file(picture), api_name="/set_media")
+    client.predict(left_mode="VisionZip 320", right_mode="CDPruner 320", right_method="CDPruner", api_name="/set_mode")
+    client.predict(True, api_name="/set_cache")
+    for question in QUESTIONS:
+        _, _, stats, _ = client.predict(question, api_name="/ask")
+    by_turn = {(r["turn"], r["side"]): r for r in stats}
+    for side in ("left", "right"):
+        first, later = by_turn[(1, side)], [by_turn[(n, side)] for n in (2, 3)]
+        assert first["error"] is None and first["cached_tokens"] == 0
+        assert first["prefilled_tokens"] == first["context_tokens"]
+        for record in later:
+            assert record["error"] is None and record["cached_tokens"] > first["visual_tokens"]
+            assert record["prefilled_tokens"] * 10 < first["prefilled_tokens"]  # only the new text
+            assert record["vision_ms"] * 10 < first["vision_ms"]  # the image is in the cache: no vision tower
+    assert by_turn[(1, "right")]["chosen_for"] == "this question"
+    assert [by_turn[(n, "right")]["chosen_for"] for n in (2, 3)] == ["turn 1's question (frozen in the KV cache)"] * 2
+    assert by_turn[(2, "left")]["chosen_for"] is None  # VisionZip reads no question: nothing to freeze
+
+    client.predict(False, api_name="/set_cache")  # re-select every turn: the whole conversation again
+    _, _, stats, _ = client.predict("Once more?", api_name="/ask")
+    fourth = {r["side"]: r for r in stats if r["turn"] == 4}
+    assert fourth["right"]["cached_tokens"] == 0 and fourth["right"]["chosen_for"] == "this question"
+    assert fourth["right"]["prefilled_tokens"] == fourth["right"]["context_tokens"]
