@@ -131,16 +131,19 @@ def markdown(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def registry_for(model: str | None, wide: int | None, device: str, dtype: str) -> tuple[ModelRegistry, str]:
+    """The app's registry serving `model` (a checkpoint), a `wide` random model of that many LM layers,
+    or the tiny model; and the label it is served under."""
+    source = str(wide_checkpoint(wide, dtype, resolve_device(device))) if wide else model
+    registry = ModelRegistry(source, device=device, dtype=dtype)
+    return registry, registry.default
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    device = resolve_device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.wide:
-        source, subject = str(wide_checkpoint(args.wide, args.dtype, device)), "wide"
-    else:
-        source, subject = args.model, Path(args.model).name if args.model else "tiny"
-    registry = ModelRegistry(source, device=args.device, dtype=args.dtype)
-    label = registry.default
+    subject = "wide" if args.wide else Path(args.model).name if args.model else "tiny"
+    registry, label = registry_for(args.model, args.wide, args.device, args.dtype)
     loaded = registry.get(label)
     with tempfile.TemporaryDirectory() as folder:
         picture = Path(folder) / "picture.png"
@@ -150,7 +153,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         )
     meta = {
         "subject": subject,
-        "model": f"{label} ({source or 'tiny'})",
+        "model": f"{label} ({'tiny' if registry.is_tiny(label) else registry.choices[label]})",
         "parameters": sum(p.numel() for p in loaded.model.parameters()),
         "llm_layers": loaded.model.config.text_config.num_hidden_layers,
         "device": str(loaded.device),

@@ -326,7 +326,8 @@ class Reduction:
     def use(self) -> dict[str, Any]:
         if self.method == "visionzip":
             return dict(enabled=True, dominant=self.budget.dominant, contextual=self.budget.contextual)
-        return dict(enabled=True, method=self.method, tokens=self.tokens)
+        text = QUESTION if visionzip.get_method(self.method).reads_text else None  # what CDPruner chooses by
+        return dict(enabled=True, method=self.method, tokens=self.tokens, text=text)
 
 
 def parse_budget(name: str) -> Reduction:

@@ -1,6 +1,7 @@
 """Every method's choice drawn on the picture in a real browser, and the difference view when both
 sides reduce.  Screenshots go to artifacts/ for a human to look at."""
 
+import re
 from pathlib import Path
 
 import pytest
@@ -46,3 +47,32 @@ def test_each_methods_overlay_and_where_two_methods_differ(page):
     page.locator("#difference img").wait_for()
     assert "all" in page.locator("#difference-table").inner_text()
     page.screenshot(path=str(ARTIFACTS / "browser_difference.png"), full_page=True)
+
+
+def test_three_cached_turns_freeze_cdpruners_choice_on_the_page(page):
+    page.set_input_files("#media input[type=file]", str(IMAGE))
+    wait_for_text(page, "media-info", "672x672")
+    choose(page, "left-method", "VisionZip")
+    wait_for_text(page, "left-header", "With VisionZip\n")
+    choose(page, "right-method", "CDPruner")
+    wait_for_text(page, "right-header", "With CDPruner\n")
+    page.locator("#keep-cache input").check()
+    questions = ["Is there a car in this picture?", "What is in the top-left corner?", "And the bottom right?"]
+    for turn, question in enumerate(questions, start=1):
+        page.fill("#message textarea", question)
+        page.keyboard.press("Enter")
+        page.wait_for_function(
+            """n => ['left', 'right'].every(side => [...document.querySelectorAll(`#${side}-chat [data-testid='bot']`)]
+                  .filter(m => m.innerText.includes(' visual + ')).length >= n)""",
+            arg=turn,
+        )
+    for side in ("left", "right"):
+        answers = page.locator(f"#{side}-chat [data-testid='bot']").all_inner_texts()
+        assert "reused from the KV cache" not in answers[-3]
+        for later in answers[-2:]:
+            prefilled = int(re.search(r"prefilled ([\d,]+) tokens, ([\d,]+) reused", later).group(1).replace(",", ""))
+            assert prefilled < 60  # only the new text: the image and the first turns come from the cache
+    assert "frozen in the KV cache" in page.locator("#right-chat [data-testid='bot']").all_inner_texts()[-1]
+    page.get_by_role("tab", name="What the method keeps").click()
+    wait_for_text(page, "overlay-legend", "frozen in the KV cache")
+    page.screenshot(path=str(ARTIFACTS / "browser_cached_turns.png"), full_page=True)

@@ -144,3 +144,10 @@ def test_every_test_that_skips_without_cuda_is_run_by_the_check():
         if cuda_only.search(path.read_text())
     ]
     assert files and set(files) <= set(gpu_check.CUDA_TESTS)
+
+
+def test_the_check_benchmarks_every_registered_method():
+    import visionzip
+    from bench import gpu_check
+
+    assert sorted(gpu_check.OTHER_METHODS) == sorted(set(visionzip.METHODS) - {"visionzip"})
