@@ -264,6 +264,9 @@ def load_subject(
             f"random-init LLaVA-NeXT of real width: CLIP-L/14-336 (24 layers, 1024 wide) + Llama "
             f"4096 wide, 11008 MLP, 32 heads, vocab 32064, {llm_layers} layers"
         )
+        if "VISIONZIP_CLIP" not in os.environ:  # CDPruner's text side: a random CLIP-L text tower of real size
+            os.environ["VISIONZIP_CLIP"] = str(random_clip_l())
+            description += "; CDPruner's CLIP text tower: random, CLIP-L/14-336's shape"
     elif preset == "real":
         if not model_id:
             raise SystemExit("--preset real needs --model PATH_OR_ID (a LLaVA-NeXT checkpoint)")
@@ -306,6 +309,50 @@ def build_wide(llm_layers: int, dtype: torch.dtype, device: torch.device) -> tup
     with torch.device(device):
         model = LlavaNextForConditionalGeneration._from_config(config, dtype=dtype, attn_implementation="sdpa")
     return model, processor
+
+
+def random_clip_l(cache: Path | None = None) -> Path:
+    """A random CLIP with openai/clip-vit-large-patch14-336's text tower (12 x 768) and projections, for
+    CDPruner on a random model of real width (no hub here): its cost is the real one, its choice noise.
+    The vision tower is one layer: CDPruner uses only its projection.  Built once in the cache folder."""
+    from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPVisionConfig
+
+    from visionzip.tiny import build_clip_tokenizer, cache_folder
+
+    path = Path(cache or cache_folder()) / "random-clip-l336-v1"
+    if (path / "config.json").exists():
+        return path
+    tokenizer = build_clip_tokenizer()
+    ids = dict(
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id
+    )
+    text = CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=768,
+        intermediate_size=3072,
+        num_hidden_layers=12,
+        num_attention_heads=12,
+        max_position_embeddings=77,
+        projection_dim=768,
+        **ids,
+    )
+    vision = CLIPVisionConfig(
+        hidden_size=1024,
+        intermediate_size=4096,
+        num_hidden_layers=1,
+        num_attention_heads=16,
+        image_size=336,
+        patch_size=14,
+        projection_dim=768,
+    )
+    torch.manual_seed(0)
+    partial = path.with_name(path.name + ".partial")
+    CLIPModel(
+        CLIPConfig(text_config=text.to_dict(), vision_config=vision.to_dict(), projection_dim=768)
+    ).save_pretrained(partial)
+    tokenizer.save_pretrained(partial)
+    partial.rename(path)  # only a complete checkpoint gets the final name
+    return path
 
 
 def bench_image() -> Image.Image:

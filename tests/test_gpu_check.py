@@ -55,9 +55,13 @@ def test_the_dry_run_records_what_each_step_measured(dry_run):
     assert pytest_record["counts"]["failed"] == 0 and pytest_record["counts"]["skipped"] >= 1
     assert any("CUDA" in test["message"] for test in pytest_record["tests"] if test["outcome"] == "skipped")
     assert "SKIPPED [1] tests/test_gpu.py" in (out / "pytest-gpu.txt").read_text()
+    expected_modes = {
+        "visionzip": ["full", *gpu_check.BUDGETS],
+        "others": ["full", "320", *(f"{name}:320" for name in gpu_check.OTHER_METHODS)],
+    }
     for method in gpu_check.METHODS:
         run = steps["phases"]["data"][method]
-        assert [row["mode"] for row in run["results"]["rows"]] == ["full", *gpu_check.BUDGETS]
+        assert [row["mode"] for row in run["results"]["rows"]] == expected_modes[method]
         assert len(run["targets_issue16"]) == 4 and all("ttft_speedup_flop_bound" in r for r in run["results"]["rows"])
     rows = steps["conversation"]["data"]["report"]["rows"]
     assert [row["turn"] for row in rows] == [1, 2, 3] and rows[0]["visionzip_visual_tokens"] < 2928
