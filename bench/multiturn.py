@@ -21,6 +21,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from app.conversation import Conversation, SideConfig
 from app.hosting import timing_method
 from app.models import ModelRegistry, resolve_device
@@ -117,8 +119,11 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--max-new-tokens", type=int, default=8)
+    parser.add_argument("--threads", type=int, help="torch CPU threads")
     parser.add_argument("--out", type=Path, help="folder for multiturn-*.json and .md")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     registry, label = registry_for(args.model, args.wide, args.device, args.dtype)
     with tempfile.TemporaryDirectory() as folder:
         picture = Path(folder) / "picture.png"

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from ..selection import LazyTiles, TileSelection
+from ..selection import kept_tiles
 from .base import Method, TileOutput
 
 if TYPE_CHECKING:
@@ -127,7 +127,7 @@ class CDPruner(Method):
         call = handle.current_call()
         if call is not None:
             call.text_tower = clip.label
-        return TileOutput(tokens, kept, _kept_tiles(kept, signals.side))
+        return TileOutput(tokens, kept, kept_tiles(kept, signals.side))
 
 
 def post_layernorm(vision_tower: nn.Module) -> nn.Module:
@@ -136,14 +136,3 @@ def post_layernorm(vision_tower: nn.Module) -> nn.Module:
         if name.endswith("post_layernorm"):
             return module
     raise ValueError(f"CDPruner needs the vision tower's post_layernorm; {type(vision_tower).__name__} has none")
-
-
-def _kept_tiles(kept: torch.Tensor, side: int) -> LazyTiles:
-    """(T, k) ascending kept patches -> per-tile records, copied to the CPU when first read."""
-    kept = kept.detach()
-    empty = torch.zeros(0, dtype=torch.long)
-
-    def make() -> list[TileSelection]:
-        return [TileSelection(side, tile, empty, empty, empty, None) for tile in kept.cpu()]
-
-    return LazyTiles(kept.shape[0], make)
