@@ -153,6 +153,7 @@ class Handlers:
             turns=[],
             num_frames=num_frames,
             same_budget=bool(same_budget),
+            caches={},  # a new image has the same placeholder ids as the old: its cache must not be reused
         )
         results = {**self.views(conversation), "media_info": info, **self.headers(conversation)}
         # the box that was not used is emptied, so the page shows only the media in use
@@ -231,11 +232,11 @@ class Handlers:
         if not conversation.turns:
             raise gr.Error("Nothing to regenerate yet.")
         last = conversation.turns[-1]
-        conversation = replace(conversation, turns=conversation.turns[:-1])
+        conversation = replace(conversation, turns=conversation.turns[:-1], caches={})  # regenerate: from scratch
         return {**self.views(conversation), "question": last.question}
 
     def clear_conversation(self, conversation: Conversation) -> Results:
-        return self.views(replace(conversation, turns=[]))
+        return self.views(replace(conversation, turns=[], caches={}))
 
     def after_turn(self, conversation: Conversation, request: gr.Request = None) -> Results:
         turns = conversation.all_stats()

@@ -70,3 +70,28 @@ def test_three_cached_turns_through_the_api_with_a_frozen_cdpruner(client, pictu
     fourth = {r["side"]: r for r in stats if r["turn"] == 4}
     assert fourth["right"]["cached_tokens"] == 0 and fourth["right"]["chosen_for"] == "this question"
     assert fourth["right"]["prefilled_tokens"] == fourth["right"]["context_tokens"]
+
+
+def test_new_media_clear_and_regenerate_never_build_on_an_old_cache(handlers_for_cache, picture, tmp_path, make_image):
+    handlers = handlers_for_cache
+    conversation = handlers.set_media({"path": picture}, handlers.set_cache(new(handlers), True)["state"])["state"]
+    conversation = list(handlers.ask("What is it?", conversation))[-1]["state"]
+    assert set(conversation.caches) == {"left", "right"}
+    other = tmp_path / "other.png"
+    make_image(672, 672, seed=10).save(other)  # the same size: the same placeholder ids as the first image
+    assert handlers.set_media({"path": str(other)}, conversation)["state"].caches == {}
+    assert handlers.clear_conversation(conversation)["state"].caches == {}
+    assert handlers.pop_last_turn(conversation)["state"].caches == {}
+
+
+@pytest.fixture(scope="module")
+def handlers_for_cache(registry, tmp_path_factory):
+    from app.handlers import Handlers
+
+    return Handlers(registry, max_new_tokens=3, stops=tmp_path_factory.mktemp("stops"))
+
+
+def new(handlers):
+    from app.handlers import new_conversation
+
+    return new_conversation(handlers.registry)
