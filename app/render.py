@@ -133,6 +133,8 @@ def side_header(registry: ModelRegistry, conversation: Conversation, side: str, 
             detail += (
                 f" · **{loaded.handle.num_image_tokens((image.height, image.width)):,} visual tokens** for this image"
             )
+            if config.mode.enabled and loaded.handle.method.stage == "language model":  # FastV prunes inside
+                detail += f", {config.mode.tokens:,} of them kept from layer {loaded.handle.settings.fastv_layer} on"
     return f"### {title}\n{detail}"
 
 
