@@ -226,6 +226,41 @@ def warm_up(prepared: Prepared) -> None:
     loaded.warmed.add(prepared.warm_key)
 
 
+@dataclass
+class Generation:
+    """One side's generation, run in its own thread: what it returned and when its phases ended."""
+
+    prepared: Prepared
+    streamer: TimedStreamer
+    max_new_tokens: int
+    stop: threading.Event | StopFlag
+    result: object = None
+    call: object = None  # the use() block's record: what the method chose, FastV's layer counts
+    start: float = 0.0
+    vision_end: float = 0.0
+    failure: BaseException | None = None
+
+    def __call__(self) -> None:
+        # One use() block for the encode and the generation (FastV pairs the image it encoded with the
+        # prefill that prunes it), entered in this thread: contextvars do not follow a new thread.
+        prepared, device = self.prepared, self.prepared.loaded.device
+        try:
+            with torch.inference_mode(), prepared.use() as self.call:
+                self.start = clock(device)
+                features = prepared.encode()
+                self.vision_end = clock(device)
+                self.result = prepared.loaded.model.generate(
+                    **_generate_kwargs(prepared, features, self.max_new_tokens),
+                    streamer=self.streamer,
+                    stopping_criteria=StoppingCriteriaList([StopOnEvent(self.stop)]),
+                    return_dict_in_generate=True,
+                    output_logits=True,  # the first token's distribution: the quality signal
+                )
+        except BaseException as error:
+            self.failure = error
+            self.streamer.end()
+
+
 def stream_side(
     prepared: Prepared,
     turn: int,
@@ -237,37 +272,12 @@ def stream_side(
     """Run one side: yields (answer so far, None) per streamed piece, then (answer, stats)."""
     loaded = prepared.loaded
     warm_up(prepared)
-    streamer = TimedStreamer(loaded.processor.tokenizer, loaded.device)
-    failure: list[BaseException] = []
-    results, calls, clocks = [], [], {}
-
-    def generate() -> None:
-        # One use() block for the encode and the generation (FastV pairs the image it encoded with the
-        # prefill that prunes it), entered in this thread: contextvars do not follow a new thread.
-        try:
-            with torch.inference_mode(), prepared.use() as call:
-                calls.append(call)
-                clocks["start"] = clock(loaded.device)
-                features = prepared.encode()
-                clocks["vision_end"] = clock(loaded.device)
-                results.append(
-                    loaded.model.generate(
-                        **_generate_kwargs(prepared, features, max_new_tokens),
-                        streamer=streamer,
-                        stopping_criteria=StoppingCriteriaList([StopOnEvent(stop)]),
-                        return_dict_in_generate=True,
-                        output_logits=True,  # the first token's distribution: the quality signal
-                    )
-                )
-        except BaseException as error:
-            failure.append(error)
-            streamer.end()
-
-    worker = threading.Thread(target=generate, name=f"generate-{side}", daemon=True)
+    generation = Generation(prepared, TimedStreamer(loaded.processor.tokenizer, loaded.device), max_new_tokens, stop)
+    worker = threading.Thread(target=generation, name=f"generate-{side}", daemon=True)
     worker.start()
     answer, finished = "", False
     try:
-        for piece in streamer:
+        for piece in generation.streamer:
             answer += piece
             yield answer, None
         finished = True
@@ -275,41 +285,43 @@ def stream_side(
         if not finished:  # the caller went away (stop button, closed tab): end generation too
             stop.set()
         worker.join()
-    if failure:
-        raise failure[0]
-    result = results[0] if results else None
+    if generation.failure is not None:
+        raise generation.failure
+    result = generation.result
     if getattr(result, "logits", None):  # (a stand-in model in the tests returns no generate output)
         generated = result.sequences[0, -len(result.logits) :].cpu()  # prompt ids, if any, come first
         prepared.output = SideOutput(first_token_logprobs(result.logits[0]), generated)
     # per-tile methods choose while encoding, FastV inside the language model's prefill
-    prepared.selection = calls[0].selection if calls else None
+    prepared.selection = generation.call.selection if generation.call is not None else None
     if keep_cache:
         prepared.cache = kept_cache(prepared, result, turn)
-    start, vision_end = clocks["start"], clocks["vision_end"]
+    yield answer, side_stats(generation, turn, side)
 
-    times = streamer.token_times
+
+def side_stats(generation: Generation, turn: int, side: str) -> TurnStats:
+    """The measurements of one finished side, from the generation's clocks and the streamer's."""
+    prepared, loaded = generation.prepared, generation.prepared.loaded
+    times, start = generation.streamer.token_times, generation.start
     new_tokens = len(times)
     decode_s = times[-1] - times[0] if new_tokens > 1 else 0.0
-    yield (
-        answer,
-        TurnStats(
-            turn=turn,
-            side=side,
-            model=loaded.label,
-            mode=prepared.mode.label,
-            visual_tokens=prepared.visual_tokens,
-            text_tokens=prepared.text_tokens,
-            context_tokens=prepared.context_tokens,
-            vision_ms=(vision_end - start) * 1000,
-            ttft_ms=(times[0] - start) * 1000 if times else 0.0,
-            decode_tokens_per_s=(new_tokens - 1) / decode_s if decode_s > 0 else 0.0,
-            new_tokens=new_tokens,
-            kv_cache_bytes=kv_cache_bytes(loaded.model.config, prepared.context_tokens + new_tokens, loaded.dtype),
-            device=str(loaded.device),
-            prefilled_tokens=prepared.prefilled_tokens,
-            layer_tokens=calls[0].layer_tokens if calls and calls[0].layer_tokens else None,
-            cached_tokens=prepared.reuse.length if prepared.reuse else 0,
-        ),
+    layer_tokens = getattr(generation.call, "layer_tokens", None)
+    return TurnStats(
+        turn=turn,
+        side=side,
+        model=loaded.label,
+        mode=prepared.mode.label,
+        visual_tokens=prepared.visual_tokens,
+        text_tokens=prepared.text_tokens,
+        context_tokens=prepared.context_tokens,
+        vision_ms=(generation.vision_end - start) * 1000,
+        ttft_ms=(times[0] - start) * 1000 if times else 0.0,
+        decode_tokens_per_s=(new_tokens - 1) / decode_s if decode_s > 0 else 0.0,
+        new_tokens=new_tokens,
+        kv_cache_bytes=kv_cache_bytes(loaded.model.config, prepared.context_tokens + new_tokens, loaded.dtype),
+        device=str(loaded.device),
+        prefilled_tokens=prepared.prefilled_tokens,
+        layer_tokens=layer_tokens or None,
+        cached_tokens=prepared.reuse.length if prepared.reuse else 0,
     )
 
 
