@@ -56,6 +56,7 @@ class Prepared:
     reuse: Reuse | None = None  # the KV cache of earlier turns this turn builds on, if any
     selection: list | None = None  # what the method chose for this turn (ImageSelection per image)
     cache: SideCache | None = None  # after the turn, when the conversation keeps caches: what the next turn reuses
+    cache_note: str = ""  # with the cache kept: why this turn could not build on it
 
     def use(self):
         """The library's `use()` block for this side's mode and question."""
@@ -122,22 +123,25 @@ class Reuse:
         return self.cache.kv
 
 
-def reusable_prefix(cache: SideCache | None, prepared: Prepared, image_token_id: int) -> int:
-    """How many of this prompt's tokens a side's cache can serve (0: none): the shared prefix, which
-    must hold the image, leaving at least one token to prefill.  A cache that would need cutting is
+def reusable_prefix(cache: SideCache | None, prepared: Prepared, image_token_id: int) -> tuple[int, str]:
+    """How many of this prompt's tokens a side's cache can serve, and if none, why: the shared prefix
+    must hold the image and leave at least one token to prefill.  A cache that would need cutting is
     refused for a method acting inside the LLM (FastV's pruned layers hold fewer positions)."""
-    if cache is None or cache.model != prepared.loaded.label or cache.mode_key != prepared.mode.key:
-        return 0
+    if cache is None:
+        return 0, "no cache from an earlier turn (on ZeroGPU a cache does not outlive its GPU call)"
+    if cache.model != prepared.loaded.label or cache.mode_key != prepared.mode.key:
+        return 0, "the model or method changed since the cache was filled"
     ids = prepared.inputs["input_ids"][0].cpu()
     shared = min(len(ids), len(cache.ids))
     mismatch = (ids[:shared] != cache.ids[:shared]).nonzero()
     shared = int(mismatch[0]) if len(mismatch) else shared
     images = (ids == image_token_id).nonzero()
     if len(images) and shared <= int(images[-1]):
-        return 0
-    if shared < len(cache.ids) and prepared.mode.enabled and prepared.loaded.handle.method.stage == "language model":
-        return 0
-    return min(shared, len(ids) - 1)
+        return 0, "the prompt differs from the cache before the image ends"
+    inside_llm = prepared.mode.enabled and visionzip.get_method(prepared.mode.method).stage == "language model"
+    if shared < len(cache.ids) and inside_llm:
+        return 0, "the cache would need cutting, which FastV's shorter pruned layers do not allow"
+    return min(shared, len(ids) - 1), ""
 
 
 def prepare(loaded: LoadedModel, mode: Mode, messages: list[dict], image: Image.Image, max_new_tokens: int) -> Prepared:
@@ -322,6 +326,7 @@ def side_stats(generation: Generation, turn: int, side: str) -> TurnStats:
         prefilled_tokens=prepared.prefilled_tokens,
         layer_tokens=layer_tokens or None,
         cached_tokens=prepared.reuse.length if prepared.reuse else 0,
+        cache_note=(prepared.cache_note or None) if turn > 1 else None,
     )
 
 
@@ -467,7 +472,7 @@ def prepare_sides(
 def reuse_cache(prepared: Prepared, cache: SideCache | None) -> None:
     """Build this turn on the side's cache when it serves the prompt; a text-dependent method then
     keeps the tokens it chose for the question of the turn that filled the cache."""
-    length = reusable_prefix(cache, prepared, prepared.loaded.model.config.image_token_id)
+    length, prepared.cache_note = reusable_prefix(cache, prepared, prepared.loaded.model.config.image_token_id)
     if length:
         prepared.reuse, prepared.text = Reuse(cache, length), cache.question
 

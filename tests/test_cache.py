@@ -95,3 +95,15 @@ def new(handlers):
     from app.handlers import new_conversation
 
     return new_conversation(handlers.registry)
+
+
+def test_a_turn_that_cannot_build_on_the_cache_says_why(handlers_for_cache, picture):
+    handlers = handlers_for_cache
+    conversation = handlers.set_media({"path": picture}, handlers.set_cache(new(handlers), True)["state"])["state"]
+    conversation = list(handlers.ask("What is it?", conversation))[-1]["state"]
+    conversation = handlers.set_mode(conversation, "Full", 54, 10, "VisionZip 160", 54, 10)["state"]
+    final = list(handlers.ask("And now?", conversation))[-1]
+    right, left = final["state"].turns[-1].stats["right"], final["state"].turns[-1].stats["left"]
+    assert right.cached_tokens == 0 and right.cache_note == "the model or method changed since the cache was filled"
+    assert left.cached_tokens > 0 and left.cache_note is None
+    assert "KV cache not reused: the model or method changed" in final["right_chat"][-1]["content"]
