@@ -48,6 +48,8 @@ def stats_line(stats: TurnStats, frames: int | None = None) -> str:
 def cache_line(stats: TurnStats) -> str:
     """What the language model ran this turn: the tokens prefilled, those reused, FastV's layer lengths."""
     parts = [f"visual tokens chosen for {stats.chosen_for}"] if stats.chosen_for else []
+    if stats.text_tower:
+        parts.append(f"question scored by {stats.text_tower}")
     if stats.cache_note:
         parts.append(f"KV cache not reused: {stats.cache_note}")
     if stats.prefilled_tokens is not None and stats.cached_tokens:

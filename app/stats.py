@@ -34,6 +34,7 @@ class TurnStats:
     layer_tokens: list[int] | None = None  # a method inside the LLM (FastV): the image tokens at each layer
     chosen_for: str | None = None  # a text-dependent method: "this question" or the earlier turn it kept
     cache_note: str | None = None  # with the cache kept: why this turn re-prefilled everything
+    text_tower: str | None = None  # CDPruner: the CLIP text tower that scored the question
 
     def __post_init__(self) -> None:
         if self.llm_prefill_ms is None:

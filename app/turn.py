@@ -327,6 +327,7 @@ def side_stats(generation: Generation, turn: int, side: str) -> TurnStats:
         layer_tokens=layer_tokens or None,
         cached_tokens=prepared.reuse.length if prepared.reuse else 0,
         cache_note=(prepared.cache_note or None) if turn > 1 else None,
+        text_tower=getattr(generation.call, "text_tower", None),
     )
 
 

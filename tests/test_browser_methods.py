@@ -14,8 +14,22 @@ IMAGE = Path(__file__).resolve().parents[1] / "assets" / "house_and_car.png"  # 
 
 
 def choose(page, element_id: str, option: str) -> None:
-    page.locator(f"#{element_id} input").click()
-    page.locator(f"#{element_id} li[role=option][aria-label='{option}']").click()
+    """Pick `option`; again if an update of the dropdown (its choices are re-sent after every mode
+    change) swallowed the click, which a loaded machine makes likelier."""
+    box = page.locator(f"#{element_id} input")
+    for _ in range(3):
+        box.click()
+        page.locator(f"#{element_id} li[role=option][aria-label='{option}']").click()
+        try:
+            page.wait_for_function(
+                "([id, v]) => document.querySelector(id).value === v",
+                arg=[f"#{element_id} input", option],
+                timeout=5000,
+            )
+            return
+        except Exception:
+            continue
+    raise AssertionError(f"{element_id} did not take {option!r}")
 
 
 def wait_for_text(page, element_id: str, text: str) -> None:

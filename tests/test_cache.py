@@ -62,6 +62,7 @@ def test_three_cached_turns_through_the_api_with_a_frozen_cdpruner(client, pictu
             assert record["prefilled_tokens"] * 10 < first["prefilled_tokens"]  # only the new text
             assert record["vision_ms"] * 10 < first["vision_ms"]  # the image is in the cache: no vision tower
     assert by_turn[(1, "right")]["chosen_for"] == "this question"
+    assert by_turn[(1, "right")]["text_tower"] == "tiny random CLIP (offline)"  # the page says which scored it
     assert [by_turn[(n, "right")]["chosen_for"] for n in (2, 3)] == ["turn 1's question (frozen in the KV cache)"] * 2
     assert by_turn[(2, "left")]["chosen_for"] is None  # VisionZip reads no question: nothing to freeze
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import threading
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -69,7 +70,9 @@ def load_clip_text(source: str | os.PathLike, label: str | None = None) -> ClipT
         ) from error
     text_model.requires_grad_(False)
     projection.requires_grad_(False)
-    return ClipText(source, label or source, tokenizer, text_model, projection.eval())
+    # a page shows the label: a local folder by its name, never the server's path to it
+    shown = label or (Path(source).name if Path(source).exists() else str(source))
+    return ClipText(source, shown, tokenizer, text_model, projection.eval())
 
 
 _LOADED: dict[str, ClipText] = {}
