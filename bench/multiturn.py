@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import tempfile
 import threading
@@ -29,7 +30,7 @@ from app.models import ModelRegistry, resolve_device
 from app.modes import make_mode
 from app.turn import load_side_models, run_turn
 from bench.conversation import QUESTIONS, registry_for
-from bench.phases import bench_image, machine_description
+from bench.phases import bench_image, machine_description, random_clip_l
 
 MODES = ["Full", "VisionZip 320", "FastV 320", "CDPruner 320"]
 COLUMNS = [
@@ -124,6 +125,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.wide and "VISIONZIP_CLIP" not in os.environ:  # CDPruner's text side at real width, random (no hub)
+        os.environ["VISIONZIP_CLIP"] = str(random_clip_l())
     registry, label = registry_for(args.model, args.wide, args.device, args.dtype)
     with tempfile.TemporaryDirectory() as folder:
         picture = Path(folder) / "picture.png"
