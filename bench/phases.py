@@ -575,18 +575,9 @@ def run_benchmark(
         visionzip_modes = [mode for mode in modes if mode.budget is not None]
         smallest = visionzip_modes[-1] if visionzip_modes else None
         authors = authors and smallest is not None  # the authors' approach is VisionZip's
-        runs: dict[str, list[dict[str, float]]] = {name: [] for name in [mode.name for mode in modes] + ["authors"]}
         load_before = os.getloadavg()
-        for round_index in range(warmup + repeats):
-            shift = round_index % len(modes)  # rotate the order so drift does not favour one mode
-            order = modes[shift:] + modes[:shift] + ([None] if authors else [])
-            for mode in order:
-                if mode is None:
-                    result, name = run_authors(subject, smallest, clock, memory), "authors"
-                else:
-                    result, name = run_prefill_decode(subject, mode, clock, memory, new_tokens), mode.name
-                if round_index >= warmup:
-                    runs[name].append(result)
+        runs = timed_rounds(subject, modes, smallest if authors else None, clock, memory, warmup + repeats, new_tokens)
+        runs = {name: results[warmup:] for name, results in runs.items()}
     config = subject.model.config
     meta = {
         "preset": preset,
@@ -625,6 +616,28 @@ def run_benchmark(
         vision.append({"approach": "authors", "budget": smallest.name, **_medians(runs["authors"])})
     # Per-round values too: on a shared machine the spread says how far to trust a median.
     return {"meta": meta, "rows": rows, "vision": vision, "targets": targets(rows, vision), "runs": runs}
+
+
+def timed_rounds(
+    subject: Subject,
+    modes: list[Mode],
+    authors: Mode | None,
+    clock: Clock,
+    memory: PeakMemory,
+    rounds: int,
+    new_tokens: int,
+) -> dict[str, list[dict[str, float]]]:
+    """Every mode (and the authors' approach at `authors`' budget) once per round, the order rotated
+    each round so drift favours no mode; mode name -> its results, round by round."""
+    runs: dict[str, list[dict[str, float]]] = {name: [] for name in [mode.name for mode in modes] + ["authors"]}
+    for round_index in range(rounds):
+        shift = round_index % len(modes)
+        for mode in modes[shift:] + modes[:shift] + ([None] if authors is not None else []):
+            if mode is None:
+                runs["authors"].append(run_authors(subject, authors, clock, memory))
+            else:
+                runs[mode.name].append(run_prefill_decode(subject, mode, clock, memory, new_tokens))
+    return runs
 
 
 def _medians(runs: list[dict[str, float]]) -> dict[str, float | None]:
