@@ -32,7 +32,9 @@ KEPT_NAME = "Yellow"
 LEFT_ONLY_RGB, LEFT_ONLY_NAME = (66, 133, 244), "blue"  # the difference view: kept by one side, the other, both
 RIGHT_ONLY_RGB, RIGHT_ONLY_NAME = (255, 140, 0), "orange"
 BOTH_RGB, BOTH_NAME = (52, 199, 89), "green"
-FILMSTRIP_LEGEND = f"{KEPT_NAME}: kept (dominant) tokens; colours: contextual groups, ⚪ on each group's target. "
+FILMSTRIP_LEGEND = (
+    f"{KEPT_NAME}: kept tokens; colours: merged groups (contextual tokens, pooling windows), ⚪ on each anchor. "
+)
 KEPT_TINT = 0.35
 GROUP_TINT = 0.45
 BACKGROUND_DIM = 0.6  # merged and dropped cells sit on a darkened picture so kept cells stand out

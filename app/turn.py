@@ -427,6 +427,11 @@ def prepare_video(
     loaded: LoadedModel, mode: Mode, conversation: Conversation, messages: list[dict], max_new_tokens: int
 ) -> VideoPrepared:
     """Tokenise the conversation over this side's frames; raise ContextTooLong before anything runs."""
+    if mode.enabled and visionzip.get_method(mode.method).stage == "language model":
+        raise ValueError(
+            f"{mode.method_title} prunes inside the language model by the prompt's image placeholders; a video's "
+            "frames reach it as embeddings, so it does not run on video here. Pick a method that acts before the LLM."
+        )
     clip, input_ids, per_frame = video_tokens(loaded, mode, conversation, messages, max_new_tokens)
     pixel_values = frame_pixel_values(loaded.processor, clip.frames).to(loaded.device, loaded.dtype)
     visual = len(clip.frames) * per_frame
