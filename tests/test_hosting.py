@@ -9,6 +9,7 @@ import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
+CLIP_L_336 = "openai/clip-vit-large-patch14-336"
 
 
 def front_matter() -> dict:
@@ -38,7 +39,9 @@ def test_space_front_matter_matches_the_pins():
     # transformers 5.21+ needs Python 3.11: the Space must not run an older one.
     assert tuple(int(part) for part in str(meta["python_version"]).split(".")) >= (3, 11)
     assert meta["suggested_hardware"]
-    assert all(model.startswith("llava-hf/") for model in meta["preload_from_hub"])
+    preloaded = meta["preload_from_hub"]
+    assert all(model.startswith("llava-hf/") or model == CLIP_L_336 for model in preloaded)
+    assert CLIP_L_336 in preloaded  # CDPruner's text tower: no download on a visitor's first CDPruner turn
 
 
 def test_runtime_requirements_are_pinned():
