@@ -125,8 +125,7 @@ class Reuse:
 
 def reusable_prefix(cache: SideCache | None, prepared: Prepared, image_token_id: int) -> tuple[int, str]:
     """How many of this prompt's tokens a side's cache can serve, and if none, why: the shared prefix
-    must hold the image and leave at least one token to prefill.  A cache that would need cutting is
-    refused for a method acting inside the LLM (FastV's pruned layers hold fewer positions)."""
+    must hold the image and leave at least one token to prefill."""
     if cache is None:
         return 0, "no cache from an earlier turn (on ZeroGPU a cache does not outlive its GPU call)"
     if cache.model != prepared.loaded.label or cache.mode_key != prepared.mode.key:
@@ -138,9 +137,9 @@ def reusable_prefix(cache: SideCache | None, prepared: Prepared, image_token_id:
     images = (ids == image_token_id).nonzero()
     if len(images) and shared <= int(images[-1]):
         return 0, "the prompt differs from the cache before the image ends"
-    inside_llm = prepared.mode.enabled and visionzip.get_method(prepared.mode.method).stage == "language model"
-    if shared < len(cache.ids) and inside_llm:
-        return 0, "the cache would need cutting, which FastV's shorter pruned layers do not allow"
+    # Cutting the cache back to the shared prefix removes the same number of trailing (text) positions from
+    # every layer, which is right for FastV too: the cut lies after the image, and its pruned layers differ
+    # from the others only in the image tokens they hold.
     return min(shared, len(ids) - 1), ""
 
 

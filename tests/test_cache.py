@@ -108,3 +108,20 @@ def test_a_turn_that_cannot_build_on_the_cache_says_why(handlers_for_cache, pict
     assert right.cached_tokens == 0 and right.cache_note == "the model or method changed since the cache was filled"
     assert left.cached_tokens > 0 and left.cache_note is None
     assert "KV cache not reused: the model or method changed" in final["right_chat"][-1]["content"]
+
+
+def test_fastv_builds_on_its_cache_too(handlers_for_cache, picture):
+    """FastV's pruned layers hold fewer positions, yet cutting the cache back to the shared prefix (after
+    the image) removes the same trailing text positions from every layer: later turns reuse it."""
+    handlers = handlers_for_cache
+    conversation = handlers.set_media({"path": picture}, handlers.set_cache(new(handlers), True)["state"])["state"]
+    conversation = handlers.set_mode(conversation, "Full", 54, 10, "FastV 320", 54, 10, False, False, "Full", "FastV")[
+        "state"
+    ]
+    for question in QUESTIONS:
+        conversation = list(handlers.ask(question, conversation))[-1]["state"]
+    first, *later = [turn.stats["right"] for turn in conversation.turns]
+    assert first.layer_tokens[-1] == 320 and first.cached_tokens == 0
+    for stats in later:
+        assert stats.error is None and stats.cache_note is None
+        assert stats.cached_tokens > 2928 and stats.prefilled_tokens < 40
