@@ -489,10 +489,11 @@ class Handlers:
                 self.registry.get(conversation.sides[side].model)
         except (ValueError, ModelLoadError, MediaError) as error:
             raise gr.Error(str(error)) from None
-        left, right = (
-            self.select_tokens(conversation.sides[s].model, conversation.sides[s].mode, (picture,), False)[0]
-            for s in SIDES
-        )
+        left, right = (self.side_selection(conversation, side, picture) for side in SIDES)
+        if left is None or right is None:  # a text-dependent side that has not chosen yet
+            waiting = next(conversation.sides[s].mode.method_title for s, c in zip(SIDES, (left, right)) if c is None)
+            note = f"{waiting} chooses by the question: ask one, then compare."
+            return {"difference_table": note, "difference_image": None, "difference_json": None}
         rows = overlay.kept_overlap(left, right)
         view = chosen if chosen in overlay.view_choices(left) else "all"
         return {
@@ -500,6 +501,17 @@ class Handlers:
             "difference_image": overlay.draw_difference(picture, left, right, view),
             "difference_json": rows,
         }
+
+    def side_selection(
+        self, conversation: Conversation, side: str, picture: Image.Image
+    ) -> visionzip.ImageSelection | None:
+        """What `side` keeps on the picture: from the tower for a text-agnostic method; a text-dependent
+        one's choice of the latest turn (None before its first question)."""
+        config = conversation.sides[side]
+        if visionzip.get_method(config.mode.method).reads_text:
+            latest = next((turn for turn in reversed(conversation.turns) if side in turn.selections), None)
+            return latest.selections[side][0] if latest is not None else None
+        return self.select_tokens(config.model, config.mode, (picture,), False)[0]
 
     def refresh_filmstrip(self, conversation: Conversation) -> Results:
         """For a video: each frame each reducing side sees (both sides' when both reduce; with none, the

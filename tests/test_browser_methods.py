@@ -61,6 +61,8 @@ def test_each_methods_overlay_and_where_two_methods_differ(page):
     page.locator("#difference img").wait_for()
     assert "all" in page.locator("#difference-table").inner_text()
     page.screenshot(path=str(ARTIFACTS / "browser_difference.png"), full_page=True)
+    errors = page.locator(".toast-body").all_inner_texts()
+    assert not errors, errors
 
 
 def test_three_cached_turns_freeze_cdpruners_choice_on_the_page(page):
@@ -90,3 +92,5 @@ def test_three_cached_turns_freeze_cdpruners_choice_on_the_page(page):
     page.get_by_role("tab", name="What the method keeps").click()
     wait_for_text(page, "overlay-legend", "frozen in the KV cache")
     page.screenshot(path=str(ARTIFACTS / "browser_cached_turns.png"), full_page=True)
+    errors = page.locator(".toast-body").all_inner_texts()  # no handler along the way failed
+    assert not errors, errors
