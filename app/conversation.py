@@ -49,6 +49,10 @@ class Conversation:
         # and the page's state is pickled there on every streamed update.
         return {**self.__dict__, "caches": {}}
 
+    def latest_choice(self, side: str) -> Turn | None:
+        """The latest turn that recorded what `side`'s method chose (a text-dependent method's choice)."""
+        return next((turn for turn in reversed(self.turns) if side in turn.selections), None)
+
     def all_stats(self) -> list[TurnStats]:
         return [turn.stats[side] for turn in self.turns for side in SIDES if side in turn.stats]
 

@@ -56,8 +56,8 @@ log = logging.getLogger(__name__)
 DEFAULT_MODES = {"left": FULL, "right": "VisionZip 320"}
 CUSTOM_START = (54, 10)  # the custom D/C boxes' first values: VisionZip 320's budget per tile
 CUSTOM_TOKENS_START = 64  # the custom token box's first value: 320 over a 2x2 grid's 5 tiles
-NO_IMAGE = "Upload an image to see which tokens VisionZip keeps."
-NO_VISIONZIP = "Neither side reduces: pick a method to see what it keeps."
+NO_IMAGE = "Upload an image to see which tokens each method keeps."
+NO_REDUCTION = "Neither side reduces: pick a method to see what it keeps."
 NO_DIFFERENCE = "Set both sides to a reduction method (on one model family) to see where their choices differ."
 NO_DIFFERENCE_MEDIA = "Upload an image to compare what the two sides keep."
 STREAM_INTERVAL_S = 0.1  # redraw streaming answers at most this often: a browser re-renders the whole chat each time
@@ -435,10 +435,10 @@ class Handlers:
         if conversation.media_kind == "video":  # the filmstrip shows it, with its own legend
             return {"selection_state": None, **self.overlay_views(None, conversation, chosen)}
         if conversation.media_path is None or side is None:
-            note = NO_IMAGE if conversation.media_path is None else NO_VISIONZIP
+            note = NO_IMAGE if conversation.media_path is None else NO_REDUCTION
             return {"selection_state": None, "legend": note, **self.overlay_views(None, conversation, chosen)}
         config = conversation.sides[side]
-        if visionzip.get_method(config.mode.method).reads_text:  # it chose for a question: show the last turn's
+        if config.mode.reads_text:  # it chose for a question: show the last turn's
             return self.question_overlay(conversation, side, chosen)
         try:
             self.registry.get(config.model)
@@ -448,10 +448,17 @@ class Handlers:
         selection = self.select_tokens(config.model, config.mode, (picture,), frames=False)[0]
         return {"selection_state": selection, **self.overlay_views(selection, conversation, chosen)}
 
+    def overlay_after_turn(self, conversation: Conversation, chosen: str) -> Results:
+        """After a turn only a text-dependent method's choice can have changed: redraw just then."""
+        side = render.vision_side(conversation)
+        if conversation.media_kind != "image" or side is None or not conversation.sides[side].mode.reads_text:
+            return {}
+        return self.question_overlay(conversation, side, chosen)
+
     def question_overlay(self, conversation: Conversation, side: str, chosen: str) -> Results:
         """A text-dependent method's choice as the latest turn made it, and for which question."""
         title = conversation.sides[side].mode.method_title
-        latest = next((turn for turn in reversed(conversation.turns) if side in turn.selections), None)
+        latest = conversation.latest_choice(side)
         if latest is None:
             note = f"{title} chooses by the question: ask one to see which tokens it keeps for it."
             return {"selection_state": None, "legend": note, **self.overlay_views(None, conversation, chosen)}
@@ -508,8 +515,8 @@ class Handlers:
         """What `side` keeps on the picture: from the tower for a text-agnostic method; a text-dependent
         one's choice of the latest turn (None before its first question)."""
         config = conversation.sides[side]
-        if visionzip.get_method(config.mode.method).reads_text:
-            latest = next((turn for turn in reversed(conversation.turns) if side in turn.selections), None)
+        if config.mode.reads_text:
+            latest = conversation.latest_choice(side)
             return latest.selections[side][0] if latest is not None else None
         return self.select_tokens(config.model, config.mode, (picture,), False)[0]
 
@@ -550,18 +557,18 @@ class Handlers:
             full = tokens_per_frame(loaded.handle)
         selections, asked = None, ""
         question = conversation.turns[-1].question if conversation.turns else None
-        if config.mode.enabled and visionzip.get_method(config.mode.method).stage == "language model":
+        if config.mode.inside_llm:
             asked = f"{config.mode.method_title} chooses inside the language model: no frame-by-frame choice to draw. "
-        elif config.mode.enabled and visionzip.get_method(config.mode.method).reads_text and question is None:
+        elif config.mode.reads_text and question is None:
             asked = f"{config.mode.method_title} chooses by the question: ask one to see its choice. "
         elif config.mode.enabled:
             selections = self.select_tokens(config.model, config.mode, clip.frames, True, question)
-            asked = f"Chosen for “{question}”. " if visionzip.get_method(config.mode.method).reads_text else ""
+            asked = f"Chosen for “{question}”. " if config.mode.reads_text else ""
         shown = (
             "Frames are shown squashed to the square base tile the model sees."
             if loaded.family == "llava_next"
             else "Frames are shown centre-cropped, as the model sees them."
         )
         legend = f"{title}: {len(clip.frames)} frames, each one 336x336 tile of {per_frame} tokens. " + asked
-        legend += (overlay.FILMSTRIP_LEGEND if selections else NO_VISIONZIP + " ") + shown
+        legend += (overlay.FILMSTRIP_LEGEND if selections else NO_REDUCTION + " ") + shown
         return filmstrip(clip, loaded.family, selections, full), legend

@@ -37,8 +37,22 @@ class Mode:
         return self.settings().describe() + (f" + tuned projector ({self.tuned})" if self.tuned else "")
 
     @property
+    def reducer(self) -> visionzip.Method:
+        return visionzip.get_method(self.method)
+
+    @property
     def method_title(self) -> str:
-        return visionzip.get_method(self.method).title if self.enabled else FULL
+        return self.reducer.title if self.enabled else FULL
+
+    @property
+    def reads_text(self) -> bool:
+        """A text-dependent method: it chooses by the question."""
+        return self.enabled and self.reducer.reads_text
+
+    @property
+    def inside_llm(self) -> bool:
+        """A method that prunes inside the language model (FastV)."""
+        return self.enabled and self.reducer.stage == "language model"
 
     @property
     def key(self) -> tuple:
@@ -56,6 +70,9 @@ class Mode:
         """The library's settings for this mode (not checked against a model: `use_mode` does that)."""
         budget = visionzip.Budget(self.dominant, self.contextual) if self.enabled else visionzip.Budget(1, 0)
         return visionzip.Settings(self.enabled, budget, merge, self.method, self.tokens, self.seed)
+
+
+FULL_MODE = Mode(FULL, False)  # every visual token: the stock model
 
 
 def method_titles() -> list[str]:
@@ -93,7 +110,7 @@ def make_mode(
     raises ValueError (with the limits) for a budget that a tile of `tokens_per_tile` tokens
     (CLS + patches; 577 for CLIP-L/14-336) cannot meet."""
     if name == FULL:
-        return Mode(FULL, False)
+        return FULL_MODE
     if name == CUSTOM:
         budget = visionzip.Budget(_whole(dominant, "dominant"), _whole(contextual, "contextual")).check(tokens_per_tile)
         return Mode(name, True, budget.dominant, budget.contextual)
@@ -117,7 +134,7 @@ def make_mode(
 
 
 def _checked(mode: Mode, tokens_per_tile: int) -> Mode:
-    visionzip.get_method(mode.method).check(mode.settings(), math.isqrt(tokens_per_tile - 1))
+    mode.reducer.check(mode.settings(), math.isqrt(tokens_per_tile - 1))
     return mode
 
 
@@ -125,7 +142,7 @@ def default_mode(method: str, family: str, like: Mode | None = None) -> Mode:
     """`method`'s preset of the same rank as `like`'s (the middle one otherwise): what a side runs
     right after its method is switched."""
     if method == FULL:
-        return Mode(FULL, False)
+        return FULL_MODE
     presets = mode_choices(family, method)[:-1]
     rank = _preset_rank(like, family) if like is not None else None
     return make_mode(presets[len(presets) // 2 if rank is None else rank], family)
@@ -137,7 +154,7 @@ def _preset_rank(mode: Mode, family: str) -> int | None:
     _, _, preset = mode.name.rpartition(" ")
     if not mode.enabled or not preset.isdigit():
         return None
-    method = visionzip.get_method(mode.method)
+    method = mode.reducer
     for known in PAPER_TOTALS:
         names = list(method.presets(known))
         if int(preset) in names:
@@ -150,7 +167,7 @@ def matched_mode(loaded: LoadedModel, mode: Mode, image_size: tuple[int, int], t
     or the nearest count its budget rule allows (per tile: a whole number per tile; pooling: a square)."""
     if not mode.enabled:
         raise ValueError("Full uses every visual token: pick a method to match the other side's count")
-    handle, method = loaded.handle, visionzip.get_method(mode.method)
+    handle, method = loaded.handle, mode.reducer
     if method.budget_rule == "per image":
         return _checked(Mode(CUSTOM_TOKENS, True, method=method.name, tokens=target), handle.tokens_per_tile)
     tiles = handle.family.num_tiles(handle.base.config, image_size)
@@ -206,7 +223,7 @@ def use_mode(loaded: LoadedModel, mode: Mode, text: str | None = None) -> Iterat
     budget = {}
     if mode.enabled:
         budget = dict(method=mode.method, tokens=mode.tokens, seed=mode.seed)
-        if visionzip.get_method(mode.method).reads_text:
+        if mode.reads_text:
             budget["text"] = text  # the question it chooses by (None: it can count, not choose)
         if mode.method == "visionzip":
             budget.update(dominant=mode.dominant, contextual=mode.contextual)

@@ -97,7 +97,7 @@ class Page:
                     "frames",
                     gr.Slider(1, MAX_FRAMES, value=DEFAULT_FRAMES, step=1, label=frames_label, elem_id="frames"),
                 )
-                same_label = "Same budget: VisionZip gets as many frames as fit in the full side's tokens"
+                same_label = "Same budget: a reducing side gets as many frames as fit in the full side's tokens"
                 self.add("same_budget", gr.Checkbox(False, label=same_label, elem_id="same-budget"))
             examples = sorted(str(path) for path in ASSETS.glob("*.png"))
             if examples:

@@ -17,10 +17,6 @@ from dataclasses import dataclass
 
 import torch
 
-from app.modes import FULL, Mode
-
-FULL_MODE = Mode(FULL, False)
-
 
 @dataclass
 class SideOutput:

@@ -186,7 +186,7 @@ def tuned_box(registry: ModelRegistry, conversation: Conversation, side: str) ->
 
 
 def vision_side(conversation: Conversation) -> str | None:
-    """The side whose budget the overlay shows: the right one if it uses VisionZip, else the left."""
+    """The side whose budget the overlay shows: the right one if it reduces, else the left."""
     return next((side for side in ("right", "left") if conversation.sides[side].mode.enabled), None)
 
 

@@ -16,13 +16,12 @@ import torch
 from PIL import Image
 from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
-import visionzip
 from app.conversation import SIDES, Conversation, SideConfig, Turn, load_media, messages_for
 from app.hosting import clock
 from app.media import Clip, load_clip
 from app.models import LoadedModel, ModelLoadError, ModelRegistry
-from app.modes import Mode, use_mode
-from app.quality import FULL_MODE, SideOutput, first_token_logprobs, kl_divergence, prompt_logits, score_answer
+from app.modes import FULL_MODE, Mode, use_mode
+from app.quality import SideOutput, first_token_logprobs, kl_divergence, prompt_logits, score_answer
 from app.stats import TurnStats
 from app.video import same_budget_frames
 from visionzip.video import (
@@ -426,7 +425,7 @@ def prepare_video(
     loaded: LoadedModel, mode: Mode, conversation: Conversation, messages: list[dict], max_new_tokens: int
 ) -> VideoPrepared:
     """Tokenise the conversation over this side's frames; raise ContextTooLong before anything runs."""
-    if mode.enabled and visionzip.get_method(mode.method).stage == "language model":
+    if mode.inside_llm:
         raise ValueError(
             f"{mode.method_title} prunes inside the language model by the prompt's image placeholders; a video's "
             "frames reach it as embeddings, so it does not run on video here. Pick a method that acts before the LLM."
@@ -541,8 +540,7 @@ def record_choices(conversation: Conversation, turn: Turn, prepared: dict[str, P
         elif this.reuse is not None and earlier is not None and side in earlier.selections:
             turn.selections[side] = earlier.selections[side]  # the visual tokens are the cached ones
             turn.chosen_for[side] = f"turn {this.reuse.cache.turn}'s question (frozen in the KV cache)"
-        reads_text = this.mode.enabled and visionzip.get_method(this.mode.method).reads_text
-        if reads_text and side in turn.chosen_for and side in turn.stats:
+        if this.mode.reads_text and side in turn.chosen_for and side in turn.stats:
             turn.stats[side].chosen_for = turn.chosen_for[side]
         if this.cache is not None:
             conversation.caches[side] = this.cache

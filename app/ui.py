@@ -122,8 +122,8 @@ class Wiring:
     def wire(self) -> None:
         compare = self.page["compare"].click
         self.on([compare], self.handlers.compare_sides, ["state", "view"], DIFFERENCE, api_name="compare", **self.GPU)
-        for name in ("quality_check", "keep_cache"):  # conversation settings: each its own endpoint
-            handler = getattr(self.handlers, "set_quality" if name == "quality_check" else "set_cache")
+        settings = {"quality_check": self.handlers.set_quality, "keep_cache": self.handlers.set_cache}
+        for name, handler in settings.items():  # conversation settings: each its own endpoint
             self.on([self.page[name].input], handler, ["state", name], ["state"], api_name=handler.__name__, **self.GPU)
         self.wire_media()
         self.wire_turns()
@@ -152,7 +152,7 @@ class Wiring:
     def after_turn(self, event) -> None:
         event = self.follow(event.then, self.handlers.after_turn, ["state"], AFTER_TURN, **self.QUIET)
         # a text-dependent method chose anew (or kept its frozen choice): the overlay shows which
-        self.follow(event.then, self.handlers.refresh_overlay, ["state", "view"], OVERLAY, **self.QUIET, **self.GPU)
+        self.follow(event.then, self.handlers.overlay_after_turn, ["state", "view"], OVERLAY, **self.QUIET, **self.GPU)
 
     def wire_media(self) -> None:
         page, handlers = self.page, self.handlers

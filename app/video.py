@@ -44,7 +44,7 @@ def filmstrip(
     clip: Clip, family: str, selections: list[ImageSelection] | None, full_tokens_per_frame: int
 ) -> list[tuple[Image.Image, str]]:
     """(picture, caption) per frame for a gr.Gallery: each frame's tile with its kept and merged
-    tokens drawn on it, or the plain tile when no side uses VisionZip (`selections` None)."""
+    tokens drawn on it, or the plain tile when no side reduces (`selections` None)."""
     if selections is not None and len(selections) != len(clip.frames):
         raise ValueError(f"{len(selections)} selections for {len(clip.frames)} frames")
     strip = []
