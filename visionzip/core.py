@@ -8,7 +8,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from contextvars import ContextVar
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from typing import Any
 
 from torch import nn
@@ -18,41 +18,10 @@ from .merge import MERGE_MODES
 from .methods import METHODS, Method, get_method
 from .patch import FAMILIES
 from .selection import ImageSelection
+from .settings import Call, Settings
 from .tower import SignalHooks, encoder_layers, feature_layer_index
 
 _UNSET: Any = object()
-
-
-@dataclass(frozen=True)
-class Settings:
-    """What one call runs: stock (`enabled=False`) or `method` under its budget."""
-
-    enabled: bool
-    budget: Budget  # VisionZip's (dominant, contextual) per tile
-    merge: str = "sum"  # VisionZip's merge rule
-    method: str = "visionzip"  # a name in visionzip.methods.METHODS
-    tokens: int | None = None  # every other method's budget, per tile or per image by its rule
-    seed: int = 0  # methods that draw at random use a generator seeded with this, per call
-    fastv_layer: int = 2  # FastV's K: layer K-1's attention ranks, layers K.. run on the kept tokens
-    text: str | None = None  # the question, for methods that choose by it (CDPruner)
-
-    @property
-    def reducer(self) -> Method:
-        return get_method(self.method)
-
-    def describe(self) -> str:
-        return self.reducer.describe(self) if self.enabled else "full"
-
-
-@dataclass
-class Call:
-    """One `with handle.use(...)` block: its settings and what its image calls chose."""
-
-    settings: Settings
-    selection: list[ImageSelection] | None = None
-    visual_tokens: list[int] = field(default_factory=list)
-    layer_tokens: list[int] | None = None  # FastV: image tokens each language-model layer ran on (last prefill)
-    text_tower: str | None = None  # CDPruner: which CLIP text tower scored the question
 
 
 class VisionZip:
@@ -104,7 +73,7 @@ class VisionZip:
 
     @property
     def method(self) -> Method:
-        return self.settings.reducer
+        return get_method(self.settings.method)
 
     def set_budget(self, dominant: int, contextual: int) -> None:
         self._default = self._checked(replace(self._default, budget=Budget(dominant, contextual)))
@@ -202,7 +171,7 @@ class VisionZip:
             raise ValueError(f"merge must be one of {MERGE_MODES}, got {settings.merge!r}")
         if isinstance(settings.seed, bool) or not isinstance(settings.seed, int):
             raise ValueError(f"seed must be an integer, got {settings.seed!r}")
-        method = settings.reducer
+        method = get_method(settings.method)
         if method.budget_kind == "tokens" and settings.tokens is None:
             raise ValueError(f"{method.title} needs a budget: tokens=N ({method.budget_rule})")
         method.check(settings, self.side)

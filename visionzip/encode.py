@@ -7,23 +7,23 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .methods.base import TileOutput
+from .methods.base import TileOutput, get_method
 from .selection import LazyTiles
 
 if TYPE_CHECKING:
-    from .core import Settings, VisionZip
+    from .settings import Handle, Settings
 
 
-def reduce_tiles(handle: VisionZip, tiles: torch.Tensor, settings: Settings, **tower_kwargs: Any) -> TileOutput:
+def reduce_tiles(handle: Handle, tiles: torch.Tensor, settings: Settings, **tower_kwargs: Any) -> TileOutput:
     """(T, 3, H, W) tiles -> the per-tile method's (T, k, E) projected tokens and what it chose."""
-    method = settings.reducer
+    method = get_method(settings.method)
     with handle.capture(attention=method.needs_attention) as signals:
         handle.base.vision_tower(tiles, **tower_kwargs)
     signals.handle = handle  # for methods that read more of the model or the call (CDPruner)
     return method.reduce_tiles(signals, settings, handle.base.multi_modal_projector)
 
 
-def stock_tile_features(handle: VisionZip, tiles: torch.Tensor, **tower_kwargs: Any) -> torch.Tensor:
+def stock_tile_features(handle: Handle, tiles: torch.Tensor, **tower_kwargs: Any) -> torch.Tensor:
     """(T, 3, H, W) tiles -> (T, P or 1 + P, E): stock LLaVA's per-tile features (the feature layer,
     CLS dropped under the "default" strategy, projected), read by the hook instead of keeping every
     layer's hidden states."""
@@ -35,9 +35,9 @@ def stock_tile_features(handle: VisionZip, tiles: torch.Tensor, **tower_kwargs: 
 
 
 def reduce_packed(
-    handle: VisionZip, packed: torch.Tensor, patch_map: torch.Tensor, num_tiles: int, settings: Settings
+    handle: Handle, packed: torch.Tensor, patch_map: torch.Tensor, num_tiles: int, settings: Settings
 ) -> tuple[torch.Tensor, LazyTiles]:
     """One image's stock packed features (N, E) -> the per-image method's kept rows (T, E), ascending,
     and per-tile records of them (read lazily).  patch_map: (N,) from `layout.packed_patch_map`."""
-    kept = settings.reducer.reduce_image(packed, settings)  # (T,) ascending
-    return packed[kept], settings.reducer.image_record(kept, patch_map, num_tiles, handle.side)
+    kept = get_method(settings.method).reduce_image(packed, settings)  # (T,) ascending
+    return packed[kept], get_method(settings.method).image_record(kept, patch_map, num_tiles, handle.side)

@@ -21,10 +21,11 @@ import torch
 from PIL import Image
 
 from .encode import reduce_packed, reduce_tiles, stock_tile_features
+from .methods import get_method
 from .selection import ImageSelection
 
 if TYPE_CHECKING:
-    from .core import VisionZip
+    from .settings import Handle
 
 
 def frame_pixel_values(processor: Any, frames: Sequence[Image.Image]) -> torch.Tensor:
@@ -42,20 +43,20 @@ def frame_pixel_values(processor: Any, frames: Sequence[Image.Image]) -> torch.T
     return pixel_values[:, 0] if pixel_values.dim() == 5 else pixel_values
 
 
-def tokens_per_frame(handle: VisionZip) -> int:
+def tokens_per_frame(handle: Handle) -> int:
     """Visual tokens one frame becomes under the handle's current settings."""
     settings = handle.settings
     keeps_cls = handle.base.config.vision_feature_select_strategy != "default"
     stock = handle.side * handle.side + int(keeps_cls)
     if not settings.enabled:
         return stock
-    method = settings.reducer
+    method = get_method(settings.method)
     if method.budget_rule == "per tile":
         return method.tile_tokens(settings, handle.side)
     return method.image_tokens(settings, stock)
 
 
-def frame_features(handle: VisionZip, pixel_values: torch.Tensor, batch_size: int = 16) -> torch.Tensor:
+def frame_features(handle: Handle, pixel_values: torch.Tensor, batch_size: int = 16) -> torch.Tensor:
     """(F, tokens_per_frame(handle), E) projected features of (F, 3, H, W) frame tiles.
 
     With reduction enabled every frame is one tile for the method (a per-image method chooses among
@@ -73,7 +74,7 @@ def frame_features(handle: VisionZip, pixel_values: torch.Tensor, batch_size: in
         batch = pixel_values[start : start + batch_size]
         if not settings.enabled:
             chunks.append(stock_tile_features(handle, batch))  # the stock side pays for no CLS row
-        elif settings.reducer.budget_rule == "per tile":
+        elif get_method(settings.method).budget_rule == "per tile":
             output = reduce_tiles(handle, batch, settings)
             chunks.append(output.features)
             tiles.extend(output.tiles[i : i + 1] for i in range(len(output.tiles)))  # lazy: no host-GPU sync here
@@ -86,7 +87,7 @@ def frame_features(handle: VisionZip, pixel_values: torch.Tensor, batch_size: in
     features = torch.cat(chunks)
     if settings.enabled:
         tile_size = (pixel_values.shape[-2], pixel_values.shape[-1])
-        method, describe = settings.reducer.name, settings.describe()
+        method, describe = get_method(settings.method).name, settings.describe()
         handle.record([ImageSelection(tile_size, (0, 0), tile, features.shape[1], method, describe) for tile in tiles])
     return features
 

@@ -23,7 +23,7 @@ import torch
 from ..selection import LazyTiles
 
 if TYPE_CHECKING:
-    from ..core import Settings, VisionZip
+    from ..settings import Handle, Settings
     from ..tower import TowerSignals
 
 # The paper's budget names (total visual tokens) per model family, and the tiles they assume: LLaVA-NeXT's
@@ -114,12 +114,12 @@ class Method:
         return LazyTiles(num_tiles, lambda: tiles_from_kept(kept, patch_map, num_tiles, side))
 
     # -- methods that act beyond the vision side ------------------------------------------------
-    def attach(self, handle: VisionZip) -> Callable[[], None] | None:
+    def attach(self, handle: Handle) -> Callable[[], None] | None:
         """Install what the method needs on the handle's model for the handle's life (FastV: hooks on
         the language model's layers, idle unless a call runs FastV); return what removes it, or None."""
         return None
 
-    def check_model(self, settings: Settings, handle: VisionZip) -> None:
+    def check_model(self, settings: Settings, handle: Handle) -> None:
         """Like `check`, for limits that depend on the model (FastV: K must be a language-model layer)."""
 
 

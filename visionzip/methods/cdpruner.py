@@ -24,7 +24,7 @@ from ..selection import kept_tiles
 from .base import Method, TileOutput
 
 if TYPE_CHECKING:
-    from ..core import Settings
+    from ..settings import Settings
     from ..tower import TowerSignals
 
 

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from .base import Method
 
 if TYPE_CHECKING:
-    from ..core import Settings
+    from ..settings import Settings
 
 
 def divprune_select(features: torch.Tensor, tokens: int) -> torch.Tensor:

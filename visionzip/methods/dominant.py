@@ -14,7 +14,7 @@ from .base import Method, TileOutput
 from .visionzip import token_positions
 
 if TYPE_CHECKING:
-    from ..core import Settings
+    from ..settings import Settings
     from ..tower import TowerSignals
 
 

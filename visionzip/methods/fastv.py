@@ -32,7 +32,7 @@ from ..selection import LazyTiles, TileSelection
 from .base import Method
 
 if TYPE_CHECKING:
-    from ..core import Settings, VisionZip
+    from ..settings import Handle, Settings
 
 
 # -- the method: pure tensor functions ------------------------------------------------------------
@@ -131,7 +131,7 @@ class FastVHooks:
     They return at once unless the calling context runs a FastV prefill, or continues (decodes on)
     a cache that one filled."""
 
-    def __init__(self, handle: VisionZip) -> None:
+    def __init__(self, handle: Handle) -> None:
         self.handle = handle
         self.layers = language_model_layers(handle)
         self._prefill: ContextVar[Prefill | None] = ContextVar(f"visionzip_fastv_{id(self)}", default=None)
@@ -270,7 +270,7 @@ class FastVHooks:
         return args, kwargs
 
 
-def language_model_layers(handle: VisionZip) -> nn.ModuleList:
+def language_model_layers(handle: Handle) -> nn.ModuleList:
     layers = getattr(handle.base.language_model, "layers", None)
     if not isinstance(layers, nn.ModuleList) or not all(hasattr(layer, "self_attn") for layer in layers):
         raise ValueError(f"FastV found no decoder layers in {type(handle.base.language_model).__name__}")
@@ -318,7 +318,7 @@ class FastV(Method):
         if isinstance(layer, bool) or not isinstance(layer, int) or layer < 1:
             raise ValueError(f"FastV: fastv_layer={layer!r} is out of range; K >= 1 (layer K-1's attention ranks)")
 
-    def check_model(self, settings: Settings, handle: VisionZip) -> None:
+    def check_model(self, settings: Settings, handle: Handle) -> None:
         layers = len(language_model_layers(handle))
         if not 1 <= settings.fastv_layer <= layers - 1:
             raise ValueError(
@@ -340,7 +340,7 @@ class FastV(Method):
     def image_record(self, kept: torch.Tensor, patch_map: torch.Tensor, num_tiles: int, side: int) -> LazyTiles:
         return FastVTiles(ImageChoice(patch_map, num_tiles, side))
 
-    def attach(self, handle: VisionZip) -> Callable[[], None] | None:
+    def attach(self, handle: Handle) -> Callable[[], None] | None:
         try:
             return FastVHooks(handle).remove
         except ValueError:  # no decoder layers FastV knows: check_model refuses FastV on this model

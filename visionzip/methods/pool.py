@@ -15,7 +15,7 @@ from ..selection import LazyTiles, TileSelection
 from .base import NOMINAL_TILES, Method, TileOutput
 
 if TYPE_CHECKING:
-    from ..core import Settings
+    from ..settings import Settings
     from ..tower import TowerSignals
 
 

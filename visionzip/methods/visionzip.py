@@ -14,7 +14,7 @@ from ..selection import tile_selections
 from .base import MERGED, Method, TileOutput
 
 if TYPE_CHECKING:
-    from ..core import Settings
+    from ..settings import Settings
     from ..tower import TowerSignals
 
 

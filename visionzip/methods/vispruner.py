@@ -19,7 +19,7 @@ from .base import Method, TileOutput
 from .random_patches import gather_patches
 
 if TYPE_CHECKING:
-    from ..core import Settings
+    from ..settings import Settings
     from ..tower import TowerSignals
 
 IMPORTANT_RATIO = 0.5  # the official scripts' --important_ratio

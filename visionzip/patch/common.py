@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 if TYPE_CHECKING:
-    from ..core import Settings, VisionZip
+    from ..settings import Handle, Settings
 
 
 class _Override:
@@ -28,9 +28,9 @@ class _Override:
 
 
 def install(
-    handle: VisionZip,
+    handle: Handle,
     reduced_features: Callable[..., Any],
-    reduced_count: Callable[[VisionZip, tuple[int, int], Settings], int],
+    reduced_count: Callable[[Handle, tuple[int, int], Settings], int],
 ) -> Callable[[], None]:
     """Route image features and placeholder counts through the handle's method when it is enabled.
     Returns the function that restores the stock methods."""

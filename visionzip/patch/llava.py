@@ -8,11 +8,12 @@ import torch
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from ..encode import reduce_packed, reduce_tiles, stock_tile_features
+from ..methods import get_method
 from ..selection import ImageSelection
 from .common import _as_size, install
 
 if TYPE_CHECKING:
-    from ..core import Settings, VisionZip
+    from ..settings import Handle, Settings
 
 MODEL = "LlavaModel"
 PRESETS_KEY = "llava"
@@ -22,26 +23,26 @@ def num_tiles(config: Any, image_size: tuple[int, int]) -> int:
     return 1
 
 
-def stock_count(handle: VisionZip, image_size: tuple[int, int] | None) -> int:
+def stock_count(handle: Handle, image_size: tuple[int, int] | None) -> int:
     keeps_cls = handle.base.config.vision_feature_select_strategy != "default"
     return handle.side * handle.side + int(keeps_cls)
 
 
-def reduced_count(handle: VisionZip, image_size: tuple[int, int] | None, settings: Settings) -> int:
-    method = settings.reducer
+def reduced_count(handle: Handle, image_size: tuple[int, int] | None, settings: Settings) -> int:
+    method = get_method(settings.method)
     if method.budget_rule == "per tile":
         return method.tile_tokens(settings, handle.side)
     return method.image_tokens(settings, stock_count(handle, image_size))
 
 
-def num_image_tokens(handle: VisionZip, image_size: tuple[int, int], settings: Settings) -> int:
+def num_image_tokens(handle: Handle, image_size: tuple[int, int], settings: Settings) -> int:
     return reduced_count(handle, image_size, settings) if settings.enabled else stock_count(handle, image_size)
 
 
 def reduced_image_features(
-    handle: VisionZip, pixel_values: torch.Tensor, image_sizes: Any, settings: Settings, **tower_kwargs: Any
+    handle: Handle, pixel_values: torch.Tensor, image_sizes: Any, settings: Settings, **tower_kwargs: Any
 ) -> BaseModelOutputWithPooling:
-    method = settings.reducer
+    method = get_method(settings.method)
     count = pixel_values.shape[0]
     sizes = [_as_size(size) for size in image_sizes] if image_sizes is not None else [None] * count
     if method.budget_rule == "per tile":
@@ -61,5 +62,5 @@ def reduced_image_features(
     return BaseModelOutputWithPooling(pooler_output=list(features))
 
 
-def patch(handle: VisionZip):
+def patch(handle: Handle):
     return install(handle, reduced_image_features, reduced_count)

@@ -19,11 +19,12 @@ from transformers.models.llava_next.modeling_llava_next import (
 
 from ..encode import reduce_packed, reduce_tiles, stock_tile_features
 from ..layout import packed_patch_map, stitched_order
+from ..methods import get_method
 from ..selection import ImageSelection
 from .common import _as_size, install
 
 if TYPE_CHECKING:
-    from ..core import Settings, VisionZip
+    from ..settings import Handle, Settings
 
 MODEL = "LlavaNextModel"
 PRESETS_KEY = "llava_next"
@@ -42,7 +43,7 @@ def grid_shape(config: Any, image_size: tuple[int, int]) -> tuple[int, int]:
     )
 
 
-def stock_count(handle: VisionZip, image_size: tuple[int, int]) -> int:
+def stock_count(handle: Handle, image_size: tuple[int, int]) -> int:
     if handle.processor is None:
         raise ValueError("counting stock LLaVA-NeXT tokens needs the processor passed to apply()")
     # The class's own method: the instance's is patched to count reduced tokens, and a per-image
@@ -51,29 +52,29 @@ def stock_count(handle: VisionZip, image_size: tuple[int, int]) -> int:
     return type(processor)._get_num_multimodal_tokens(processor, image_sizes=[list(image_size)]).num_image_tokens[0]
 
 
-def reduced_count(handle: VisionZip, image_size: tuple[int, int], settings: Settings) -> int:
-    method = settings.reducer
+def reduced_count(handle: Handle, image_size: tuple[int, int], settings: Settings) -> int:
+    method = get_method(settings.method)
     if method.budget_rule == "per image":
         return method.image_tokens(settings, stock_count(handle, image_size))
     tiles = num_tiles(handle.base.config, image_size)
     return tiles * method.tile_tokens(settings, handle.side) + (1 if tiles == 1 else 0)
 
 
-def num_image_tokens(handle: VisionZip, image_size: tuple[int, int], settings: Settings) -> int:
+def num_image_tokens(handle: Handle, image_size: tuple[int, int], settings: Settings) -> int:
     return reduced_count(handle, image_size, settings) if settings.enabled else stock_count(handle, image_size)
 
 
 def reduced_image_features(
-    handle: VisionZip, pixel_values: torch.Tensor, image_sizes: Any, settings: Settings, **tower_kwargs: Any
+    handle: Handle, pixel_values: torch.Tensor, image_sizes: Any, settings: Settings, **tower_kwargs: Any
 ) -> BaseModelOutputWithPooling:
     config = handle.base.config
     sizes = [_as_size(size) for size in image_sizes]
     tile_counts = [num_tiles(config, size) for size in sizes]
     if pixel_values.dim() == 5:  # (images, max_tiles, 3, H, W), padded: keep each image's real tiles
         pixel_values = torch.cat([pixels[:count] for pixels, count in zip(pixel_values, tile_counts)], dim=0)
-    pack = _pack_tiles if settings.reducer.budget_rule == "per tile" else _pack_rows
+    pack = _pack_tiles if get_method(settings.method).budget_rule == "per tile" else _pack_rows
     packed, tiles = pack(handle, pixel_values, sizes, tile_counts, settings, **tower_kwargs)
-    method, describe = settings.reducer.name, settings.describe()
+    method, describe = get_method(settings.method).name, settings.describe()
     handle.record(
         [
             ImageSelection(size, grid_shape(config, size), image_tiles, tokens.shape[0], method, describe)
@@ -83,7 +84,7 @@ def reduced_image_features(
     return BaseModelOutputWithPooling(pooler_output=packed)
 
 
-def _pack_tiles(handle: VisionZip, pixel_values, sizes, tile_counts, settings: Settings, **tower_kwargs: Any):
+def _pack_tiles(handle: Handle, pixel_values, sizes, tile_counts, settings: Settings, **tower_kwargs: Any):
     """A per-tile method on every tile of every image, each image packed in the authors' layout."""
     base = handle.base
     output = reduce_tiles(handle, pixel_values, settings, **tower_kwargs)  # (T, k, E)
@@ -106,7 +107,7 @@ def _pack_tiles(handle: VisionZip, pixel_values, sizes, tile_counts, settings: S
     return packed, tiles
 
 
-def _pack_rows(handle: VisionZip, pixel_values, sizes, tile_counts, settings: Settings, **tower_kwargs: Any):
+def _pack_rows(handle: Handle, pixel_values, sizes, tile_counts, settings: Settings, **tower_kwargs: Any):
     """A per-image method on each image's stock packed sequence (base tile, unpadded grid, newlines)."""
     base = handle.base
     strategy = base.config.vision_feature_select_strategy
@@ -128,5 +129,5 @@ def _pack_rows(handle: VisionZip, pixel_values, sizes, tile_counts, settings: Se
     return packed, tiles
 
 
-def patch(handle: VisionZip):
+def patch(handle: Handle):
     return install(handle, reduced_image_features, reduced_count)
