@@ -144,6 +144,24 @@ def test_a_turn_that_cannot_build_on_the_cache_says_why(handlers_for_cache, pict
     assert "KV cache not reused: the model or method changed" in final["right_chat"][-1]["content"]
 
 
+def test_the_summary_gives_a_speed_up_only_for_turns_that_prefilled_the_image(handlers_for_cache, picture):
+    """With the cache kept a later turn prefills only its new text on both sides: the summary says so and
+    gives no speed-up for it (a ratio of two text prefills is not the method's), while turn 1's stays."""
+    handlers = handlers_for_cache
+    conversation = handlers.set_media({"path": picture}, handlers.set_cache(new(handlers), True)["state"])["state"]
+    for question in QUESTIONS[:2]:
+        final = list(handlers.ask(question, conversation))[-1]
+        conversation = final["state"]
+    latest, first = final["summary"].split("<br>")
+    full, reduced = (conversation.turns[1].stats[side] for side in ("left", "right"))
+    assert latest == (
+        f"**Turn 2: 2928 -> 320 visual tokens, both in the KV cache; new text only: {full.prefilled_tokens:,} vs "
+        f"{reduced.prefilled_tokens:,} tokens prefilled (no speed-up: neither side prefilled its visual tokens)**"
+    )
+    assert first.startswith("<small>Turn 1: 2928 -> 320 visual tokens, time to first token ")
+    assert first.endswith(("faster</small>", "slower</small>"))
+
+
 def test_fastv_builds_on_its_cache_too(handlers_for_cache, picture):
     """FastV's pruned layers hold fewer positions, yet cutting the cache back to the shared prefix (after
     the image) removes the same trailing text positions from every layer: later turns reuse it."""
