@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from ..selection import kept_tiles
+from ..similarity import cosine_gram
 from .base import Method, TileOutput
 
 if TYPE_CHECKING:
@@ -48,13 +49,10 @@ def relevance(image_embeds: torch.Tensor, text_embeds: torch.Tensor, theta: floa
 
 def dpp_kernel(features: torch.Tensor, relevance: torch.Tensor) -> torch.Tensor:
     """(T, N, E) projector outputs, (T, N) relevance -> (T, N, N) L = diag(r) S diag(r), S the cosine
-    similarity of the features, in float32 or wider (the official code casts to float32)."""
+    similarity of the features, in float32 or wider (the official code casts to float32); every tile at
+    once, from the symmetric half (`cosine_gram`)."""
     dtype = torch.promote_types(torch.promote_types(features.dtype, relevance.dtype), torch.float32)
-    unit = features.to(dtype)
-    unit = unit / unit.norm(dim=-1, keepdim=True)
-    similarity = unit @ unit.transpose(1, 2)  # (T, N, N)
-    weights = relevance.to(dtype)
-    return weights.unsqueeze(2) * similarity * weights.unsqueeze(1)
+    return cosine_gram(features.to(dtype), relevance)
 
 
 def fast_greedy_map(kernel: torch.Tensor, steps: int) -> torch.Tensor:
