@@ -9,7 +9,9 @@ variant is one vision step, `get_image_features` under the method; `own ms` is t
 and the projector's time, as `bench.phases` counts it (DivPrune's therefore holds the stock unpad/newline
 packing it chooses from, which the full model pays too; `stock` shows that part alone).  Every round runs
 every variant, in an order rotated each round; the first --warmup rounds are dropped, each figure is the
-median of the rest.  The baseline's functions are read from git (`git show COMMIT:path`), so the run
+median of the rest.  `selection alone` then times just the swapped functions (DivPrune's greedy max-min,
+CDPruner's kernel and greedy MAP), variants interleaved, 3 x --repeats rounds after one untimed, on the
+arguments they got in a vision step; its %tower divides by the same variant's median tower time.  The baseline's functions are read from git (`git show COMMIT:path`), so the run
 needs the repository's history; the run checks that both variants keep the same tokens.
 """
 
@@ -49,12 +51,19 @@ SWAPPED = {
     "divprune": ("visionzip/methods/divprune.py", ("divprune_select",)),
     "cdpruner": ("visionzip/methods/cdpruner.py", ("dpp_kernel", "fast_greedy_map")),
 }
+# The selection alone, from the arguments its functions got in a vision step: f the functions, a their arguments.
+SELECTION = {
+    "divprune": lambda f, a: f["divprune_select"](*a["divprune_select"]),
+    "cdpruner": lambda f, a: f["fast_greedy_map"](f["dpp_kernel"](*a["dpp_kernel"]), *a["fast_greedy_map"][1:]),
+}
 TABLE = [
     ("variant", "variant", "{}"),
     ("tower ms", "tower_ms", "{:.1f}"),
     ("projector ms", "projector_ms", "{:.1f}"),
     ("own ms", "own_ms", "{:.1f}"),
     ("own %tower", "own_pct_of_tower", "{:.2f}"),
+    ("selection alone ms", "selection_ms", "{:.1f}"),
+    ("selection %tower", "selection_pct_of_tower", "{:.2f}"),
     ("same tokens as baseline", "same_choice", "{}"),
 ]
 
@@ -135,6 +144,42 @@ def run_vision_step(subject: Any, inputs: dict, variant: Variant, clock: Clock) 
     return phases, kept
 
 
+def selection_arguments(subject: Any, inputs: dict, method: str, clock: Clock) -> dict[str, tuple]:
+    """The arguments this checkout's swapped functions of `method` get in one vision step."""
+    module, (_, names) = sys.modules[f"visionzip.methods.{method}"], SWAPPED[method]
+    arguments: dict[str, tuple] = {}
+
+    def recorder(name: str, function: Callable) -> Callable:
+        def record(*args: Any) -> Any:
+            arguments[name] = args
+            return function(*args)
+
+        return record
+
+    recorders = {name: recorder(name, getattr(module, name)) for name in names}
+    run_vision_step(subject, inputs, Variant("recording", method, recorders), clock)
+    return arguments
+
+
+def time_selections(subject: Any, inputs: dict, rows: list[Variant], clock: Clock, repeats: int) -> dict[str, list]:
+    """Each method's selection alone, per variant, on the inputs a vision step gave it: `repeats` timed
+    rounds after one untimed, variants interleaved.  Returns the ms of each round and the last output."""
+    times: dict[str, list] = {row.name: [] for row in rows if row.method}
+    outputs: dict[str, torch.Tensor] = {}
+    arguments = {method: selection_arguments(subject, inputs, method, clock) for method in SWAPPED}
+    for round_ in range(1 + repeats):
+        for row in (row for row in rows if row.method):
+            module = sys.modules[f"visionzip.methods.{row.method}"]
+            functions = row.functions or {name: getattr(module, name) for name in SWAPPED[row.method][1]}
+            with torch.inference_mode():
+                start = clock.now()
+                outputs[row.name] = SELECTION[row.method](functions, arguments[row.method])
+                end = clock.now()
+            if round_:
+                times[row.name].append(clock.ms(start, end))
+    return {"times": times, "outputs": outputs}
+
+
 def run(baseline: str, dtype: str, device: str, repeats: int, warmup: int, threads: int | None) -> dict[str, Any]:
     if threads:
         torch.set_num_threads(threads)
@@ -150,11 +195,18 @@ def run(baseline: str, dtype: str, device: str, repeats: int, warmup: int, threa
             phases, choices[variant.name] = run_vision_step(subject, inputs, variant, clock)
             if round_ >= warmup:
                 runs[variant.name].append(phases)
+    selections = time_selections(subject, inputs, rows, clock, 3 * repeats)
     table = []
     for row in rows:
         medians = {key: statistics.median(run[key] for run in runs[row.name]) for key in runs[row.name][0]}
         baseline_name = f"{row.method}:320 (baseline {baseline})"
-        same = "-" if row.method is None or row.functions else str(choices[row.name] == choices[baseline_name])
+        same = "-"
+        if row.method and not row.functions:  # both the kept tokens and the selection's own output
+            same_output = torch.equal(selections["outputs"][row.name], selections["outputs"][baseline_name])
+            same = str(choices[row.name] == choices[baseline_name] and same_output)
+        if row.method:
+            medians["selection_ms"] = statistics.median(selections["times"][row.name])
+            medians["selection_pct_of_tower"] = 100 * medians["selection_ms"] / medians["tower_ms"]
         table.append({"variant": row.name, **medians, "same_choice": same})
     meta = {
         "machine": machine_description(torch_device),
@@ -169,7 +221,7 @@ def run(baseline: str, dtype: str, device: str, repeats: int, warmup: int, threa
         "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "load average at the end": " ".join(f"{value:.2f}" for value in _load_average()),
     }
-    return {"meta": meta, "rows": table, "runs": runs}
+    return {"meta": meta, "rows": table, "runs": runs, "selection_runs": selections["times"]}
 
 
 def _load_average() -> tuple[float, ...]:

@@ -121,7 +121,8 @@ class CDPruner(Method):
             image_embeds = clip.embed_patches(post_layernorm(handle.base.vision_tower)(patches))  # (T, N, P)
             scores = relevance(image_embeds, clip.embed_text(settings.text, patches.device), self.theta)
             kept = fast_greedy_map(dpp_kernel(features, scores), settings.tokens).sort(dim=1).values  # (T, k)
-        tokens = features.gather(1, kept.unsqueeze(-1).expand(-1, -1, features.shape[-1]))  # (T, k, E)
+        tiles = torch.arange(kept.shape[0], device=kept.device).unsqueeze(1)  # (T, 1)
+        tokens = features[tiles, kept]  # (T, k, E); whole rows by index: far quicker than gather on a CPU
         call = handle.current_call()
         if call is not None:
             call.text_tower = clip.label
