@@ -17,7 +17,7 @@ from app.hosting import timing_method
 from app.media import MediaError, load_image
 from app.models import LoadedModel, ModelRegistry, resolve_device
 from app.modes import use_mode
-from app.stats import TurnStats, comparison_line, export_csv, export_json, summary_line
+from app.stats import TurnStats, cached_turn_line, comparison_line, export_csv, export_json, summary_line
 from app.turn import ContextTooLong, video_tokens
 
 SIDE_NAMES = {"left": "Left", "right": "Right"}  # as messages name the sides: each side may run any method
@@ -95,7 +95,8 @@ def chat_messages(conversation: Conversation, side: str) -> list[dict]:
 
 
 def summary_markdown(conversation: Conversation) -> str:
-    """The latest turn's ratio large, earlier turns below; full (more visual tokens) -> reduced."""
+    """The latest turn's ratio large, earlier turns below; full (more visual tokens) -> reduced.  The speed-up
+    is given only for turns on which both sides prefilled their visual tokens."""
     lines = []
     for number, turn in reversed(list(enumerate(conversation.turns, start=1))):
         pair = [turn.stats.get(side) for side in SIDES]
@@ -106,7 +107,9 @@ def summary_markdown(conversation: Conversation) -> str:
         line = summary_line(full, reduced)
         same_input = full.visual_tokens == reduced.visual_tokens and len(set(turn.frames.values())) <= 1
         same_method = left.mode.split(" + tuned")[0] == right.mode.split(" + tuned")[0]
-        if line and same_input and same_method:  # e.g. with and without the tuned projector: a speed ratio is noise
+        if left.cached_tokens or right.cached_tokens:  # the image was in a KV cache: the time is not the method's
+            line = cached_turn_line(full, reduced)
+        elif line and same_input and same_method:  # e.g. with and without the tuned projector: a speed ratio is noise
             line = f"{left.visual_tokens:,} visual tokens on both sides (left: {left.mode}; right: {right.mode})"
         elif line and "full" not in (left.mode, right.mode):  # two methods: the counts are said, matched or not
             line = comparison_line(left, right)

@@ -55,6 +55,28 @@ def summary_line(full: TurnStats, reduced: TurnStats) -> str:
     return f"{full.visual_tokens} -> {reduced.visual_tokens} visual tokens, time to first token {change}"
 
 
+def cached_turn_line(full: TurnStats, reduced: TurnStats) -> str:
+    """A turn on which a side built on its KV cache, e.g. '2928 -> 320 visual tokens, both in the KV cache;
+    new text only: 155 vs 156 tokens prefilled'.  Its visual tokens were not prefilled this turn, so a time
+    ratio would compare text prefills (or a cache against none), not the methods: none is given."""
+    if not (full.ok and reduced.ok):
+        return ""
+    counts = f"{full.visual_tokens} -> {reduced.visual_tokens} visual tokens"
+    if full.cached_tokens and reduced.cached_tokens:
+        return (
+            f"{counts}, both in the KV cache; new text only: {full.prefilled_tokens:,} vs "
+            f"{reduced.prefilled_tokens:,} tokens prefilled (no speed-up: neither side prefilled its visual tokens)"
+        )
+
+    def prefilled(stats: TurnStats) -> str:
+        return "new text only" if stats.cached_tokens else "everything"
+
+    return (
+        f"{counts}; prefilled {full.prefilled_tokens:,} ({prefilled(full)}) vs {reduced.prefilled_tokens:,} "
+        f"({prefilled(reduced)}) tokens (no speed-up: only one side prefilled its visual tokens)"
+    )
+
+
 def comparison_line(left: TurnStats, right: TurnStats) -> str:
     """Two reducing sides of one turn, e.g. 'DivPrune 320/image vs VisionZip 54+10/tile: 320 vs 320
     visual tokens (equal counts), time to first token 1.2x faster on the right'."""

@@ -134,6 +134,30 @@ def vispruner_reference(cls_row: torch.Tensor, patches: torch.Tensor, tokens: in
     return sorted(kept)
 
 
+def fastv_masked_logits(model, layer: int, dropped: list[int], **inputs) -> torch.Tensor:
+    """FastV's spec as a mask: a stock full-length forward of `model` (float64, SDPA) in which layers
+    >= `layer` hide the `dropped` positions' keys from every query, positions unchanged; (1, S, V) logits.
+    SDPA, not eager: eager attention takes its softmax in float32, too coarse for a float64 check."""
+
+    def hide(module, args, kwargs):
+        length = args[0].shape[1]
+        causal = torch.ones(length, length, dtype=torch.bool).tril()
+        causal[:, dropped] = False
+        causal[dropped, dropped] = True  # a dropped query still sees itself (its row is never read)
+        mask = torch.zeros(1, 1, length, length, dtype=torch.float64)
+        kwargs["attention_mask"] = mask.masked_fill(~causal, torch.finfo(torch.float64).min)
+        return args, kwargs
+
+    layers = model.model.language_model.layers
+    hooks = [layer_.register_forward_pre_hook(hide, with_kwargs=True) for layer_ in layers[layer:]]
+    try:
+        with torch.no_grad():
+            return model(**inputs, use_cache=False).logits
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
 def apply_method(model, processor, method: str, tokens: int, seed: int = 0):
     return visionzip.apply(model, processor, method=method, tokens=tokens, seed=seed)
 

@@ -8,12 +8,14 @@ from dataclasses import replace
 import pytest
 import torch
 from gradio_client import handle_file
+from method_refs import fastv_masked_logits
 
 from app.conversation import Conversation, SideConfig
 from app.models import TINY_LABEL
-from app.modes import FULL, make_mode
+from app.modes import FULL, FULL_MODE, make_mode
 from app.quality import first_token_logprobs, prompt_logits
 from app.turn import prepare_sides, run_turn, stream_side
+from visionzip.tiny import load_tiny
 
 QUESTIONS = ["Is there a car in the picture?", "What is in the top-left corner?", "And the bottom right?"]
 MODES = ["Full", "VisionZip 320", "DivPrune 320", "Pool 320", "CDPruner 320"]
@@ -44,6 +46,38 @@ def test_a_cached_turn_equals_a_whole_reprefill(registry, picture, name):
     whole = replace(this, reuse=None)  # the same token ids, prefilled from scratch
     expected = first_token_logprobs(prompt_logits(whole)[-1])
     torch.testing.assert_close(this.output.first_logprobs, expected, atol=2e-4, rtol=1e-4)
+
+
+def test_a_cached_fastv_turn_equals_the_turn_1_choice_forced_by_masking(registry, picture):
+    """FastV's cache holds, from layer K on, only the image tokens turn 1 kept: a later cached turn must equal
+    an independent float64 reference, the whole prompt run by a stock model in which, from layer K on, no
+    query sees the image tokens turn 1 dropped (the spec's mask variant).  Turn 3 builds on a cache that a
+    cached turn 2 extended."""
+    loaded = registry.get(TINY_LABEL)
+    sides = {
+        "left": SideConfig(TINY_LABEL, make_mode("FastV 320", "llava_next")),
+        "right": SideConfig(TINY_LABEL, FULL_MODE),
+    }
+    conversation = Conversation(sides, media_path=picture, keep_cache=True)
+    for question in QUESTIONS[:2]:
+        list(run_turn(registry, conversation, question, 4, threading.Event()))
+    first, second = (turn.stats["left"] for turn in conversation.turns)
+    layer = next(k for k, count in enumerate(first.layer_tokens) if count != first.layer_tokens[0])  # FastV's K
+    assert first.layer_tokens[layer:] == [320] * (len(first.layer_tokens) - layer) and second.cached_tokens > 2928
+
+    prepared, errors = prepare_sides(registry, conversation, QUESTIONS[2], 4)
+    this = prepared["left"]
+    assert not errors and this.reuse is not None and this.prefilled_tokens < 40 and this.text == QUESTIONS[0]
+    for _ in stream_side(this, 3, "left", 4, threading.Event(), keep_cache=True):
+        pass
+    ids = this.inputs["input_ids"][0]
+    span = (ids == loaded.model.config.image_token_id).nonzero().squeeze(1)  # (2928,) the image's positions
+    kept = span[conversation.turns[0].selections["left"][0].tiles.choice.rows]  # what turn 1 kept
+    dropped = sorted(set(span.tolist()) - set(kept.tolist()))
+    reference, _ = load_tiny("llava_next", dtype=torch.float64)
+    inputs = {**this.inputs, "pixel_values": this.inputs["pixel_values"].double()}
+    expected = first_token_logprobs(fastv_masked_logits(reference, layer, dropped, **inputs)[0, -1])
+    torch.testing.assert_close(this.output.first_logprobs, expected.float(), atol=2e-4, rtol=1e-4)
 
 
 def test_three_cached_turns_through_the_api_with_a_frozen_cdpruner(client, picture):
@@ -108,6 +142,24 @@ def test_a_turn_that_cannot_build_on_the_cache_says_why(handlers_for_cache, pict
     assert right.cached_tokens == 0 and right.cache_note == "the model or method changed since the cache was filled"
     assert left.cached_tokens > 0 and left.cache_note is None
     assert "KV cache not reused: the model or method changed" in final["right_chat"][-1]["content"]
+
+
+def test_the_summary_gives_a_speed_up_only_for_turns_that_prefilled_the_image(handlers_for_cache, picture):
+    """With the cache kept a later turn prefills only its new text on both sides: the summary says so and
+    gives no speed-up for it (a ratio of two text prefills is not the method's), while turn 1's stays."""
+    handlers = handlers_for_cache
+    conversation = handlers.set_media({"path": picture}, handlers.set_cache(new(handlers), True)["state"])["state"]
+    for question in QUESTIONS[:2]:
+        final = list(handlers.ask(question, conversation))[-1]
+        conversation = final["state"]
+    latest, first = final["summary"].split("<br>")
+    full, reduced = (conversation.turns[1].stats[side] for side in ("left", "right"))
+    assert latest == (
+        f"**Turn 2: 2928 -> 320 visual tokens, both in the KV cache; new text only: {full.prefilled_tokens:,} vs "
+        f"{reduced.prefilled_tokens:,} tokens prefilled (no speed-up: neither side prefilled its visual tokens)**"
+    )
+    assert first.startswith("<small>Turn 1: 2928 -> 320 visual tokens, time to first token ")
+    assert first.endswith(("faster</small>", "slower</small>"))
 
 
 def test_fastv_builds_on_its_cache_too(handlers_for_cache, picture):

@@ -9,6 +9,7 @@ prompt's last position, for the greedy tokens after it and for a continuation on
 
 import pytest
 import torch
+from method_refs import fastv_masked_logits
 
 import visionzip
 from visionzip.tiny import LM_LAYERS, load_tiny
@@ -59,26 +60,9 @@ def oracle_kept(oracle, inputs, layer, tokens):
 
 
 def masked_forward(handle, layer, dropped, **inputs):
-    """A stock full-length forward in which layers >= `layer` hide the `dropped` keys from every query.
-    SDPA, not eager: eager attention takes its softmax in float32, too coarse for a float64 check."""
-
-    def hide(module, args, kwargs):
-        length = args[0].shape[1]
-        causal = torch.ones(length, length, dtype=torch.bool).tril()
-        causal[:, dropped] = False
-        causal[dropped, dropped] = True  # a dropped query still sees itself (its row is never read)
-        mask = torch.zeros(1, 1, length, length, dtype=torch.float64)
-        kwargs["attention_mask"] = mask.masked_fill(~causal, torch.finfo(torch.float64).min)
-        return args, kwargs
-
-    layers = handle.base.language_model.layers
-    hooks = [layer_.register_forward_pre_hook(hide, with_kwargs=True) for layer_ in layers[layer:]]
-    try:
-        with handle.use(enabled=False), torch.no_grad():
-            return handle.model(**inputs, use_cache=False).logits
-    finally:
-        for hook in hooks:
-            hook.remove()
+    """The spec's mask variant on the handle's model, run stock (method_refs.fastv_masked_logits)."""
+    with handle.use(enabled=False):
+        return fastv_masked_logits(handle.model, layer, dropped, **inputs)
 
 
 @pytest.mark.parametrize(

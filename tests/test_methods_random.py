@@ -13,6 +13,7 @@ from method_refs import (
 )
 
 from visionzip.methods.random_patches import draw_patches
+from visionzip.video import frame_features, frame_pixel_values
 
 
 @pytest.mark.parametrize("num_tiles, tokens, seed", [(1, 1, 0), (3, 64, 1), (5, 576, 2), (2, 100, 12345)])
@@ -77,3 +78,24 @@ def test_same_seed_same_draw_other_seed_other_draw(tiny_next, make_image):
         assert len({tuple(kept) for kept in first[1]}) == len(first[1])  # the tiles draw in turn, not the same
     finally:
         handle.remove()
+
+
+def test_video_frames_draw_in_turn_whatever_the_chunk_size(tiny_next, make_image):
+    """A clip's frames are the tiles of one call: frame k gets the call's k-th draw, whether the frames
+    reach the tower 16, 7 or 20 at a time (frames k and k + 16 must not repeat a chunk's draws)."""
+    model, processor = tiny_next
+    handle = apply_method(model, processor, "random", 64, 5)
+    pixels = frame_pixel_values(processor, [make_image(240, 320, seed=k) for k in range(20)])
+    expected = random_reference(20, 64, 5)
+    try:
+        with handle.use(enabled=False), torch.no_grad():
+            stock = frame_features(handle, pixels)  # (20, 576, E): every patch of every frame
+        for batch_size in (16, 7, 20):
+            with handle.use(seed=5) as call, torch.no_grad():
+                features = frame_features(handle, pixels, batch_size=batch_size)
+            assert [image.tiles[0].kept.tolist() for image in call.selection] == expected
+            for frame, patches in enumerate(expected):
+                torch.testing.assert_close(features[frame], stock[frame, patches])
+    finally:
+        handle.remove()
+    assert expected[0] != expected[16]

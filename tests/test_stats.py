@@ -1,8 +1,9 @@
 """The summary line a speaker reads out: the ratio must point the right way."""
 
+from dataclasses import replace
 from pathlib import Path
 
-from app.stats import TurnStats, export_csv, export_json, summary_line
+from app.stats import TurnStats, cached_turn_line, export_csv, export_json, summary_line
 
 
 def stats(side: str, visual: int, ttft_ms: float, error: str | None = None) -> TurnStats:
@@ -21,6 +22,21 @@ def test_summary_says_faster_or_slower():
 
 def test_summary_is_empty_when_a_side_failed():
     assert summary_line(stats("left", 2928, 700.0), stats("right", 0, 0.0, error="out of memory")) == ""
+
+
+def test_a_cached_turn_says_what_it_measured_and_gives_no_speed_up():
+    full = replace(stats("left", 2928, 40.0), prefilled_tokens=155, cached_tokens=2990)
+    reduced = replace(stats("right", 320, 25.0), prefilled_tokens=156, cached_tokens=380)
+    assert cached_turn_line(full, reduced) == (
+        "2928 -> 320 visual tokens, both in the KV cache; new text only: 155 vs 156 tokens prefilled "
+        "(no speed-up: neither side prefilled its visual tokens)"
+    )
+    everything = replace(full, prefilled_tokens=3145, cached_tokens=0)  # e.g. its cache was dropped
+    assert cached_turn_line(everything, reduced) == (
+        "2928 -> 320 visual tokens; prefilled 3,145 (everything) vs 156 (new text only) tokens "
+        "(no speed-up: only one side prefilled its visual tokens)"
+    )
+    assert cached_turn_line(full, replace(reduced, error="out of memory")) == ""
 
 
 def test_exports_carry_every_field():

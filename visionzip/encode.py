@@ -14,12 +14,16 @@ if TYPE_CHECKING:
     from .settings import Handle, Settings
 
 
-def reduce_tiles(handle: Handle, tiles: torch.Tensor, settings: Settings, **tower_kwargs: Any) -> TileOutput:
-    """(T, 3, H, W) tiles -> the per-tile method's (T, k, E) projected tokens and what it chose."""
+def reduce_tiles(
+    handle: Handle, tiles: torch.Tensor, settings: Settings, first_tile: int = 0, **tower_kwargs: Any
+) -> TileOutput:
+    """(T, 3, H, W) tiles -> the per-tile method's (T, k, E) projected tokens and what it chose.
+    first_tile: the index of the first of these tiles among all the call's tiles, when they come in chunks."""
     method = get_method(settings.method)
     with handle.capture(attention=method.needs_attention) as signals:
         handle.base.vision_tower(tiles, **tower_kwargs)
     signals.handle = handle  # for methods that read more of the model or the call (CDPruner)
+    signals.first_tile = first_tile
     return method.reduce_tiles(signals, settings, handle.base.multi_modal_projector)
 
 

@@ -30,6 +30,7 @@ class TowerSignals:
     want_attention: bool = True  # False: only the layer output is wanted (stock features)
     handle: Any = None  # the VisionZip handle whose tower made them (set by encode.reduce_tiles), for methods
     # that read more of the model or the call than the feature layer (CDPruner: post_layernorm, the question)
+    first_tile: int = 0  # these tiles' place among the call's tiles: a video's frames reach the tower in chunks
 
     @property
     def side(self) -> int:

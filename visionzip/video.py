@@ -62,7 +62,8 @@ def frame_features(handle: Handle, pixel_values: torch.Tensor, batch_size: int =
     With reduction enabled every frame is one tile for the method (a per-image method chooses among
     the frame's stock tokens), and one ImageSelection per frame (grid (0, 0), the tile's size) is
     recorded on the handle; disabled, it is stock LLaVA's per-tile path.  Frames go through the tower
-    `batch_size` at a time.
+    `batch_size` at a time; the frames are the tiles of one call whatever `batch_size` is (Random draws
+    frame k's patches as the k-th tile of one seeded call).
     """
     if pixel_values.dim() != 4 or pixel_values.shape[0] == 0:
         raise ValueError(f"expected (frames, 3, H, W) pixel values, got shape {tuple(pixel_values.shape)}")
@@ -75,7 +76,7 @@ def frame_features(handle: Handle, pixel_values: torch.Tensor, batch_size: int =
         if not settings.enabled:
             chunks.append(stock_tile_features(handle, batch))  # the stock side pays for no CLS row
         elif get_method(settings.method).budget_rule == "per tile":
-            output = reduce_tiles(handle, batch, settings)
+            output = reduce_tiles(handle, batch, settings, first_tile=start)  # a seeded draw goes on where it was
             chunks.append(output.features)
             tiles.extend(output.tiles[i : i + 1] for i in range(len(output.tiles)))  # lazy: no host-GPU sync here
         else:

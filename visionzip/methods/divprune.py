@@ -12,8 +12,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import torch
-import torch.nn.functional as F
 
+from ..similarity import cosine_gram
 from .base import Method
 
 if TYPE_CHECKING:
@@ -28,32 +28,32 @@ def divprune_select(features: torch.Tensor, tokens: int) -> torch.Tensor:
     min over picked s of D[s, j]); ties go to the first index, as torch.argmax gives them.
 
     Distances are computed in at least float32, where the official code uses the model's dtype
-    (fp16): in bf16 the self-distances are not 0 and near-ties flip.  Picked rows are masked out of
-    later picks, where the official code relies on their ~0 self-distance to lose; with duplicate
-    rows that self-distance can tie and win, picking a row twice.  The loop keeps everything on the
-    device (no `.item()`), so the host never waits for the GPU.
+    (fp16): in bf16 the self-distances are not 0 and near-ties flip.  Picked rows leave the race by
+    their own distance, set to -inf after the first pick (a running minimum keeps it), where the
+    official code relies on their ~0 self-distance to lose; with duplicate rows that self-distance can
+    tie and win, picking a row twice.
+
+    Cost: the first pick needs every row's nearest neighbour, so the N x N distances are computed once
+    (`cosine_gram`: half of one full product, by symmetry); each later pick then folds one row of them
+    into the running minimum (an N-vector read, cheaper than the N x E matrix-vector product that would
+    recompute it).  Three small operations per pick, none over the candidates in Python, and no `.item()`:
+    the host never waits for the GPU.
     """
     num_rows = features.shape[0]
     if not 1 <= tokens <= num_rows:
         raise ValueError(f"DivPrune keeps 1 to {num_rows} of these {num_rows} rows, got tokens={tokens}")
-    unit = F.normalize(features.to(torch.promote_types(features.dtype, torch.float32)), dim=-1)
-    distance = 1.0 - unit @ unit.T  # (N, N), symmetric
-    # The diagonal is read only by the first pick (where it must not count) and by picked rows'
-    # scores (masked anyway): +inf there serves both.
-    distance.fill_diagonal_(float("inf"))
-    nearest = distance.min(dim=0).values  # (N,) each row's nearest-neighbour distance; inf when N = 1
+    distance = cosine_gram(features).neg_().add_(1.0)  # (N, N) 1 - cos, symmetric
+    distance.fill_diagonal_(float("inf"))  # the first pick's nearest neighbour is another row
+    nearest = distance.min(dim=1).values  # (N,) each row's nearest-neighbour distance; inf when N = 1
+    distance.fill_diagonal_(-float("inf"))  # from here on: a picked row's running minimum is -inf
     pick = nearest.argmax().view(1)
-    picked = torch.empty(tokens, dtype=torch.long, device=features.device)
-    picked[0:1] = pick
-    taken = torch.zeros(num_rows, dtype=torch.bool, device=features.device)
-    taken[pick] = True
+    picks = [pick]
     closest = distance.index_select(0, pick).squeeze(0)  # (N,) distance of each row to the picked set
-    for step in range(1, tokens):
-        pick = closest.masked_fill(taken, -float("inf")).argmax().view(1)
-        picked[step : step + 1] = pick
-        taken[pick] = True
+    for _ in range(1, tokens):
+        pick = closest.argmax().view(1)  # ties to the first index
+        picks.append(pick)
         closest = torch.minimum(closest, distance.index_select(0, pick).squeeze(0))
-    return picked.sort().values
+    return torch.cat(picks).sort().values
 
 
 class DivPrune(Method):

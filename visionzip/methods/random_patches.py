@@ -17,13 +17,17 @@ if TYPE_CHECKING:
     from ..tower import TowerSignals
 
 
-def draw_patches(num_tiles: int, num_patches: int, tokens: int, seed: int) -> torch.Tensor:
+def draw_patches(num_tiles: int, num_patches: int, tokens: int, seed: int, first_tile: int = 0) -> torch.Tensor:
     """(num_tiles, tokens) ascending patch indices, on the CPU: tile t keeps the first `tokens` of the
-    t-th `randperm` drawn from one generator seeded with `seed` (the tiles draw in order).
+    t-th `randperm` drawn from one generator seeded with `seed` (the tiles draw in order).  The tiles are
+    the call's tiles first_tile.. : a call that reaches the tower in chunks (a video's frames) draws the
+    same patches for each tile as one that does not.
 
     The generator lives on the CPU so that a seed picks the same patches on every device, and the
     draw needs nothing from the GPU."""
     generator = torch.Generator(device="cpu").manual_seed(seed)
+    for _ in range(first_tile):  # the earlier chunks' draws (a torch generator cannot skip ahead)
+        torch.randperm(num_patches, generator=generator)
     draws = [torch.randperm(num_patches, generator=generator)[:tokens] for _ in range(num_tiles)]
     return torch.stack(draws).sort(dim=1).values
 
@@ -55,7 +59,7 @@ class RandomPatches(Method):
     ) -> TileOutput:
         hidden = signals.hidden  # (T, 1 + P, C)
         side = signals.side
-        kept = draw_patches(hidden.shape[0], side * side, settings.tokens, settings.seed)  # (T, k) on the CPU
+        kept = draw_patches(hidden.shape[0], side * side, settings.tokens, settings.seed, signals.first_tile)  # (T, k)
         # A host-to-device copy of pageable memory is staged at once: it does not wait for the GPU.
         on_device = kept.to(hidden.device, non_blocking=True)
         return TileOutput(project(gather_patches(hidden, on_device)), on_device, kept_tiles(kept, side))

@@ -1,0 +1,258 @@
+"""The diversity methods' own cost (DivPrune, CDPruner) beside the vision tower's: this checkout's
+selection functions and a baseline commit's, swapped in turn into the same model, side by side in one run.
+
+    python -m bench.selection --baseline 5a0ac69 --threads 1 --repeats 3 --warmup 1 --out benchmarks/selection
+
+The wide preset's model (`bench.phases`: CLIP-L/14-336 at real width, LLaVA-NeXT-7B's projector, random
+weights), one 672x672 image (5 tiles, 2,928 stock tokens), each method at the paper's "320".  One run of a
+variant is one vision step, `get_image_features` under the method; `own ms` is that step less the tower's
+and the projector's time, as `bench.phases` counts it (DivPrune's therefore holds the stock unpad/newline
+packing it chooses from, which the full model pays too; `stock` shows that part alone).  Every round runs
+every variant, in an order rotated each round; the first --warmup rounds are dropped, each figure is the
+median of the rest.  `selection alone` then times just the swapped functions (DivPrune's greedy max-min,
+CDPruner's kernel and greedy MAP), variants interleaved, 3 x --repeats rounds after one untimed, on the
+arguments they got in a vision step; its %tower divides by the same variant's median tower time.  The baseline's functions are read from git (`git show COMMIT:path`), so the run
+needs the repository's history; the run checks that both variants keep the same tokens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import statistics
+import subprocess
+import sys
+import types
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+import transformers
+
+import visionzip
+from bench.phases import (
+    DTYPES,
+    Clock,
+    load_subject,
+    machine_description,
+    markdown_table,
+    mode_context,
+    parse_budget,
+    prepare_modes,
+)
+
+REPOSITORY = Path(__file__).resolve().parents[1]
+# The module each method chooses in and the functions of it that are swapped for the baseline's.
+SWAPPED = {
+    "divprune": ("visionzip/methods/divprune.py", ("divprune_select",)),
+    "cdpruner": ("visionzip/methods/cdpruner.py", ("dpp_kernel", "fast_greedy_map")),
+}
+# The selection alone, from the arguments its functions got in a vision step: f the functions, a their arguments.
+SELECTION = {
+    "divprune": lambda f, a: f["divprune_select"](*a["divprune_select"]),
+    "cdpruner": lambda f, a: f["fast_greedy_map"](f["dpp_kernel"](*a["dpp_kernel"]), *a["fast_greedy_map"][1:]),
+}
+TABLE = [
+    ("variant", "variant", "{}"),
+    ("tower ms", "tower_ms", "{:.1f}"),
+    ("projector ms", "projector_ms", "{:.1f}"),
+    ("own ms", "own_ms", "{:.1f}"),
+    ("own %tower", "own_pct_of_tower", "{:.2f}"),
+    ("selection alone ms", "selection_ms", "{:.1f}"),
+    ("selection %tower", "selection_pct_of_tower", "{:.2f}"),
+    ("same tokens as baseline", "same_choice", "{}"),
+]
+
+
+def baseline_functions(commit: str, path: str, names: tuple[str, ...]) -> dict[str, Callable]:
+    """The named functions of `path` as it was at `commit`, loaded as a module of this package (its
+    relative imports resolve here)."""
+    source = subprocess.run(
+        ["git", "show", f"{commit}:{path}"], cwd=REPOSITORY, capture_output=True, text=True, check=True
+    ).stdout
+    module = types.ModuleType(f"visionzip.methods._baseline_{Path(path).stem}")
+    module.__package__ = "visionzip.methods"
+    exec(compile(source, f"{commit}:{path}", "exec"), module.__dict__)
+    return {name: getattr(module, name) for name in names}
+
+
+@contextlib.contextmanager
+def swapped(module: types.ModuleType, functions: dict[str, Callable]) -> Iterator[None]:
+    """The method's module calls `functions` instead of its own inside the block."""
+    own = {name: getattr(module, name) for name in functions}
+    for name, function in functions.items():
+        setattr(module, name, function)
+    try:
+        yield
+    finally:
+        for name, function in own.items():
+            setattr(module, name, function)
+
+
+@dataclass
+class Variant:
+    name: str  # "stock", or "METHOD:320 (this checkout)" / "METHOD:320 (baseline COMMIT)"
+    method: str | None
+    functions: dict[str, Callable] | None  # the baseline's, or None: this checkout's
+
+
+def variants(baseline: str) -> list[Variant]:
+    rows = [Variant("stock", None, None)]
+    for method, (path, names) in SWAPPED.items():
+        rows.append(Variant(f"{method}:320 (baseline {baseline})", method, baseline_functions(baseline, path, names)))
+        rows.append(Variant(f"{method}:320 (this checkout)", method, None))
+    return rows
+
+
+def run_vision_step(subject: Any, inputs: dict, variant: Variant, clock: Clock) -> tuple[dict[str, float], list]:
+    """One `get_image_features` under the variant: its phases (ms) and the tokens it kept, per tile."""
+    base = subject.model.model
+    marks: dict[str, Any] = {}
+
+    def mark(name: str) -> Callable[..., None]:
+        return lambda *args: marks.__setitem__(name, clock.now())
+
+    hooks = [
+        base.vision_tower.register_forward_pre_hook(mark("tower_start")),
+        base.vision_tower.register_forward_hook(mark("tower_end")),
+        base.multi_modal_projector.register_forward_pre_hook(mark("projector_start")),
+        base.multi_modal_projector.register_forward_hook(mark("projector_end")),
+    ]
+    reduction = parse_budget(f"{variant.method}:320") if variant.method else None
+    module = sys.modules[f"visionzip.methods.{variant.method}"] if variant.functions else None
+    try:
+        with torch.inference_mode(), mode_context(subject.model, subject.processor, reduction) as call:
+            with swapped(module, variant.functions) if module else contextlib.nullcontext():
+                start = clock.now()
+                base.get_image_features(pixel_values=inputs["pixel_values"], image_sizes=inputs["image_sizes"])
+                end = clock.now()
+            kept = [[tile.kept.tolist() for tile in image.tiles] for image in call.selection] if call else []
+    finally:
+        for hook in hooks:
+            hook.remove()
+    phases = {
+        "vision_ms": clock.ms(start, end),
+        "tower_ms": clock.ms(marks["tower_start"], marks["tower_end"]),
+        "projector_ms": clock.ms(marks["projector_start"], marks["projector_end"]),
+    }
+    phases["own_ms"] = phases["vision_ms"] - phases["tower_ms"] - phases["projector_ms"]
+    phases["own_pct_of_tower"] = 100 * phases["own_ms"] / phases["tower_ms"]
+    return phases, kept
+
+
+def selection_arguments(subject: Any, inputs: dict, method: str, clock: Clock) -> dict[str, tuple]:
+    """The arguments this checkout's swapped functions of `method` get in one vision step."""
+    module, (_, names) = sys.modules[f"visionzip.methods.{method}"], SWAPPED[method]
+    arguments: dict[str, tuple] = {}
+
+    def recorder(name: str, function: Callable) -> Callable:
+        def record(*args: Any) -> Any:
+            arguments[name] = args
+            return function(*args)
+
+        return record
+
+    recorders = {name: recorder(name, getattr(module, name)) for name in names}
+    run_vision_step(subject, inputs, Variant("recording", method, recorders), clock)
+    return arguments
+
+
+def time_selections(subject: Any, inputs: dict, rows: list[Variant], clock: Clock, repeats: int) -> dict[str, list]:
+    """Each method's selection alone, per variant, on the inputs a vision step gave it: `repeats` timed
+    rounds after one untimed, variants interleaved.  Returns the ms of each round and the last output."""
+    times: dict[str, list] = {row.name: [] for row in rows if row.method}
+    outputs: dict[str, torch.Tensor] = {}
+    arguments = {method: selection_arguments(subject, inputs, method, clock) for method in SWAPPED}
+    for round_ in range(1 + repeats):
+        for row in (row for row in rows if row.method):
+            module = sys.modules[f"visionzip.methods.{row.method}"]
+            functions = row.functions or {name: getattr(module, name) for name in SWAPPED[row.method][1]}
+            with torch.inference_mode():
+                start = clock.now()
+                outputs[row.name] = SELECTION[row.method](functions, arguments[row.method])
+                end = clock.now()
+            if round_:
+                times[row.name].append(clock.ms(start, end))
+    return {"times": times, "outputs": outputs}
+
+
+def run(baseline: str, dtype: str, device: str, repeats: int, warmup: int, threads: int | None) -> dict[str, Any]:
+    if threads:
+        torch.set_num_threads(threads)
+    torch_device, torch_dtype = torch.device(device), DTYPES[dtype]
+    subject = load_subject("wide", torch_dtype, torch_device, 1, None)  # the LM is not run: one layer
+    inputs = prepare_modes(subject, [], torch_device, torch_dtype)[0].inputs
+    rows, clock = variants(baseline), Clock(torch_device)
+    runs: dict[str, list[dict[str, float]]] = {row.name: [] for row in rows}
+    choices: dict[str, list] = {}
+    for round_ in range(warmup + repeats):
+        shift = round_ % len(rows)
+        for variant in rows[shift:] + rows[:shift]:
+            phases, choices[variant.name] = run_vision_step(subject, inputs, variant, clock)
+            if round_ >= warmup:
+                runs[variant.name].append(phases)
+    selections = time_selections(subject, inputs, rows, clock, 3 * repeats)
+    table = []
+    for row in rows:
+        medians = {key: statistics.median(run[key] for run in runs[row.name]) for key in runs[row.name][0]}
+        baseline_name = f"{row.method}:320 (baseline {baseline})"
+        same = "-"
+        if row.method and not row.functions:  # both the kept tokens and the selection's own output
+            same_output = torch.equal(selections["outputs"][row.name], selections["outputs"][baseline_name])
+            same = str(choices[row.name] == choices[baseline_name] and same_output)
+        if row.method:
+            medians["selection_ms"] = statistics.median(selections["times"][row.name])
+            medians["selection_pct_of_tower"] = 100 * medians["selection_ms"] / medians["tower_ms"]
+        table.append({"variant": row.name, **medians, "same_choice": same})
+    meta = {
+        "machine": machine_description(torch_device),
+        "model": subject.description,
+        "dtype": dtype,
+        "baseline": baseline,
+        "repeats": repeats,
+        "warmup": warmup,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "visionzip": visionzip.__version__,
+        "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "load average at the end": " ".join(f"{value:.2f}" for value in _load_average()),
+    }
+    return {"meta": meta, "rows": table, "runs": runs, "selection_runs": selections["times"]}
+
+
+def _load_average() -> tuple[float, ...]:
+    with contextlib.suppress(OSError):
+        return tuple(float(value) for value in Path("/proc/loadavg").read_text().split()[:3])
+    return ()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.selection", description=__doc__.split("\n")[0])
+    parser.add_argument("--baseline", required=True, help="the commit whose selection functions are compared")
+    parser.add_argument("--dtype", choices=list(DTYPES), default="bfloat16")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--repeats", type=int, default=3, help="timed rounds (each runs every variant)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed rounds first")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default torch's)")
+    parser.add_argument("--out", type=Path, help="folder for the JSON result")
+    args = parser.parse_args(argv)
+    if args.repeats < 1 or args.warmup < 0:
+        parser.error("--repeats must be >= 1 and --warmup >= 0")
+    results = run(args.baseline, args.dtype, args.device, args.repeats, args.warmup, args.threads)
+    print("\n".join(f"- {key}: {value}" for key, value in results["meta"].items()))
+    print()
+    print(markdown_table(results["rows"], TABLE))
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        path = args.out / f"selection-wide-{args.dtype}-{args.device}.json"
+        path.write_text(json.dumps(results, indent=1) + "\n")
+        print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
