@@ -501,8 +501,8 @@ def thirteen_b(context: Context, dtype: str) -> tuple[Path, str]:
 
 def tight_memory_need_s(loads: list[dict[str, Any]]) -> float:
     """Time the tight-memory scenario needs, from the two loads just measured: it loads both again (the
-    7B, then the 13B after unloading it), 1.5 times as long to be safe, and 10 s for the ballast."""
-    return 1.5 * sum(event["seconds"] for event in loads) + 10
+    7B, then the 13B after unloading it), 1.3 times as long to be safe, and 10 s for the ballast."""
+    return 1.3 * sum(event["seconds"] for event in loads) + 10
 
 
 def shaped_config(base: Any, shape: dict[str, int]) -> Any:

@@ -10,7 +10,7 @@
 # versions and runs python -m bench.gpu_check, which keeps every step to its box inside the budget; the
 # budget counts from this script's start. Arguments pass through (--steps, --box STEP=S, --budgets ...).
 # Environment: OUT (results folder, default /tmp/gpu-check-out), PYTHON (default python3: on the GPU machine,
-# the one that holds PyTorch), GPU_CHECK_BUDGET_S (the whole call, default 390; a dry run 420),
+# the one that holds PyTorch), GPU_CHECK_BUDGET_S (the whole call, default 400; a dry run 420),
 # GPU_CHECK_COMMIT (the commit checked: the machine gets no .git), GPU_CHECK_WHEELS (default .whl),
 # GPU_CHECK_SITE (where the wheels go, default /tmp/site).
 set -uo pipefail
@@ -28,7 +28,7 @@ export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OF
 
 dry_run=0
 for arg in "$@"; do [ "$arg" = "--dry-run" ] && dry_run=1; done
-if [ "$dry_run" = 1 ]; then BUDGET_S=${GPU_CHECK_BUDGET_S:-420}; else BUDGET_S=${GPU_CHECK_BUDGET_S:-390}; fi
+if [ "$dry_run" = 1 ]; then BUDGET_S=${GPU_CHECK_BUDGET_S:-420}; else BUDGET_S=${GPU_CHECK_BUDGET_S:-400}; fi
 check=("$PYTHON" -m bench.gpu_check --started-at "$STARTED" --budget-s "$BUDGET_S")
 
 install_wheels() {
