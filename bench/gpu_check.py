@@ -349,7 +349,7 @@ def orchestrate(args: argparse.Namespace) -> int:
         "boxes_set_by_hand": args.box,
     }
     meta["plan"] = print_plan(args, steps, left_s(args))
-    results: dict[str, Any] = {"meta": meta, "steps": {}}
+    results: dict[str, Any] = {"meta": meta, "steps": {step.name: {"status": "pending"} for step in steps}}
     for log in {step.log for step in steps}:
         (args.out / log).write_text("")  # the steps append to them
     scratch = Path(tempfile.mkdtemp(prefix="gpu-check-"))
@@ -359,7 +359,8 @@ def orchestrate(args: argparse.Namespace) -> int:
     stopped, index = None, 0
     try:
         for index, step in enumerate(steps):
-            args.record = {"status": "not-run"}
+            args.record = results["steps"][step.name] = {"status": "running"}
+            write_results(results, args)  # before and after every step: a call cut short keeps what ran
             results["steps"][step.name] = run_in_budget(args, steps, index, scratch, cache)
     except Stopped as stop:
         stopped = stop
@@ -369,8 +370,7 @@ def orchestrate(args: argparse.Namespace) -> int:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-        meta["seconds_since_script_start"] = round(time.time() - args.started_at, 1)
-        write_results(results, args.out)
+        write_results(results, args)
         if not args.keep_scratch:
             shutil.rmtree(scratch, ignore_errors=True)
     print(f"[gpu-check] wrote {args.out / RESULT_JSON} and {args.out / RESULT_MD}", flush=True)
@@ -391,9 +391,11 @@ def run_in_budget(args: argparse.Namespace, steps: list[Step], index: int, scrat
     return record
 
 
-def write_results(results: dict[str, Any], out: Path) -> None:
-    (out / RESULT_JSON).write_text(json.dumps(results, indent=1, default=str) + "\n")
-    (out / RESULT_MD).write_text(markdown(results) + "\n")
+def write_results(results: dict[str, Any], args: argparse.Namespace) -> None:
+    """Both result files, rewritten whole (flat $OUT holds at most 8 files: no file per step)."""
+    results["meta"]["seconds_since_script_start"] = round(time.time() - args.started_at, 1)
+    (args.out / RESULT_JSON).write_text(json.dumps(results, indent=1, default=str) + "\n")
+    (args.out / RESULT_MD).write_text(markdown(results) + "\n")
 
 
 def markdown(results: dict[str, Any]) -> str:

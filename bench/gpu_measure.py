@@ -266,6 +266,7 @@ def profile_every_mode(context: Context) -> list[dict[str, Any]]:
 
 def profile_mode(subject: Any, mode: Any, device: Any) -> dict[str, Any]:
     import torch
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     from bench import phases
@@ -284,7 +285,12 @@ def profile_mode(subject: Any, mode: Any, device: Any) -> dict[str, Any]:
         layer_tokens = None if call is None else call.layer_tokens
     averages = captured.key_averages()
     sdpa = {event.key: event.count for event in averages if SDPA_OPS.match(event.key)}
-    kernel_ms = sum(getattr(event, "self_device_time_total", 0) for event in averages) / 1e3 if cuda else None
+    kernels = [  # the device's own events, as torch's profiler table sums them (ops' rows would count twice)
+        event.self_device_time_total
+        for event in averages
+        if event.device_type == DeviceType.CUDA and not getattr(event, "is_user_annotation", False)
+    ]
+    kernel_ms = sum(kernels) / 1e3 if cuda else None
     return {
         "mode": mode.name,
         "sdpa_ops": sdpa,

@@ -152,6 +152,8 @@ def test_a_stop_signal_ends_the_running_step_with_its_children_and_writes_the_re
     while not (log.exists() and "overrun: child pid" in log.read_text()) and time.monotonic() < deadline:
         time.sleep(0.2)
     child_pid = int(re.search(r"overrun: child pid (\d+)", log.read_text()).group(1))
+    written = json.loads((tmp_path / gpu_check.RESULT_JSON).read_text())  # before the step ends: results so far
+    assert written["steps"]["overrun"]["status"] == "running" and written["meta"]["plan"]
     parent.send_signal(signal.SIGTERM)
     output, _ = parent.communicate(timeout=20)
     assert parent.returncode == 128 + signal.SIGTERM, output
