@@ -15,7 +15,7 @@ from typing import Any
 
 from bench.gpu_plan import OTHERS, Context
 
-# bench.phases arguments, less the budgets and --out. On the GPU the random 7B the model step saved, in
+# bench.phases arguments, less the budgets and --out. On the GPU the random 7B the phases step saved, in
 # bf16: 2 warm-up rounds (cuBLAS and SDPA pick their kernels on first use) and the median of 8 (phases), of
 # 6 with one decode token (others); bench/gpu_plan.py counts this work.
 PHASES_ARGV = {
@@ -55,7 +55,7 @@ def gpu_memory(device: str) -> dict[str, float] | None:
 
 def model_checkpoint(dry_run: bool) -> Path:
     """The model the benchmarks load: the tiny checkpoint in a dry run, else the random 7B (32 LM layers,
-    bf16) that bench.conversation.wide_checkpoint builds on the GPU and saves on first use (the model step)."""
+    bf16) that bench.conversation.wide_checkpoint builds on the GPU and saves on first use (the phases step, first)."""
     if dry_run:
         from visionzip.tiny import tiny_checkpoint
 
@@ -93,7 +93,7 @@ def build_once(context: Context) -> dict[str, Any]:
 
 # -- steps: phases and others ------------------------------------------------------------------------------
 def run_phases(context: Context, name: str, argv: list[str]) -> dict[str, Any]:
-    """bench.phases through its command-line entry on the model step's checkpoint; its JSON results."""
+    """bench.phases through its command-line entry on the saved checkpoint (model_checkpoint); its JSON results."""
     from bench import phases
 
     clip_for_cdpruner(context.dry_run)

@@ -304,3 +304,15 @@ def test_the_check_benchmarks_every_registered_method():
     import visionzip
 
     assert sorted(gpu_check.OTHER_METHODS) == sorted(set(visionzip.METHODS) - {"visionzip"})
+
+
+def test_a_step_process_refuses_connections_beyond_this_machine():
+    probe = (
+        "import socket\nfrom bench.gpu_steps import refuse_network\nrefuse_network()\n"
+        "server = socket.create_server(('127.0.0.1', 0))\n"
+        "socket.create_connection(server.getsockname()).close()\n"  # this machine: allowed
+        "try:\n    socket.create_connection(('192.0.2.1', 80), timeout=5)\n"
+        "except OSError as error:\n    print(error)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert "allows no network: a connection to 192.0.2.1 was refused" in done.stdout, done.stderr
