@@ -7,6 +7,7 @@
 #   bash scripts/gpu_wheels.sh            # download (from the package index), then check the sizes
 #   bash scripts/gpu_wheels.sh --list     # only print NAME==VERSION (offline)
 #   bash scripts/gpu_wheels.sh --check    # only check what .whl/ holds now (offline)
+#   bash scripts/gpu_wheels.sh --command  # the device call's run arguments, this commit passed in (offline)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-.venv/bin/python}
@@ -15,8 +16,9 @@ PYTHON=${PYTHON:-.venv/bin/python}
 case "${1:-}" in
   --list) exec "$PYTHON" -m bench.gpu_check --list-wheels ;;
   --check) exec "$PYTHON" -m bench.gpu_check --check-travel .whl ;;
+  --command) exec "$PYTHON" -m bench.gpu_check --device-call ;;
   "") ;;
-  *) echo "usage: bash scripts/gpu_wheels.sh [--list | --check]" >&2; exit 2 ;;
+  *) echo "usage: bash scripts/gpu_wheels.sh [--list | --check | --command]" >&2; exit 2 ;;
 esac
 
 mapfile -t pins < <("$PYTHON" -m bench.gpu_check --list-wheels)
