@@ -24,7 +24,9 @@ import gradio as gr
 from app.conversation import SIDES
 from app.handlers import Handlers, new_conversation
 from app.models import ModelRegistry
-from app.page import CSS, Page
+from app.page import ASSETS, CSS, Page
+from app.presenter import TALK_CSS, TALK_KEYS, build_talk
+from app.talk import TalkHandlers
 
 MAX_UPLOAD = "200mb"  # a phone video of a minute or two; larger uploads are refused before they are stored
 QUEUE_SIZE = 32  # events waiting for the model slot (about 16 visitors' turns); the next visitor is asked to retry
@@ -85,14 +87,26 @@ def adapt(handler: Callable, names: list[str]) -> Callable:
     return single
 
 
-def build_demo(registry: ModelRegistry | None = None, max_new_tokens: int = 128) -> gr.Blocks:
+def build_demo(registry: ModelRegistry | None = None, max_new_tokens: int = 128, talk_first: bool = False) -> gr.Blocks:
+    """The researcher's page at `/` and the presenter view at `/talk`; `talk_first`: the presenter view
+    at `/` and the researcher's page at `/research`."""
     registry = registry or ModelRegistry()
     stops = Path(tempfile.mkdtemp(prefix="visionzip-live-stops-"))  # one StopFlag file per browser session
     atexit.register(shutil.rmtree, stops, ignore_errors=True)
     handlers = Handlers(registry, max_new_tokens, stops)
+    talk = TalkHandlers(handlers)
+
+    def research() -> None:
+        Wiring(Page(registry, new_conversation(registry), max_new_tokens), handlers).wire()
+
+    def presenter() -> None:
+        build_talk(registry, talk, Wiring)
+
+    first, second, route = (presenter, research, "research") if talk_first else (research, presenter, "talk")
     with gr.Blocks(title="VisionZip Live") as demo:
-        page = Page(registry, new_conversation(registry), max_new_tokens)
-        Wiring(page, handlers).wire()
+        first()
+    with demo.route("Researcher page" if talk_first else "Presenter view", f"/{route}"):
+        second()
     demo.queue(max_size=QUEUE_SIZE)
     return demo
 
@@ -259,7 +273,9 @@ def launch(demo: gr.Blocks, host: str = "127.0.0.1", port: int | None = 7860, **
         server_name=host,
         server_port=port,
         theme=gr.themes.Soft(),
-        css=CSS,
+        css=CSS + TALK_CSS,
+        head=TALK_KEYS,
+        allowed_paths=[str(ASSETS)],  # the presenter view's examples are served from assets/
         max_file_size=MAX_UPLOAD,
         ssr_mode=False,
         **options,
