@@ -17,17 +17,18 @@ from app.handlers import new_conversation
 from app.models import ModelRegistry
 from app.modes import method_titles
 from app.page import Page
-from app.render import SIDE_NAMES, TINY_BANNER
+from app.render import SIDE_NAMES
 from app.talk import RECORDINGS, SHORTCUTS, SLOWDOWNS, TalkHandlers, budget_choices, figures_html, speedup_html
 
 if TYPE_CHECKING:
     from app.ui import Wiring
 
+TINY_NOTE = "⚠️ **Served model: tiny, random weights**: its answers are noise; its token counts and timings are real."
 TALK_CSS = """
 #talk-view { font-size: 24px; }
-#talk-view .talk-number { display: block; font-size: 64px; font-weight: 700; line-height: 1.1; }
+#talk-view .talk-number { display: block; font-size: 64px; font-weight: 700; line-height: 1.1; white-space: nowrap; }
 #talk-view .talk-unit { display: block; font-size: 24px; opacity: 0.85; }
-#talk-view .talk-figures { display: flex; gap: 48px; margin: 8px 0; }
+#talk-view .talk-figures { display: flex; flex-wrap: wrap; gap: 8px 40px; margin: 8px 0; }
 #talk-view .talk-speedup { text-align: center; }
 #talk-view .talk-speedup .talk-number { font-size: 72px; color: #1a7f37; }
 #talk-view .talk-answer, #talk-view .talk-answer p { font-size: 28px !important; line-height: 1.35; }
@@ -75,10 +76,12 @@ class TalkPage(Page):
             self.add("state", gr.State(self.start))
             self.add("example_index", gr.State(-1))
             tiny = self.registry.is_tiny(self.registry.default)
-            self.add("banner", gr.Markdown(TINY_BANNER, visible=tiny, elem_id="talk-banner"))
+            self.add("banner", gr.Markdown(TINY_NOTE, visible=tiny, elem_id="talk-banner"))
             with gr.Row(equal_height=True):
-                self.add("status", gr.Markdown("", elem_id="talk-status"))
-                self.add("speedup", gr.HTML(speedup_html(None), elem_id="talk-speedup"))
+                with gr.Column(scale=3):
+                    self.add("status", gr.Markdown("", elem_id="talk-status"))
+                with gr.Column(scale=2):
+                    self.add("speedup", gr.HTML(speedup_html(None), elem_id="talk-speedup"))
             with gr.Row(equal_height=False):
                 self.render_controls()
                 for side in SIDES:
@@ -124,16 +127,15 @@ class TalkPage(Page):
             self.add(f"{side}_title", gr.Markdown(title, elem_id=f"talk-{side}-title", elem_classes="talk-title"))
             with gr.Row(equal_height=True):
                 method = gr.Dropdown(
-                    method_titles(), value=mode.method_title, label="Method", elem_id=f"talk-{side}-method"
+                    method_titles(), value=mode.method_title, label="Method", scale=3, elem_id=f"talk-{side}-method"
                 )
                 self.add(f"{side}_method", method)
-                budget = gr.Dropdown(
-                    budget_choices(family, mode), value=mode.name, label="Budget", elem_id=f"talk-{side}-budget"
-                )
+                budgets = budget_choices(family, mode)
+                budget = gr.Dropdown(budgets, value=mode.name, label="Budget", scale=3, elem_id=f"talk-{side}-budget")
                 self.add(f"{side}_budget", budget)
                 # a slider over every budget the method allows (issue 19, item 4) belongs beside these
-                self.add(f"{side}_down", gr.Button("Budget −", size="sm", min_width=60, elem_id=f"talk-{side}-down"))
-                self.add(f"{side}_up", gr.Button("Budget +", size="sm", min_width=60, elem_id=f"talk-{side}-up"))
+                self.add(f"{side}_down", gr.Button("−", scale=1, min_width=56, elem_id=f"talk-{side}-down"))
+                self.add(f"{side}_up", gr.Button("+", scale=1, min_width=56, elem_id=f"talk-{side}-up"))
             self.add(f"{side}_figures", gr.HTML(figures_html(None, None), elem_id=f"talk-{side}-figures"))
             self.add(
                 f"{side}_answer",
@@ -178,7 +180,7 @@ def wire_talk(wiring: Wiring, talk: TalkHandlers) -> None:
     wiring.on(
         [page["race"].click], talk.play_race, ["state", "slowdown"], race_outputs, show_progress="hidden", **private
     )
-    loaded = [*VIEWS, *OVERLAYS, *CONTROLS, "media"]
+    loaded = [*VIEWS, *OVERLAYS, *CONTROLS, "media", "question"]
     wiring.on([page["load"].upload], talk.load_recording, ["load", "state"], loaded, **private)
     wiring.on([page["shipped"].input], talk.load_shipped, ["shipped", "state"], loaded, **private)
     modes = ["state", "left_method", "left_budget", "right_method", "right_budget"]

@@ -90,13 +90,12 @@ def race_status(turn: Turn, slowdown: float = 1.0) -> str:
     where = turn.measured_on or {}
     pace_note = "at the measured pace" if slowdown == 1 else f"{slowdown:g}x slower than measured"
     line = (
-        f"▶ **Replay of measured timings**, {pace_note}: each token appears at the time it was measured after its "
-        "side started. The two sides really ran one after the other, so their timings are comparable."
+        f"▶ **Replay of measured timings**, {pace_note}, each side from its own start (they ran one after the other)."
     )
     if where:
-        line += f"<br>Measured on **{where['hardware']}** ({where['where']}; {where['timing']})."
+        line += f" Measured on **{where['hardware']}** ({where['where']})."
     if any((where.get("tiny") or {}).values()):
-        line += "<br>⚠️ **Tiny model with random weights**: its answers are noise; its timings are real."
+        line += " ⚠️ **Tiny model with random weights**: answers are noise."
     return line
 
 

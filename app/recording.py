@@ -89,6 +89,8 @@ def to_document(conversation: Conversation, default_measured_on: dict) -> dict:
     turns) get `default_measured_on`."""
     if conversation.media_path is None:
         raise RecordingError("Nothing to record: the conversation has no image or video.")
+    if Path(conversation.media_path).stat().st_size > MAX_MEDIA_BYTES:
+        raise RecordingError(f"The media is over {MAX_MEDIA_BYTES // 2**20} MiB: too large to record.")
     data = Path(conversation.media_path).read_bytes()
     name = Path(conversation.media_path).name
     return {

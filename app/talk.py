@@ -19,7 +19,7 @@ from types import SimpleNamespace
 import gradio as gr
 import torch
 
-from app import overlay, race, recording
+from app import charts, overlay, race, recording, render
 from app.conversation import SIDES, Conversation, Turn, load_media
 from app.handlers import Handlers, same_file, uploaded_path
 from app.hosting import machine_description, timing_method
@@ -99,10 +99,17 @@ def replay_note(turn: Turn | None) -> str:
     if turn is None or turn.measured_on is None:
         return ""
     where = turn.measured_on
-    tiny = (
-        " · **tiny model with random weights**: answers are noise, timings real" if any(where["tiny"].values()) else ""
-    )
-    return f"Timings measured on **{where['hardware']}** ({where['where']}){tiny}"
+    tiny = " ⚠️ **Tiny model with random weights**: answers are noise." if any(where["tiny"].values()) else ""
+    return f"Timings measured on **{where['hardware']}** ({where['where']}).{tiny}"
+
+
+def recorded_header(conversation: Conversation, side: str) -> str:
+    """A side's header from its recorded turns alone (the page's header asks the registry)."""
+    config = conversation.sides[side]
+    title = f"With {config.mode.method_title}" if config.mode.enabled else "Without reduction"
+    stats = conversation.turns[-1].stats.get(side) if conversation.turns else None
+    count = f" · **{stats.visual_tokens:,} visual tokens** (recorded)" if stats is not None else ""
+    return f"### {title}\n{config.model} · {config.mode.label}{count}"
 
 
 class TalkHandlers:
@@ -229,9 +236,12 @@ class TalkHandlers:
         except (recording.RecordingError, MediaError) as error:
             raise gr.Error(str(error)) from None
         first = replayed.turns[-1] if replayed.turns else None
-        note = "**Recording loaded.** " + (replay_note(first) + ". Press **Play race** (R)." if first else "No turns.")
+        note = "**Recording loaded.** " + (
+            replay_note(first) + " Press **Play the race** (R)." if first else "No turns."
+        )
         results = {**self.views(replayed, live_counts=False), **overlays, **self.controls(replayed), "status": note}
-        return {**results, "media": replayed.media_path if replayed.media_kind == "image" else None}
+        media = replayed.media_path if replayed.media_kind == "image" else None
+        return {**results, "media": media, "question": first.question if first else ""}
 
     def load_shipped(self, name: str, conversation: Conversation) -> Results:
         """One of the recordings shipped in assets/, by file name."""
@@ -256,6 +266,42 @@ class TalkHandlers:
                 str(error) if isinstance(error, recording.RecordingError) else "The recording could not be written."
             ) from None
         return {"download": str(path)}
+
+    def recording_after_turn(self, conversation: Conversation, request: gr.Request = None) -> Results:
+        """The researcher page's "Download recording" file, rewritten after every turn."""
+        if not conversation.turns:
+            return {"export_recording": gr.DownloadButton("Download recording", value=None)}
+        try:
+            path = self.save_recording(conversation, request)["download"]
+        except gr.Error as error:  # said on the button: this runs after every turn, unasked
+            return {"export_recording": gr.DownloadButton(f"No recording: {error.message}", value=None)}
+        return {"export_recording": gr.DownloadButton("Download recording", value=path)}
+
+    def replay_on_page(self, upload: dict | str | None, conversation: Conversation) -> Results:
+        """A recording on the researcher's page: chats, summary, charts, measurements and the overlay of
+        the recorded choice, with no model (the upload box keeps its file: the picture is in the overlay)."""
+        path = upload if isinstance(upload, str) else uploaded_path(upload)
+        if not path:
+            return {}
+        try:
+            replayed = recording.read(path, REPLAYS)
+        except recording.RecordingError as error:
+            raise gr.Error(str(error)) from None
+        stats = replayed.all_stats()
+        side = render.vision_side(replayed)
+        latest = replayed.latest_choice(side) if side is not None else None
+        selection = latest.selections[side][0] if latest is not None and replayed.media_kind == "image" else None
+        return {
+            **self.page.views(replayed),
+            **{f"{s}_header": recorded_header(replayed, s) for s in SIDES},
+            "media_info": "**Replaying a recording.** " + replay_note(replayed.turns[-1] if replayed.turns else None),
+            "tokens_plot": charts.tokens_chart(stats),
+            "times_plot": charts.times_chart(stats),
+            "speedup_plot": charts.speedup_chart(stats),
+            "quality_plot": charts.quality_chart(stats),
+            "selection_state": selection,
+            **self.page.overlay_views(selection, replayed, "all"),
+        }
 
     # -- modes -------------------------------------------------------------------------------------
     def set_mode(

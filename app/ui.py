@@ -97,7 +97,7 @@ def build_demo(registry: ModelRegistry | None = None, max_new_tokens: int = 128,
     talk = TalkHandlers(handlers)
 
     def research() -> None:
-        Wiring(Page(registry, new_conversation(registry), max_new_tokens), handlers).wire()
+        Wiring(Page(registry, new_conversation(registry), max_new_tokens), handlers, talk).wire()
 
     def presenter() -> None:
         build_talk(registry, talk, Wiring)
@@ -121,8 +121,8 @@ class Wiring:
     PRIVATE = dict(api_visibility="private")
     QUIET = dict(api_visibility="private", show_progress="hidden")  # follow-up refreshes: no spinners
 
-    def __init__(self, page: Page, handlers: Handlers) -> None:
-        self.page, self.handlers = page, handlers
+    def __init__(self, page: Page, handlers: Handlers, talk: TalkHandlers | None = None) -> None:
+        self.page, self.handlers, self.talk = page, handlers, talk
 
     def components(self, names: list[str]) -> list:
         return [self.page[name] for name in names]
@@ -143,6 +143,7 @@ class Wiring:
         self.wire_turns()
         self.wire_modes()
         self.wire_models()
+        self.wire_recordings()
         self.follow(
             self.page["view"].input,
             self.handlers.overlay_views,
@@ -164,6 +165,8 @@ class Wiring:
         )
 
     def after_turn(self, event) -> None:
+        if self.talk is not None:  # the conversation as a recording, for "Download recording"
+            self.follow(event.then, self.talk.recording_after_turn, ["state"], ["export_recording"], **self.QUIET)
         event = self.follow(event.then, self.handlers.after_turn, ["state"], AFTER_TURN, **self.QUIET)
         # a text-dependent method chose anew (or kept its frozen choice): the overlay shows which
         self.follow(event.then, self.handlers.overlay_after_turn, ["state", "view"], OVERLAY, **self.QUIET, **self.GPU)
@@ -265,6 +268,14 @@ class Wiring:
         )
         self.refresh_tokens(changed)
         self.follow(changed.failure, self.handlers.show_models, ["state"], models, **self.PRIVATE)
+
+    def wire_recordings(self) -> None:
+        """Replay a recording on this page: no model runs, nothing after it is refreshed from one."""
+        if self.talk is None:
+            return
+        outputs = [*VIEWS, *HEADERS, "media_info", *AFTER_TURN[:4], *OVERLAY]
+        upload = self.page["load_recording"].upload
+        self.on([upload], self.talk.replay_on_page, ["load_recording", "state"], outputs, **self.PRIVATE, **self.GPU)
 
 
 def launch(demo: gr.Blocks, host: str = "127.0.0.1", port: int | None = 7860, **options) -> tuple:

@@ -6,6 +6,7 @@ import base64
 import copy
 import json
 import threading
+from dataclasses import asdict
 from pathlib import Path
 
 import gradio as gr
@@ -96,7 +97,7 @@ def test_shipped_recordings_replay_without_a_model(path, replayer):
     results = replayer.load_recording(str(path), Conversation({}))
     replayed = results["state"]
     assert replayed.turns and all(turn.measured_on["tiny"] == {"left": True, "right": True} for turn in replayed.turns)
-    assert "tiny model with random weights" in results["status"]  # labelled as the tiny model where it shows
+    assert "tiny model with random weights" in results["status"].lower()  # labelled as the tiny model where it shows
     latest = replayed.turns[-1]
     for side in ("left", "right"):
         stats = latest.stats[side]
@@ -109,6 +110,12 @@ def test_shipped_recordings_replay_without_a_model(path, replayer):
     plotted = {y for trace in charts.tokens_chart(stats).data for y in trace.y}
     assert {s.visual_tokens for s in stats} <= plotted  # the charts draw from the recorded stats alone
     assert {s.vision_ms for s in stats} <= {y for trace in charts.times_chart(stats).data for y in trace.y}
+    on_page = replayer.replay_on_page(str(path), Conversation({}))  # the researcher's page, the same record
+    assert len(on_page["right_chat"]) == 2 * len(replayed.turns) and on_page["summary"]
+    assert on_page["stats_json"] == [asdict(s) for s in stats] and "Replaying a recording" in on_page["media_info"]
+    vision = "right" if replayed.sides["right"].mode.enabled else "left"
+    if replayed.media_kind == "image" and vision in latest.selections:
+        assert on_page["overlay"] is not None and "visual tokens" in on_page["legend"]
     race = list(replayer.play_race(replayed))
     final = race[-2]  # the last frame; the very last result adds the finishing line
     for side in ("left", "right"):

@@ -1,0 +1,124 @@
+"""The presenter view in a real browser at 1920x1080 and at 150 % zoom: an example by key, a turn, the
+race, a shipped recording, the budget keys; headline figures at least 48 px and nothing important
+below 24 px.  Screenshots go to artifacts/ (gitignored)."""
+
+from contextlib import contextmanager
+
+import pytest
+from app_helpers import ARTIFACTS, CHROMIUM, CHROMIUM_ARGS
+
+pytestmark = pytest.mark.browser
+
+FIGURES = "#talk-view .talk-number"
+IMPORTANT = [
+    "#talk-left-answer",
+    "#talk-right-answer",
+    "#talk-status",
+    "#talk-keys",
+    "#talk-ask",
+    "#talk-question textarea",
+]
+IMPORTANT += ["#talk-view .talk-unit", "#talk-left-title h3", "#talk-right-budget input"]
+
+
+@contextmanager
+def talk_page(url: str, width: int, height: int, scale: float):
+    """The presenter view in Debian's Chromium with a CSS viewport of width x height at `scale` device
+    pixels per CSS pixel (150 % zoom on a 1920x1080 screen: 1280x720 at 1.5)."""
+    if not CHROMIUM.exists():
+        pytest.skip(f"Debian Chromium is not installed at {CHROMIUM} (apt-get install chromium)")
+    sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright package is not installed")
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": width, "height": height}, device_scale_factor=scale)
+            page.set_default_timeout(120_000)
+            page.goto(url.rstrip("/") + "/talk")
+            page.wait_for_selector("#talk-view #talk-ask")
+            yield page
+        finally:
+            browser.close()
+
+
+def font_sizes(page, selector: str) -> list[float]:
+    return page.eval_on_selector_all(
+        selector, "elements => elements.map(e => parseFloat(getComputedStyle(e).fontSize))"
+    )
+
+
+def assert_readable(page) -> None:
+    figures = font_sizes(page, FIGURES)
+    assert len(figures) == 5 and min(figures) >= 48, figures  # two per side and the speed-up
+    for selector in IMPORTANT:
+        sizes = font_sizes(page, selector)
+        assert sizes and min(sizes) >= 24, (selector, sizes)
+
+
+def wait_for_turn(page) -> None:
+    page.wait_for_function(
+        "['left', 'right'].every(s => /\\d ms/.test(document.querySelector(`#talk-${s}-figures`).innerText))"
+    )
+    page.wait_for_function("document.querySelector('#talk-speedup').innerText.includes('×')")
+
+
+def play_race(page) -> None:
+    page.keyboard.press("r")
+    page.wait_for_function("document.querySelector('#talk-status').innerText.includes('Replay of measured timings')")
+    page.wait_for_function(
+        "['left', 'right'].every(s => document.querySelector(`#talk-${s}-answer`).innerText.includes('finished'))"
+    )
+    page.wait_for_function("document.querySelector('#talk-status').innerText.includes('🏁')")
+
+
+@pytest.mark.parametrize(("width", "height", "scale", "name"), [(1920, 1080, 1, "1080p"), (1280, 720, 1.5, "zoom150")])
+def test_presenter_view(app_url, width, height, scale, name):
+    ARTIFACTS.mkdir(exist_ok=True)
+    with talk_page(app_url, width, height, scale) as page:
+        assert "N next example" in page.locator("#talk-keys").inner_text()  # the shortcuts are listed
+        page.locator("body").click(position={"x": 5, "y": 5})
+        page.keyboard.press("n")  # the first example: its picture and question in one key
+        page.wait_for_function("document.querySelector('#talk-question textarea').value.length > 0")
+        page.wait_for_function("document.querySelector('#talk-status').innerText.includes('Example 1')")
+        page.locator("body").click(position={"x": 5, "y": 5})
+        page.keyboard.press("a")
+        wait_for_turn(page)
+        page.locator("#talk-right-overlay img").wait_for()
+        assert_readable(page)
+        page.screenshot(path=str(ARTIFACTS / f"talk_{name}_turn.png"))
+        play_race(page)
+        assert "tiny model with random weights" in page.locator("#talk-status").inner_text().lower()
+        page.screenshot(path=str(ARTIFACTS / f"talk_{name}_race.png"))
+
+        page.keyboard.press("ArrowDown")  # the right side's budget: one preset smaller
+        page.wait_for_function("document.querySelector('#talk-right-budget input').value === 'VisionZip 160'")
+        page.keyboard.press("Shift+ArrowUp")  # the left side runs the full model: refused with a message
+        page.get_by_text("runs the full model").first.wait_for()
+
+        page.locator("#talk-shipped input").click()
+        page.get_by_role("option", name="tiny-house_and_car.vzrec.json").click()
+        page.wait_for_function("document.querySelector('#talk-status').innerText.includes('Recording loaded')")
+        page.wait_for_function("document.querySelector('#talk-left-figures').innerText.includes('2,928')")
+        assert "320" in page.locator("#talk-right-figures").inner_text()
+        page.locator("#talk-right-overlay img").wait_for()
+        play_race(page)
+        assert_readable(page)
+        page.screenshot(path=str(ARTIFACTS / f"talk_{name}_recording.png"), full_page=True)
+
+
+def test_the_researcher_page_replays_a_recording(page):
+    """The researcher's page: "Replay a recording" fills both chats, the summary and the charts."""
+    from app.talk import RECORDINGS
+
+    path = next(p for p in RECORDINGS if p.name == "tiny-house_and_car.vzrec.json")
+    page.get_by_role("tab", name="Export").click()
+    with page.expect_file_chooser() as chooser:
+        page.click("#load-recording")
+    chooser.value.set_files(str(path))
+    page.wait_for_function("document.querySelector('#media-info').innerText.includes('Replaying a recording')")
+    page.wait_for_function(
+        "['left', 'right'].every(s => document.querySelectorAll(`#${s}-chat [data-testid='bot']`).length === 2)"
+    )
+    assert "2928 -> 320 visual tokens" in page.locator("#summary").inner_text()
+    page.get_by_role("tab", name="Charts").click()
+    page.wait_for_function("document.querySelector('#tokens-chart').innerText.includes('turn 2')")
+    page.screenshot(path=str(ARTIFACTS / "browser_replayed_recording.png"), full_page=True)
