@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from app.conversation import SIDES, Turn
+from app.recording import weights_note
 
 FRAME_MS = 15.0  # at most one update per this many ms: a browser redraws both answers each time (kept < 20 ms)
 
@@ -94,9 +95,7 @@ def race_status(turn: Turn, slowdown: float = 1.0) -> str:
     )
     if where:
         line += f" Measured on **{where['hardware']}** ({where['where']})."
-    if any((where.get("tiny") or {}).values()):
-        line += " ⚠️ **Tiny model with random weights**: answers are noise."
-    return line
+    return line + (" " + weights_note(where) if weights_note(where) else "")
 
 
 def finish_line(turn: Turn) -> str:

@@ -12,7 +12,8 @@ The file (UTF-8 JSON, at most MAX_FILE_BYTES):
                    tokens, seed}}}   (app.modes.Mode's fields; method is a visionzip.METHODS name)
     settings      {num_frames, same_budget, quality_check, keep_cache}
     turns         [{question,
-                    measured_on: {hardware, timing, where, tiny: {left|right: bool}},
+                    measured_on: {hardware, timing, where, tiny: {left|right: bool},
+                                  random_weights: {left|right: bool}},
                     frames: {side: int}, chosen_for: {side: str},
                     sides: {left|right: {answer: str,
                                          tokens: [[ms since that side's start, text], ...] (one per new token;
@@ -78,10 +79,31 @@ class RecordingError(ValueError):
 
 
 # -- writing -------------------------------------------------------------------------------------
-def measured_on(hardware: str, timing: str, where: str, tiny: dict[str, bool]) -> dict:
+def measured_on(
+    hardware: str, timing: str, where: str, tiny: dict[str, bool], random_weights: dict[str, bool] | None = None
+) -> dict:
     """Where a turn was measured: the machine, the clock, a free note (e.g. "GPU check"), and per side
-    whether its model was the tiny random-weight one (its answers are noise, its timings real)."""
-    return {"hardware": hardware, "timing": timing, "where": where, "tiny": {side: bool(tiny[side]) for side in SIDES}}
+    whether its model was the tiny random-weight one and whether it had random weights at all (a model
+    of real shape built at random, as the GPU check's: answers noise, timings real); default: the tiny ones."""
+    random_weights = tiny if random_weights is None else random_weights
+    return {
+        "hardware": hardware,
+        "timing": timing,
+        "where": where,
+        "tiny": {side: bool(tiny[side]) for side in SIDES},
+        "random_weights": {side: bool(tiny[side] or random_weights[side]) for side in SIDES},
+    }
+
+
+def weights_note(where: dict | None) -> str:
+    """The warning a replay shows when a side's answers came from random weights."""
+    if not where:
+        return ""
+    if any(where["tiny"].values()):
+        return "⚠️ **Tiny model with random weights**: answers are noise."
+    if any(where["random_weights"].values()):
+        return "⚠️ **Random weights** (a model of real shape): answers are noise."
+    return ""
 
 
 def to_document(conversation: Conversation, default_measured_on: dict) -> dict:
@@ -325,12 +347,13 @@ def _side_name(side: str, where: str) -> str:
 
 
 def _read_measured_on(document: dict, where: str) -> dict:
-    tiny = _get(document, "tiny", dict, where)
+    tiny, random = (_get(document, key, dict, where) for key in ("tiny", "random_weights"))
     return measured_on(
         _get(document, "hardware", str, where),
         _get(document, "timing", str, where),
         _get(document, "where", str, where),
         {side: _get(tiny, side, bool, f"{where}.tiny") for side in SIDES},
+        {side: _get(random, side, bool, f"{where}.random_weights") for side in SIDES},
     )
 
 

@@ -99,8 +99,8 @@ def replay_note(turn: Turn | None) -> str:
     if turn is None or turn.measured_on is None:
         return ""
     where = turn.measured_on
-    tiny = " ⚠️ **Tiny model with random weights**: answers are noise." if any(where["tiny"].values()) else ""
-    return f"Timings measured on **{where['hardware']}** ({where['where']}).{tiny}"
+    note = recording.weights_note(where)
+    return f"Timings measured on **{where['hardware']}** ({where['where']}).{' ' + note if note else ''}"
 
 
 def recorded_header(conversation: Conversation, side: str) -> str:

@@ -104,9 +104,11 @@ def record_conversation(
     max_new_tokens: int,
     path: Path,
     where: str,
+    random_weights: bool = False,
 ) -> Path:
     """Hold one conversation (side -> (model label, mode name)) about `media` through the app's turn code
-    and write it as a recording (app.recording) to `path`, measured on this machine."""
+    and write it as a recording (app.recording) to `path`, measured on this machine; `random_weights`:
+    the models' weights are random (a `--wide` model; the tiny model is known as such anyway)."""
     sides = {side: SideConfig(label, make_mode(name, registry.family(label))) for side, (label, name) in modes.items()}
     kind = detect_media_kind(media)
     conversation = Conversation(sides, media_path=str(media), media_kind=kind)
@@ -119,7 +121,8 @@ def record_conversation(
         raise SystemExit(f"recording {path.name}: the {failed[0].side} side failed: {failed[0].error}")
     device = registry.get(modes["left"][0]).device
     tiny = {side: registry.is_tiny(label) for side, (label, _) in modes.items()}
-    measured = recording.measured_on(machine_description(device), timing_method(device), where, tiny)
+    random = {side: random_weights for side in modes}
+    measured = recording.measured_on(machine_description(device), timing_method(device), where, tiny, random)
     return recording.save(conversation, path, measured)
 
 
@@ -281,7 +284,7 @@ def write_recording(args: argparse.Namespace, registry: ModelRegistry, label: st
             bench_image().save(media)
         questions = QUESTIONS[: args.turns]
         return record_conversation(
-            registry, modes, media, questions, args.max_new_tokens, args.record, args.record_where
+            registry, modes, media, questions, args.max_new_tokens, args.record, args.record_where, bool(args.wide)
         )
 
 

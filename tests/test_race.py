@@ -108,3 +108,7 @@ def test_race_status_says_it_is_a_replay_of_measured_timings():
         "q", measured_on=recording.measured_on("a laptop", "wall clock", "here", {"left": True, "right": False})
     )
     assert "random weights" in race.race_status(tiny, slowdown=10.0) and "10x slower" in race.race_status(tiny, 10.0)
+    wide = recording.measured_on(
+        "NVIDIA H200", "CUDA clock", "GPU check", {"left": False, "right": False}, {"left": True, "right": True}
+    )
+    assert "Random weights" in race.race_status(Turn("q", measured_on=wide))  # a random model of real shape
