@@ -116,7 +116,7 @@ class TalkPage(Page):
             with gr.Row():
                 upload = gr.UploadButton("Load a recording…", file_types=[".json"], elem_id="talk-load")
                 self.add("load", upload)
-                self.add("download", gr.DownloadButton("Save recording", elem_id="talk-save"))
+                self.add("export_recording", gr.DownloadButton("Download recording", elem_id="talk-save"))
             self.add("keys", gr.Markdown(SHORTCUTS, elem_id="talk-keys"))
 
     def render_side(self, side: str) -> None:
@@ -161,35 +161,43 @@ def build_talk(registry: ModelRegistry, handlers: TalkHandlers, wiring_class: ty
 def wire_talk(wiring: Wiring, talk: TalkHandlers) -> None:
     """Every presenter-view event (none public: the page's own API is the researcher page's)."""
     page, private, gpu = wiring.page, dict(api_visibility="private"), wiring.GPU
-    media = [*VIEWS, *OVERLAYS]
-    wiring.on([page["media"].upload], talk.set_media, ["media", "state"], media, preprocess=False, **private, **gpu)
-    picked = [*media, "media", "question", "example_index"]
-    wiring.on([page["examples"].click], talk.pick_example, ["examples", "state"], picked, **private, **gpu)
-    wiring.on([page["next"].click], talk.next_example, ["example_index", "state"], picked, **private, **gpu)
-    asked = wiring.on(
-        [page["ask"].click, page["question"].submit],
-        talk.ask,
-        ["question", "state"],
-        [*VIEWS, *OVERLAYS],
-        show_progress="minimal",
-        **private,
-        **gpu,
+    views = [*VIEWS, *OVERLAYS]
+
+    def then_preview(event) -> None:  # what the methods keep, from the vision tower, before anything is asked
+        wiring.follow(event.success, talk.preview, ["state"], views, show_progress="hidden", **private, **gpu)
+
+    media = wiring.on(
+        [page["media"].upload], talk.set_media, ["media", "state"], views, preprocess=False, **private, **gpu
     )
-    wiring.follow(asked.success, talk.save_recording, ["state"], ["download"], show_progress="hidden", **private)
+    then_preview(media)
+    picked = [*views, "media", "question", "example_index"]
+    then_preview(
+        wiring.on([page["examples"].click], talk.pick_example, ["examples", "state"], picked, **private, **gpu)
+    )
+    then_preview(
+        wiring.on([page["next"].click], talk.next_example, ["example_index", "state"], picked, **private, **gpu)
+    )
+    asking = dict(show_progress="minimal", **private, **gpu)
+    asked = wiring.on([page["ask"].click, page["question"].submit], talk.ask, ["question", "state"], views, **asking)
+    after = dict(show_progress="hidden", **private)
+    wiring.follow(asked.success, talk.recording_after_turn, ["state"], ["export_recording"], **after)
     race_outputs = ["status", *(f"{side}_answer" for side in SIDES)]
-    wiring.on(
-        [page["race"].click], talk.play_race, ["state", "slowdown"], race_outputs, show_progress="hidden", **private
-    )
-    loaded = [*VIEWS, *OVERLAYS, *CONTROLS, "media", "question"]
+    wiring.on([page["race"].click], talk.play_race, ["state", "slowdown"], race_outputs, **after)
+    loaded = [*views, *CONTROLS, "media", "question"]
     wiring.on([page["load"].upload], talk.load_recording, ["load", "state"], loaded, **private)
     wiring.on([page["shipped"].input], talk.load_shipped, ["shipped", "state"], loaded, **private)
     modes = ["state", "left_method", "left_budget", "right_method", "right_budget"]
     triggers = [page[f"{side}_{part}"].input for side in SIDES for part in ("method", "budget")]
-    wiring.on(triggers, talk.set_mode, modes, [*VIEWS, *CONTROLS], trigger_mode="always_last", **private, **gpu)
+    changed = wiring.on(
+        triggers, talk.set_mode, modes, [*VIEWS, *CONTROLS], trigger_mode="always_last", **private, **gpu
+    )
+    then_preview(changed)
     for side in SIDES:
         for step, name in ((-1, "up"), (1, "down")):  # up: more tokens (presets go from most to fewest)
             stepper = _stepper(talk, side, step)
-            wiring.on([page[f"{side}_{name}"].click], stepper, ["state"], [*VIEWS, *CONTROLS], **private, **gpu)
+            then_preview(
+                wiring.on([page[f"{side}_{name}"].click], stepper, ["state"], [*VIEWS, *CONTROLS], **private, **gpu)
+            )
 
 
 def _stepper(talk: TalkHandlers, side: str, step: int):

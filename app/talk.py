@@ -8,10 +8,8 @@ a recording and playing the race never touch the model registry: they run on a l
 
 from __future__ import annotations
 
-import hashlib
 import json
 import tempfile
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import SimpleNamespace
@@ -24,14 +22,17 @@ from app.conversation import SIDES, Conversation, Turn, load_media
 from app.handlers import Handlers, same_file, uploaded_path
 from app.hosting import machine_description, timing_method
 from app.media import MediaError
+from app.models import ModelLoadError
 from app.modes import CUSTOM, CUSTOM_TOKENS, FULL, method_titles, mode_choices, use_mode
-from app.render import EXPORTS, SIDE_NAMES
+from app.render import SIDE_NAMES
 from app.stats import TurnStats
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES_FILE = ROOT / "assets" / "examples.json"
 RECORDINGS = sorted((ROOT / "assets").glob("*.vzrec.json"))  # the recordings shipped with the app
 REPLAYS = Path(tempfile.gettempdir()) / "visionzip-live-replays"  # media of loaded recordings, named by content
+RECORDING_NAME = "visionzip_recording.vzrec.json"
+DOWNLOAD = "Download recording"
 SLOWDOWNS = {"measured pace": 1.0, "10x slower": 10.0}
 SHORTCUTS = (
     "**Keys:** `N` next example · `A` ask (or Enter in the question) · `↑` / `↓` right side's budget up / down · "
@@ -156,6 +157,29 @@ class TalkHandlers:
                 results[f"{side}_overlay"] = picture
         return results
 
+    def preview(self, conversation: Conversation) -> Results:
+        """After a change of media or mode: what each side's method keeps on the picture, from the vision
+        tower alone (a text-dependent method shows its latest turn's choice), and the sides' counts."""
+        if conversation.media_kind != "image" or conversation.media_path is None:
+            return {}
+        picture, results = load_media(conversation), {}
+        for side in SIDES:
+            config = conversation.sides[side]
+            latest = conversation.latest_choice(side)
+            if not config.mode.enabled:
+                results[f"{side}_overlay"] = picture
+            elif config.mode.reads_text:
+                selection = latest.selections[side][0] if latest is not None else None
+                results[f"{side}_overlay"] = overlay.draw_overlay(picture, selection, "all") if selection else None
+            else:
+                try:
+                    self.registry.get(config.model)
+                except ModelLoadError as error:
+                    raise gr.Error(f"{SIDE_NAMES[side]} side: {error}") from None
+                selection = self.page.select_tokens(config.model, config.mode, (picture,), False)[0]
+                results[f"{side}_overlay"] = overlay.draw_overlay(picture, selection, "all")
+        return {**self.views(conversation), **results}
+
     def controls(self, conversation: Conversation, family: Callable[[str], str] | None = None) -> Results:
         """Each side's method and budget dropdowns as the conversation's modes (presets only)."""
         results: Results = {}
@@ -250,32 +274,17 @@ class TalkHandlers:
             raise gr.Error(f"There is no shipped recording called {name!r}.")
         return self.load_recording(str(match), conversation)
 
-    def save_recording(self, conversation: Conversation, request: gr.Request = None) -> Results:
-        """The conversation as a recording file to download (one folder per browser session)."""
-        if not conversation.turns:
-            raise gr.Error("Nothing to save yet: ask a question first.")
-        session = request.session_hash if request else ""
-        folder = EXPORTS / hashlib.sha256(session.encode()).hexdigest()[:16]
-        folder.mkdir(parents=True, exist_ok=True)
-        default = self.live_measured_on(conversation, conversation.turns[-1])
-        stamp = time.strftime("%Y%m%d-%H%M%S")
-        try:
-            path = recording.save(conversation, folder / f"visionzip-{stamp}.vzrec.json", default)
-        except (recording.RecordingError, OSError) as error:
-            raise gr.Error(
-                str(error) if isinstance(error, recording.RecordingError) else "The recording could not be written."
-            ) from None
-        return {"download": str(path)}
-
     def recording_after_turn(self, conversation: Conversation, request: gr.Request = None) -> Results:
-        """The researcher page's "Download recording" file, rewritten after every turn."""
+        """Both pages' "Download recording" file, rewritten after every turn (one per browser session)."""
         if not conversation.turns:
-            return {"export_recording": gr.DownloadButton("Download recording", value=None)}
+            return {"export_recording": gr.DownloadButton(DOWNLOAD, value=None)}
+        folder = render.export_folder(request.session_hash if request else "")
+        default = self.live_measured_on(conversation, conversation.turns[-1])
         try:
-            path = self.save_recording(conversation, request)["download"]
-        except gr.Error as error:  # said on the button: this runs after every turn, unasked
-            return {"export_recording": gr.DownloadButton(f"No recording: {error.message}", value=None)}
-        return {"export_recording": gr.DownloadButton("Download recording", value=path)}
+            path = recording.save(conversation, folder / RECORDING_NAME, default)
+        except recording.RecordingError as error:  # said on the button: this runs after every turn, unasked
+            return {"export_recording": gr.DownloadButton(f"No recording: {error}", value=None)}
+        return {"export_recording": gr.DownloadButton(DOWNLOAD, value=str(path))}
 
     def replay_on_page(self, upload: dict | str | None, conversation: Conversation) -> Results:
         """A recording on the researcher's page: chats, summary, charts, measurements and the overlay of

@@ -2,10 +2,11 @@
 race, a shipped recording, the budget keys; headline figures at least 48 px and nothing important
 below 24 px.  Screenshots go to artifacts/ (gitignored)."""
 
-from contextlib import contextmanager
+import json
+from pathlib import Path
 
 import pytest
-from app_helpers import ARTIFACTS, CHROMIUM, CHROMIUM_ARGS
+from app_helpers import ARTIFACTS, browser_page
 
 pytestmark = pytest.mark.browser
 
@@ -21,23 +22,10 @@ IMPORTANT = [
 IMPORTANT += ["#talk-view .talk-unit", "#talk-left-title h3", "#talk-right-budget input"]
 
 
-@contextmanager
 def talk_page(url: str, width: int, height: int, scale: float):
-    """The presenter view in Debian's Chromium with a CSS viewport of width x height at `scale` device
-    pixels per CSS pixel (150 % zoom on a 1920x1080 screen: 1280x720 at 1.5)."""
-    if not CHROMIUM.exists():
-        pytest.skip(f"Debian Chromium is not installed at {CHROMIUM} (apt-get install chromium)")
-    sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright package is not installed")
-    with sync_api.sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-        try:
-            page = browser.new_page(viewport={"width": width, "height": height}, device_scale_factor=scale)
-            page.set_default_timeout(120_000)
-            page.goto(url.rstrip("/") + "/talk")
-            page.wait_for_selector("#talk-view #talk-ask")
-            yield page
-        finally:
-            browser.close()
+    """The presenter view with a CSS viewport of width x height at `scale` device pixels per CSS pixel
+    (150 % zoom on a 1920x1080 screen: 1280x720 at 1.5)."""
+    return browser_page(url.rstrip("/") + "/talk", (width, height), scale, ready="#talk-view #talk-ask")
 
 
 def font_sizes(page, selector: str) -> list[float]:
@@ -52,6 +40,19 @@ def assert_readable(page) -> None:
     for selector in IMPORTANT:
         sizes = font_sizes(page, selector)
         assert sizes and min(sizes) >= 24, (selector, sizes)
+
+
+def download(page, selector: str, tries: int = 20) -> str:
+    """The file a download button serves, once the event after the turn has given it one."""
+    timeout = pytest.importorskip("playwright.sync_api").TimeoutError
+    for _ in range(tries):
+        try:
+            with page.expect_download(timeout=3000) as started:
+                page.click(selector)
+            return started.value.path()
+        except timeout:
+            continue
+    raise AssertionError(f"{selector} never served a file")
 
 
 def wait_for_turn(page) -> None:
@@ -79,11 +80,13 @@ def test_presenter_view(app_url, width, height, scale, name):
         page.keyboard.press("n")  # the first example: its picture and question in one key
         page.wait_for_function("document.querySelector('#talk-question textarea').value.length > 0")
         page.wait_for_function("document.querySelector('#talk-status').innerText.includes('Example 1')")
+        page.locator("#talk-right-overlay img").wait_for()  # what VisionZip keeps, before anything is asked
         page.locator("body").click(position={"x": 5, "y": 5})
         page.keyboard.press("a")
         wait_for_turn(page)
-        page.locator("#talk-right-overlay img").wait_for()
         assert_readable(page)
+        saved = json.loads(Path(download(page, "#talk-save")).read_text())  # the turn, saved as a recording
+        assert (saved["format"], saved["version"], len(saved["turns"])) == ("visionzip-live-recording", 1, 1)
         page.screenshot(path=str(ARTIFACTS / f"talk_{name}_turn.png"))
         play_race(page)
         assert "tiny model with random weights" in page.locator("#talk-status").inner_text().lower()
