@@ -87,9 +87,11 @@ def test_presenter_view(app_url, width, height, scale, name):
         assert_readable(page)
         saved = json.loads(Path(download(page, "#talk-save")).read_text())  # the turn, saved as a recording
         assert (saved["format"], saved["version"], len(saved["turns"])) == ("visionzip-live-recording", 1, 1)
+        page.evaluate("window.scrollTo(0, 0)")
         page.screenshot(path=str(ARTIFACTS / f"talk_{name}_turn.png"))
         play_race(page)
         assert "tiny model with random weights" in page.locator("#talk-status").inner_text().lower()
+        page.evaluate("window.scrollTo(0, 0)")
         page.screenshot(path=str(ARTIFACTS / f"talk_{name}_race.png"))
 
         page.keyboard.press("ArrowDown")  # the right side's budget: one preset smaller
@@ -125,3 +127,23 @@ def test_the_researcher_page_replays_a_recording(page):
     page.get_by_role("tab", name="Charts").click()
     page.wait_for_function("document.querySelector('#tokens-chart').innerText.includes('turn 2')")
     page.screenshot(path=str(ARTIFACTS / "browser_replayed_recording.png"), full_page=True)
+
+
+def test_talk_first_serves_the_presenter_view_at_the_root():
+    """`app.py --talk`: the presenter view at /, the researcher's page at /research."""
+    import importlib.util
+
+    from app_helpers import served
+
+    from app.models import ModelRegistry
+    from app.ui import build_demo
+
+    spec = importlib.util.spec_from_file_location("app_main", Path(__file__).resolve().parents[1] / "app.py")
+    app_main = importlib.util.module_from_spec(spec)  # app.py is a script beside the `app` package
+    spec.loader.exec_module(app_main)
+    assert app_main.parse_args(["--talk"]).talk and not app_main.parse_args([]).talk
+    with served(build_demo(ModelRegistry(), max_new_tokens=4, talk_first=True)) as url:
+        with browser_page(url, ready="#talk-view #talk-ask") as page:
+            assert page.locator("#message").count() == 0
+        with browser_page(url.rstrip("/") + "/research") as page:
+            assert page.locator("#talk-view").count() == 0
