@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import tempfile
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -18,12 +19,12 @@ import gradio as gr
 import torch
 
 from app import charts, overlay, race, recording, render
-from app.conversation import SIDES, Conversation, Turn, load_media
+from app.conversation import SIDES, Conversation, SideConfig, Turn, load_media
 from app.handlers import Handlers, same_file, uploaded_path
 from app.hosting import machine_description, timing_method
 from app.media import MediaError
 from app.models import ModelLoadError
-from app.modes import CUSTOM, CUSTOM_TOKENS, FULL, method_titles, mode_choices, use_mode
+from app.modes import CUSTOM, CUSTOM_TOKENS, FULL, method_titles, mode_choices, translate_mode, use_mode
 from app.render import SIDE_NAMES
 from app.stats import TurnStats
 
@@ -192,13 +193,23 @@ class TalkHandlers:
             results[f"{side}_budget"] = gr.Dropdown(choices=choices, value=mode.name)
         return results
 
+    def servable(self, conversation: Conversation) -> Conversation:
+        """The conversation with each side on a model this app serves: a replayed recording may name one it
+        has not (a GPU's checkpoint replayed on a laptop); such a side moves to the default model."""
+        sides = dict(conversation.sides)
+        for side, config in sides.items():
+            if config.model not in self.registry.choices:
+                default = self.registry.default
+                sides[side] = SideConfig(default, translate_mode(config.mode, self.registry.family(default)))
+        return conversation if sides == conversation.sides else replace(conversation, sides=sides, caches={})
+
     # -- media and examples --------------------------------------------------------------------
     def set_media(self, upload: dict | None, conversation: Conversation) -> Results:
         """New media starts a new conversation; the file in use shown again keeps it."""
         path = uploaded_path(upload)
         if path and conversation.media_path and same_file(path, conversation.media_path):
             return self.views(conversation)
-        results = self.page.set_media(upload, conversation)
+        results = self.page.set_media(upload, self.servable(conversation))
         return {**self.views(results["state"]), **self.overlays(results["state"]), "status": results["media_info"]}
 
     def pick_example(self, index: int, conversation: Conversation) -> Results:
@@ -220,7 +231,7 @@ class TalkHandlers:
     # -- asking ----------------------------------------------------------------------------------
     def ask(self, question: str, conversation: Conversation, request: gr.Request = None) -> Iterator[Results]:
         """Both sides answer (one after the other, as on the page); then the overlays and where it ran."""
-        current = conversation
+        current = conversation = self.servable(conversation)
         for results in self.page.ask(question, conversation, request):
             current = results["state"]
             yield self.views(current, live_counts=False)
@@ -340,13 +351,16 @@ class TalkHandlers:
             left_tokens=modes["left"].tokens,
             right_tokens=modes["right"].tokens,
         )
+        # the page's handler tells a method change (its preset of the same rank) from a budget change by the
+        # event's target: this view's method dropdown, named as the page's
         page_event = SimpleNamespace(target=SimpleNamespace(elem_id=f"{changed}-method")) if changed else None
-        results = self.page.set_mode(conversation, **values, event=page_event)
+        results = self.page.set_mode(self.servable(conversation), **values, event=page_event)
         conversation = results["state"]
         return {**self.views(conversation), **self.controls(conversation, self.registry.family)}
 
     def step_budget(self, conversation: Conversation, side: str, step: int) -> Results:
         """The side's next larger (step -1) or smaller (+1) preset budget of its method."""
+        conversation = self.servable(conversation)
         mode = conversation.sides[side].mode
         if not mode.enabled:
             raise gr.Error(f"The {side} side runs the full model: pick a method first.")

@@ -224,3 +224,21 @@ def test_a_headless_run_writes_a_recording(tmp_path, tiny_cache, capsys):
     assert turn.stats["left"].visual_tokens == 2928 and turn.stats["right"].visual_tokens == 320
     assert turn.measured_on["where"] == "python -m bench.conversation" and turn.measured_on["tiny"]["left"]
     assert all(len(turn.tokens[side]) == turn.stats[side].new_tokens for side in ("left", "right"))
+
+
+def test_a_replayed_gpu_model_gives_way_to_a_served_one_for_live_turns(live, tmp_path, monkeypatch):
+    """A recording made on a model this app does not serve (the GPU check's 7B-shaped one) replays; the
+    next live action (new media, a budget) puts that side on the served default model."""
+    doc = document(live, tmp_path)
+    for side in ("left", "right"):
+        doc["sides"][side]["model"] = "wide-llava_next-32L-bfloat16"
+    path = tmp_path / "gpu.vzrec.json"
+    path.write_text(json.dumps(doc))
+    monkeypatch.setattr("app.talk.REPLAYS", tmp_path / "replays")
+    registry = ModelRegistry()
+    talk = TalkHandlers(Handlers(registry, 8, tmp_path / "stops"))
+    replayed = talk.load_recording(str(path), Conversation({}))["state"]
+    assert replayed.sides["right"].model == "wide-llava_next-32L-bfloat16"
+    picked = talk.pick_example(0, replayed)["state"]
+    assert {config.model for config in picked.sides.values()} == {registry.default}
+    assert [picked.sides[side].mode.label for side in ("left", "right")] == ["full", "VisionZip 54+10/tile"]
