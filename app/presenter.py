@@ -181,11 +181,15 @@ def wire_talk(wiring: Wiring, talk: TalkHandlers) -> None:
     asked = wiring.on([page["ask"].click, page["question"].submit], talk.ask, ["question", "state"], views, **asking)
     after = dict(show_progress="hidden", **private)
     wiring.follow(asked.success, talk.recording_after_turn, ["state"], ["export_recording"], **after)
-    race_outputs = ["status", *(f"{side}_answer" for side in SIDES)]
-    wiring.on([page["race"].click], talk.play_race, ["state", "slowdown"], race_outputs, **after)
+    race = (talk.play_race, ["state", "slowdown"], ["status", *(f"{side}_answer" for side in SIDES)])
+    wiring.on([page["race"].click], *race, **after)
+    wiring.follow(asked.success, *race, **after)  # after a turn, and on a loaded recording, the race plays itself
     loaded = [*views, *CONTROLS, "media", "question"]
-    wiring.on([page["load"].upload], talk.load_recording, ["load", "state"], loaded, **private)
-    wiring.on([page["shipped"].input], talk.load_shipped, ["shipped", "state"], loaded, **private)
+    for trigger, handler, source in (
+        (page["load"].upload, talk.load_recording, "load"),
+        (page["shipped"].input, talk.load_shipped, "shipped"),
+    ):
+        wiring.follow(wiring.on([trigger], handler, [source, "state"], loaded, **private).success, *race, **after)
     modes = ["state", "left_method", "left_budget", "right_method", "right_budget"]
     triggers = [page[f"{side}_{part}"].input for side in SIDES for part in ("method", "budget")]
     changed = wiring.on(

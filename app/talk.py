@@ -272,7 +272,7 @@ class TalkHandlers:
             raise gr.Error(str(error)) from None
         first = replayed.turns[-1] if replayed.turns else None
         note = "**Recording loaded.** " + (
-            replay_note(first) + " Press **Play the race** (R)." if first else "No turns."
+            replay_note(first) + " The race plays; **R** plays it again." if first else "No turns."
         )
         results = {**self.views(replayed, live_counts=False), **overlays, **self.controls(replayed), "status": note}
         media = replayed.media_path if replayed.media_kind == "image" else None

@@ -63,12 +63,19 @@ def wait_for_turn(page) -> None:
 
 
 def play_race(page) -> None:
+    """The race that played itself (after the turn or the load) ends; `R` plays it again, 10x slower so
+    that a frame in the middle is seen."""
+    status = "document.querySelector('#talk-status').innerText"
+    page.wait_for_function(f"{status}.includes('Replay of measured timings') && {status}.includes('🏁')")
+    page.locator("#talk-slowdown").get_by_text("10x slower").click()
+    page.locator("body").click(position={"x": 5, "y": 5})
     page.keyboard.press("r")
-    page.wait_for_function("document.querySelector('#talk-status').innerText.includes('Replay of measured timings')")
-    page.wait_for_function(
-        "['left', 'right'].every(s => document.querySelector(`#talk-${s}-answer`).innerText.includes('finished'))"
-    )
-    page.wait_for_function("document.querySelector('#talk-status').innerText.includes('🏁')")
+    page.wait_for_function(f"{status}.includes('10x slower than measured')")
+    answers = "['left', 'right'].map(s => document.querySelector(`#talk-${s}-answer`).innerText)"
+    page.wait_for_function(f"{answers}.some(text => text.includes('⏱'))")  # mid-race: a side still running
+    page.wait_for_function(f"{answers}.every(text => text.includes('finished')) && {status}.includes('🏁')")
+    page.locator("#talk-slowdown").get_by_text("measured pace").click()
+    page.locator("body").click(position={"x": 5, "y": 5})  # keys act outside form fields
 
 
 @pytest.mark.parametrize(("width", "height", "scale", "name"), [(1920, 1080, 1, "1080p"), (1280, 720, 1.5, "zoom150")])
@@ -101,7 +108,8 @@ def test_presenter_view(app_url, width, height, scale, name):
 
         page.locator("#talk-shipped input").click()
         page.get_by_role("option", name="tiny-house_and_car.vzrec.json").click()
-        page.wait_for_function("document.querySelector('#talk-status').innerText.includes('Recording loaded')")
+        # loaded, then the race plays itself: either way the status names where it was recorded
+        page.wait_for_function("document.querySelector('#talk-status').innerText.includes('record_examples.py')")
         page.wait_for_function("document.querySelector('#talk-left-figures').innerText.includes('2,928')")
         assert "320" in page.locator("#talk-right-figures").inner_text()
         page.locator("#talk-right-overlay img").wait_for()
@@ -110,23 +118,24 @@ def test_presenter_view(app_url, width, height, scale, name):
         page.screenshot(path=str(ARTIFACTS / f"talk_{name}_recording.png"), full_page=True)
 
 
-def test_the_researcher_page_replays_a_recording(page):
+def test_the_researcher_page_replays_a_recording(app_url):
     """The researcher's page: "Replay a recording" fills both chats, the summary and the charts."""
     from app.talk import RECORDINGS
 
     path = next(p for p in RECORDINGS if p.name == "tiny-house_and_car.vzrec.json")
-    page.get_by_role("tab", name="Export").click()
-    with page.expect_file_chooser() as chooser:
-        page.click("#load-recording")
-    chooser.value.set_files(str(path))
-    page.wait_for_function("document.querySelector('#media-info').innerText.includes('Replaying a recording')")
-    page.wait_for_function(
-        "['left', 'right'].every(s => document.querySelectorAll(`#${s}-chat [data-testid='bot']`).length === 2)"
-    )
-    assert "2928 -> 320 visual tokens" in page.locator("#summary").inner_text()
-    page.get_by_role("tab", name="Charts").click()
-    page.wait_for_function("document.querySelector('#tokens-chart').innerText.includes('turn 2')")
-    page.screenshot(path=str(ARTIFACTS / "browser_replayed_recording.png"), full_page=True)
+    with browser_page(app_url) as page:  # its own browser: the module's other tests open theirs
+        page.get_by_role("tab", name="Export").click()
+        with page.expect_file_chooser() as chooser:
+            page.click("#load-recording")
+        chooser.value.set_files(str(path))
+        page.wait_for_function("document.querySelector('#media-info').innerText.includes('Replaying a recording')")
+        page.wait_for_function(
+            "['left', 'right'].every(s => document.querySelectorAll(`#${s}-chat [data-testid='bot']`).length === 2)"
+        )
+        assert "2928 -> 320 visual tokens" in page.locator("#summary").inner_text()
+        page.get_by_role("tab", name="Charts").click()
+        page.wait_for_function("document.querySelector('#tokens-chart').innerText.includes('turn 2')")
+        page.screenshot(path=str(ARTIFACTS / "browser_replayed_recording.png"), full_page=True)
 
 
 def test_talk_first_serves_the_presenter_view_at_the_root():
