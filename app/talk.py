@@ -69,11 +69,17 @@ def figures_html(stats: TurnStats | None, count: int | None) -> str:
     )
 
 
+def no_speedup(reason: str) -> str:
+    return f'<div class="talk-speedup"><span class="talk-number">—</span><span class="talk-unit">{reason}</span></div>'
+
+
 def speedup_html(turn: Turn | None) -> str:
     """The latest turn's TTFT ratio, the side with more visual tokens over the one with fewer."""
     pair = [turn.stats.get(side) for side in SIDES] if turn is not None else [None, None]
     if None in pair or not all(s.ok and s.ttft_ms > 0 for s in pair):
-        return '<div class="talk-speedup"><span class="talk-number">—</span><span class="talk-unit">ask a question</span></div>'
+        return no_speedup("ask a question")
+    if any(stats.cached_tokens for stats in pair):  # the image came from a KV cache: the time is not the method's
+        return no_speedup("the visual tokens came from the KV cache this turn: no speed-up to show")
     more, fewer = sorted(pair, key=lambda stats: -stats.visual_tokens)
     ratio = more.ttft_ms / fewer.ttft_ms
     change = f"{ratio:.1f}× faster" if ratio >= 1 else f"{1 / ratio:.1f}× slower"

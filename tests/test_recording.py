@@ -18,7 +18,7 @@ from app.conversation import Conversation, SideConfig
 from app.handlers import Handlers
 from app.models import ModelRegistry
 from app.modes import make_mode
-from app.talk import RECORDINGS, TalkHandlers
+from app.talk import RECORDINGS, TalkHandlers, speedup_html
 from app.turn import load_side_models, run_turn
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -242,3 +242,11 @@ def test_a_replayed_gpu_model_gives_way_to_a_served_one_for_live_turns(live, tmp
     picked = talk.pick_example(0, replayed)["state"]
     assert {config.model for config in picked.sides.values()} == {registry.default}
     assert [picked.sides[side].mode.label for side in ("left", "right")] == ["full", "VisionZip 54+10/tile"]
+
+
+def test_the_speed_up_is_claimed_only_when_both_sides_prefilled_their_image(live):
+    turn = live.turns[-1]
+    assert "faster" in speedup_html(turn) or "slower" in speedup_html(turn)
+    cached = copy.deepcopy(turn)
+    cached.stats["right"].cached_tokens = 400  # built on its KV cache: its TTFT is a text prefill
+    assert "no speed-up" in speedup_html(cached) and "×" not in speedup_html(cached)
