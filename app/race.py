@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from app.conversation import SIDES, Turn
 from app.recording import weights_note
 
-FRAME_MS = 15.0  # at most one update per this many ms: a browser redraws both answers each time (kept < 20 ms)
+FRAME_MS = 10.0  # at most one update per this many ms: a browser redraws both answers each time (well under 20 ms)
 
 
 @dataclass(frozen=True)
