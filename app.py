@@ -31,6 +31,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     parser.add_argument("--max-new-tokens", type=int, default=128, help="answer length limit per side and turn")
     parser.add_argument(
+        "--talk",
+        action="store_true",
+        help="serve the presenter view at / (the researcher's page moves to /research); without it, it is at /talk",
+    )
+    parser.add_argument(
         "--projector",
         action="append",
         metavar="PATH",
@@ -77,7 +82,8 @@ def main(argv: list[str] | None = None) -> None:
             registry.get(registry.default)
         except ModelLoadError as error:
             raise SystemExit(f"app.py: {error}") from None
-    launch(build_demo(registry, max_new_tokens=args.max_new_tokens), host=args.host, port=args.port)
+    demo = build_demo(registry, max_new_tokens=args.max_new_tokens, talk_first=args.talk)
+    launch(demo, host=args.host, port=args.port)
 
 
 if __name__ == "__main__":

@@ -30,6 +30,10 @@ class Turn:
     frames: dict[str, int] = field(default_factory=dict)  # video: the frames each side saw
     selections: dict[str, list] = field(default_factory=dict)  # what each side's method chose (ImageSelections)
     chosen_for: dict[str, str] = field(default_factory=dict)  # "this question", or the earlier turn it froze
+    tokens: dict[str, list[tuple[float, str]]] = field(default_factory=dict)  # per side: (ms since its start, text)
+    measured_on: dict | None = (
+        None  # a recorded turn: where, on what and with which models it was measured (app.recording)
+    )
 
 
 @dataclass

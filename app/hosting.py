@@ -6,7 +6,9 @@ ZeroGPU asks: it patches torch's CUDA calls), GPU tasks, and the clock the page 
 
 from __future__ import annotations
 
+import contextlib
 import os
+import platform
 import time
 from collections.abc import Callable
 
@@ -46,3 +48,15 @@ def gpu_task(duration_s: int) -> Callable[[Callable], Callable]:
     if spaces is None:
         return lambda function: function
     return spaces.GPU(duration=duration_s)
+
+
+def machine_description(device: torch.device) -> str:
+    """The machine a measurement ran on, as benchmarks and recordings name it."""
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        return f"{props.name} ({props.total_memory / 2**30:.0f} GiB), CUDA {torch.version.cuda}"
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        with open("/proc/cpuinfo") as info:
+            cpu = next((line.split(":", 1)[1].strip() for line in info if line.startswith("model name")), cpu)
+    return f"{cpu}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}"

@@ -215,4 +215,7 @@ class Page:
             with gr.Row():
                 self.add("export_json", gr.DownloadButton("Download JSON", elem_id="export-json"))
                 self.add("export_csv", gr.DownloadButton("Download CSV", elem_id="export-csv"))
+                self.add("export_recording", gr.DownloadButton("Download recording", elem_id="export-recording"))
+                load = gr.UploadButton("Replay a recording…", file_types=[".json"], elem_id="load-recording")
+                self.add("load_recording", load)
             self.add("stats_json", gr.JSON(label="Per-turn measurements", elem_id="stats-json"))

@@ -197,14 +197,20 @@ def export_files(conversation: Conversation, session: str) -> tuple[str, str]:
     """The conversation's measurements as JSON and CSV files, one folder per browser session; only the
     MAX_EXPORT_SESSIONS most recently written folders are kept, so a long-running Space's disk does
     not fill up with them."""
-    folder = EXPORTS / hashlib.sha256(session.encode()).hexdigest()[:16]  # the client picks session ids: no raw paths
-    folder.mkdir(parents=True, exist_ok=True)
-    os.utime(folder)  # this session's folder is the newest
-    _prune_exports(keep=folder)
+    folder = export_folder(session)
     stats = conversation.all_stats()
     (folder / "visionzip_turns.json").write_text(export_json(stats))
     (folder / "visionzip_turns.csv").write_text(export_csv(stats))
     return str(folder / "visionzip_turns.json"), str(folder / "visionzip_turns.csv")
+
+
+def export_folder(session: str) -> Path:
+    """This browser session's folder for files to download, made the newest (older ones are pruned)."""
+    folder = EXPORTS / hashlib.sha256(session.encode()).hexdigest()[:16]  # the client picks session ids: no raw paths
+    folder.mkdir(parents=True, exist_ok=True)
+    os.utime(folder)  # this session's folder is the newest
+    _prune_exports(keep=folder)
+    return folder
 
 
 def _prune_exports(keep: Path) -> None:

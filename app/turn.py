@@ -56,6 +56,7 @@ class Prepared:
     selection: list | None = None  # what the method chose for this turn (ImageSelection per image)
     cache: SideCache | None = None  # after the turn, when the conversation keeps caches: what the next turn reuses
     cache_note: str = ""  # with the cache kept: why this turn could not build on it
+    tokens: list[tuple[float, str]] | None = None  # after the turn: each new token's (ms since the side's start, text)
 
     def use(self):
         """The library's `use()` block for this side's mode and question."""
@@ -168,11 +169,22 @@ class TimedStreamer(TextIteratorStreamer):
         super().__init__(tokenizer, skip_prompt=True, skip_special_tokens=True)
         self.device = device
         self.token_times: list[float] = []
+        self.token_texts: list[str] = []  # per token, the text the stream released with it ("" while a word is held)
 
     def put(self, value: torch.Tensor) -> None:
         if not self.next_tokens_are_prompt:
             self.token_times.append(clock(self.device))
+            self.token_texts.append("")
         super().put(value)
+
+    def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
+        if self.token_texts:  # the final flush goes with the last token: the texts join to the answer
+            self.token_texts[-1] += text
+        super().on_finalized_text(text, stream_end)
+
+    def timeline(self, start: float) -> list[tuple[float, str]]:
+        """Every new token as (ms since `start`, its text): what a replay of this side's pace needs."""
+        return [((at - start) * 1000, text) for at, text in zip(self.token_times, self.token_texts)]
 
 
 class StopFlag:
@@ -295,6 +307,7 @@ def stream_side(
         prepared.output = SideOutput(first_token_logprobs(result.logits[0]), generated)
     # per-tile methods choose while encoding, FastV inside the language model's prefill
     prepared.selection = generation.call.selection if generation.call is not None else None
+    prepared.tokens = generation.streamer.timeline(generation.start)
     if keep_cache:
         prepared.cache = kept_cache(prepared, result, turn)
     yield answer, side_stats(generation, turn, side)
@@ -525,6 +538,8 @@ def run_turn(
         finally:  # also when the caller goes away mid-turn (cancelled, tab closed): stop generating now
             stream.close()
             turn.running = None
+        if prepared[side].tokens is not None:
+            turn.tokens[side] = prepared[side].tokens
     record_choices(conversation, turn, prepared)
     if not stop.is_set():
         assess_quality(conversation, turn, prepared, max_new_tokens)

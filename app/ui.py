@@ -24,7 +24,9 @@ import gradio as gr
 from app.conversation import SIDES
 from app.handlers import Handlers, new_conversation
 from app.models import ModelRegistry
-from app.page import CSS, Page
+from app.page import ASSETS, CSS, Page
+from app.presenter import TALK_CSS, TALK_KEYS, build_talk
+from app.talk import TalkHandlers
 
 MAX_UPLOAD = "200mb"  # a phone video of a minute or two; larger uploads are refused before they are stored
 QUEUE_SIZE = 32  # events waiting for the model slot (about 16 visitors' turns); the next visitor is asked to retry
@@ -85,14 +87,26 @@ def adapt(handler: Callable, names: list[str]) -> Callable:
     return single
 
 
-def build_demo(registry: ModelRegistry | None = None, max_new_tokens: int = 128) -> gr.Blocks:
+def build_demo(registry: ModelRegistry | None = None, max_new_tokens: int = 128, talk_first: bool = False) -> gr.Blocks:
+    """The researcher's page at `/` and the presenter view at `/talk`; `talk_first`: the presenter view
+    at `/` and the researcher's page at `/research`."""
     registry = registry or ModelRegistry()
     stops = Path(tempfile.mkdtemp(prefix="visionzip-live-stops-"))  # one StopFlag file per browser session
     atexit.register(shutil.rmtree, stops, ignore_errors=True)
     handlers = Handlers(registry, max_new_tokens, stops)
+    talk = TalkHandlers(handlers)
+
+    def research() -> None:
+        Wiring(Page(registry, new_conversation(registry), max_new_tokens), handlers, talk).wire()
+
+    def presenter() -> None:
+        build_talk(registry, talk, Wiring)
+
+    first, second, route = (presenter, research, "research") if talk_first else (research, presenter, "talk")
     with gr.Blocks(title="VisionZip Live") as demo:
-        page = Page(registry, new_conversation(registry), max_new_tokens)
-        Wiring(page, handlers).wire()
+        first()
+    with demo.route("Researcher page" if talk_first else "Presenter view", f"/{route}"):
+        second()
     demo.queue(max_size=QUEUE_SIZE)
     return demo
 
@@ -107,8 +121,8 @@ class Wiring:
     PRIVATE = dict(api_visibility="private")
     QUIET = dict(api_visibility="private", show_progress="hidden")  # follow-up refreshes: no spinners
 
-    def __init__(self, page: Page, handlers: Handlers) -> None:
-        self.page, self.handlers = page, handlers
+    def __init__(self, page: Page, handlers: Handlers, talk: TalkHandlers | None = None) -> None:
+        self.page, self.handlers, self.talk = page, handlers, talk
 
     def components(self, names: list[str]) -> list:
         return [self.page[name] for name in names]
@@ -129,6 +143,7 @@ class Wiring:
         self.wire_turns()
         self.wire_modes()
         self.wire_models()
+        self.wire_recordings()
         self.follow(
             self.page["view"].input,
             self.handlers.overlay_views,
@@ -150,6 +165,8 @@ class Wiring:
         )
 
     def after_turn(self, event) -> None:
+        if self.talk is not None:  # the conversation as a recording, for "Download recording"
+            self.follow(event.then, self.talk.recording_after_turn, ["state"], ["export_recording"], **self.QUIET)
         event = self.follow(event.then, self.handlers.after_turn, ["state"], AFTER_TURN, **self.QUIET)
         # a text-dependent method chose anew (or kept its frozen choice): the overlay shows which
         self.follow(event.then, self.handlers.overlay_after_turn, ["state", "view"], OVERLAY, **self.QUIET, **self.GPU)
@@ -252,6 +269,14 @@ class Wiring:
         self.refresh_tokens(changed)
         self.follow(changed.failure, self.handlers.show_models, ["state"], models, **self.PRIVATE)
 
+    def wire_recordings(self) -> None:
+        """Replay a recording on this page: no model runs, nothing after it is refreshed from one."""
+        if self.talk is None:
+            return
+        outputs = [*VIEWS, *HEADERS, "media_info", *AFTER_TURN[:4], *OVERLAY]
+        upload = self.page["load_recording"].upload
+        self.on([upload], self.talk.replay_on_page, ["load_recording", "state"], outputs, **self.PRIVATE, **self.GPU)
+
 
 def launch(demo: gr.Blocks, host: str = "127.0.0.1", port: int | None = 7860, **options) -> tuple:
     """Serve `demo` with the page's theme and styles (Gradio 6 takes them at launch)."""
@@ -259,7 +284,9 @@ def launch(demo: gr.Blocks, host: str = "127.0.0.1", port: int | None = 7860, **
         server_name=host,
         server_port=port,
         theme=gr.themes.Soft(),
-        css=CSS,
+        css=CSS + TALK_CSS,
+        head=TALK_KEYS,
+        allowed_paths=[str(ASSETS)],  # the presenter view's examples are served from assets/
         max_file_size=MAX_UPLOAD,
         ssr_mode=False,
         **options,

@@ -6,6 +6,7 @@ as the page runs and times them.
     python -m bench.conversation --wide 2 --dtype bfloat16                         # LLaVA-NeXT-7B width, 2 LM layers
     python -m bench.conversation --wide 32 --dtype bfloat16 --device cuda --out benchmarks   # a random 7B on a GPU
     python -m bench.conversation --model llava-hf/llava-v1.6-vicuna-7b-hf --dtype bfloat16 --device cuda
+    python -m bench.conversation --budgets 320 --turns 2 --repeats 1 --record talk.vzrec.json   # + a recording
 
 `--wide N` builds LLaVA-NeXT-7B's shapes with random weights and N LM layers (bench.phases),
 saves it as a checkpoint once (in the VISIONZIP_CACHE folder; 32 layers in bf16 take 14 GB of disk)
@@ -31,13 +32,15 @@ from typing import Any
 
 import torch
 
+from app import recording
 from app.conversation import Conversation, SideConfig
-from app.hosting import timing_method
+from app.hosting import machine_description, timing_method
+from app.media import detect_media_kind
 from app.models import DTYPES, ModelRegistry, resolve_device
 from app.modes import FULL, make_mode
 from app.stats import TurnStats
 from app.turn import load_side_models, run_turn
-from bench.phases import bench_image, build_wide, machine_description
+from bench.phases import bench_image, build_wide
 from visionzip.tiny import cache_folder
 
 QUESTIONS = ["What is in this picture?", "Which colours stand out?", "Describe it in one sentence.", "Anything else?"]
@@ -93,6 +96,36 @@ def run_conversations(
     return results
 
 
+def record_conversation(
+    registry: ModelRegistry,
+    modes: dict[str, tuple[str, str]],
+    media: Path,
+    questions: list[str],
+    max_new_tokens: int,
+    path: Path,
+    where: str,
+    random_weights: bool = False,
+) -> Path:
+    """Hold one conversation (side -> (model label, mode name)) about `media` through the app's turn code
+    and write it as a recording (app.recording) to `path`, measured on this machine; `random_weights`:
+    the models' weights are random (a `--wide` model; the tiny model is known as such anyway)."""
+    sides = {side: SideConfig(label, make_mode(name, registry.family(label))) for side, (label, name) in modes.items()}
+    kind = detect_media_kind(media)
+    conversation = Conversation(sides, media_path=str(media), media_kind=kind)
+    load_side_models(registry, conversation)
+    for question in questions:
+        for _ in run_turn(registry, conversation, question, max_new_tokens, threading.Event()):
+            pass
+    failed = [stats for stats in conversation.all_stats() if not stats.ok]
+    if failed:
+        raise SystemExit(f"recording {path.name}: the {failed[0].side} side failed: {failed[0].error}")
+    device = registry.get(modes["left"][0]).device
+    tiny = {side: registry.is_tiny(label) for side, (label, _) in modes.items()}
+    random = {side: random_weights for side in modes}
+    measured = recording.measured_on(machine_description(device), timing_method(device), where, tiny, random)
+    return recording.save(conversation, path, measured)
+
+
 def table_rows(results: dict[str, list[list[dict[str, TurnStats]]]]) -> list[dict[str, Any]]:
     """One row per budget and turn: both sides' medians and the median per-turn speed-up."""
     rows = []
@@ -139,11 +172,12 @@ def registry_for(model: str | None, wide: int | None, device: str, dtype: str) -
     return registry, registry.default
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
+def run(args: argparse.Namespace, served: tuple[ModelRegistry, str] | None = None) -> dict[str, Any]:
+    """The benchmark's report; `served`: the registry and label to use (default: made from `args`)."""
     if args.threads:
         torch.set_num_threads(args.threads)
     subject = "wide" if args.wide else Path(args.model).name if args.model else "tiny"
-    registry, label = registry_for(args.model, args.wide, args.device, args.dtype)
+    registry, label = served or registry_for(args.model, args.wide, args.device, args.dtype)
     loaded = registry.get(label)
     with tempfile.TemporaryDirectory() as folder:
         picture = Path(folder) / "picture.png"
@@ -210,6 +244,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-new-tokens", type=int, default=16)
     parser.add_argument("--threads", type=int, help="torch CPU threads")
     parser.add_argument("--out", type=Path, help="folder for the JSON and CSV results")
+    parser.add_argument(
+        "--record",
+        type=Path,
+        metavar="PATH",
+        help="also write one conversation (full vs VisionZip at the first budget, --turns questions) as a recording "
+        "a speaker can replay with no model (app/recording.py); on the bench image unless --record-media names one",
+    )
+    parser.add_argument("--record-media", type=Path, metavar="FILE", help="the image or video the recording is about")
+    parser.add_argument("--record-where", default="python -m bench.conversation", help="where the recording was made")
     args = parser.parse_args(argv)
     if args.wide and args.dtype == "auto":
         args.dtype = "bfloat16"  # a 7B-wide model is built and saved in one precision
@@ -218,13 +261,31 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    report = run(args)
+    served = registry_for(args.model, args.wide, args.device, args.dtype)
+    report = run(args, served)
     print("\n".join(f"{key}: {value}" for key, value in report["meta"].items()))
     print()
     print(markdown(report["rows"]))
     if args.out:
         for path in write(report, args.out):
             print(f"wrote {path}")
+    if args.record:
+        print(f"wrote {write_recording(args, *served)}")
+
+
+def write_recording(args: argparse.Namespace, registry: ModelRegistry, label: str) -> Path:
+    """The --record conversation: full on the left, VisionZip at the first budget on the right, on the
+    model the benchmark ran (already warm)."""
+    modes = {"left": (label, FULL), "right": (label, f"VisionZip {args.budgets[0]}")}
+    with tempfile.TemporaryDirectory() as folder:
+        media = args.record_media
+        if media is None:
+            media = Path(folder) / "picture.png"
+            bench_image().save(media)
+        questions = QUESTIONS[: args.turns]
+        return record_conversation(
+            registry, modes, media, questions, args.max_new_tokens, args.record, args.record_where, bool(args.wide)
+        )
 
 
 if __name__ == "__main__":

@@ -41,6 +41,7 @@ from PIL import Image
 from torch import nn
 
 import visionzip
+from app.hosting import machine_description  # noqa: F401 (bench.multiturn and bench.conversation import it from here)
 from visionzip.budget import Budget, preset_budget
 from visionzip.merge import choose_tokens, merge_tokens
 from visionzip.tower import encoder_layers, feature_layer_index
@@ -532,17 +533,6 @@ def run_authors(subject: Subject, mode: Mode, clock: Clock, memory: PeakMemory) 
 
 
 # -- the benchmark ---------------------------------------------------------------------------------
-def machine_description(device: torch.device) -> str:
-    if device.type == "cuda":
-        props = torch.cuda.get_device_properties(device)
-        return f"{props.name} ({props.total_memory / 2**30:.0f} GiB), CUDA {torch.version.cuda}"
-    cpu = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError):
-        with open("/proc/cpuinfo") as info:
-            cpu = next((line.split(":", 1)[1].strip() for line in info if line.startswith("model name")), cpu)
-    return f"{cpu}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}"
-
-
 def run_benchmark(
     preset: str = "tiny",
     dtype: str = "float32",

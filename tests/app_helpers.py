@@ -55,18 +55,21 @@ def served(demo: gr.Blocks) -> Iterator[str]:
 
 
 @contextmanager
-def browser_page(url: str) -> Iterator:
-    """A Playwright page on `url` in Debian's Chromium; skips the test when either is missing."""
+def browser_page(
+    url: str, size: tuple[int, int] = (1600, 1000), scale: float = 1, ready: str = "#message textarea"
+) -> Iterator:
+    """A Playwright page on `url` in Debian's Chromium, a CSS viewport of `size` at `scale` device pixels
+    per CSS pixel, once `ready` shows; skips the test when Chromium or Playwright is missing."""
     if not CHROMIUM.exists():
         pytest.skip(f"Debian Chromium is not installed at {CHROMIUM} (apt-get install chromium)")
     sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright package is not installed")
     with sync_api.sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
         try:
-            page = browser.new_page(viewport={"width": 1600, "height": 1000})
+            page = browser.new_page(viewport={"width": size[0], "height": size[1]}, device_scale_factor=scale)
             page.set_default_timeout(120_000)
             page.goto(url)
-            page.wait_for_selector("#message textarea")
+            page.wait_for_selector(ready)
             yield page
         finally:
             browser.close()
