@@ -387,6 +387,8 @@ def run_in_budget(args: argparse.Namespace, steps: list[Step], index: int, scrat
         return {"status": "no-time", "note": f"{max(box, 0):.0f} s of the budget would be its share"}
     print(f"[gpu-check] {step.name}: up to {box:.0f} s ({left:.0f} s left)", flush=True)
     record = run_child(step, args, scratch, cache, box)
+    for recording in scratch.glob("*.vzrec.json"):  # the conversation step's, for a speaker's laptop
+        shutil.move(recording, args.out / recording.name)
     print(f"[gpu-check] {step.name}: {record['status']} in {record['seconds']} s", flush=True)
     return record
 

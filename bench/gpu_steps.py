@@ -69,6 +69,11 @@ DRY_13B = {  # the dry run's stand-in: the tiny model's LM widened by 5120 / 409
 }
 
 
+def recording_name(dry_run: bool) -> str:
+    """The conversation step's recording, as it lands in $OUT (one of the 8 files a device call returns)."""
+    return "gpu-check-dry-run.vzrec.json" if dry_run else "h200-7b-shape.vzrec.json"
+
+
 def conversation_argv(dry_run: bool) -> list[str]:
     """bench.conversation arguments, less the budgets: three turns; on the GPU one warm-up conversation per
     budget (the app warms up per model and mode too) and one measured, 8 new tokens per answer."""
@@ -433,6 +438,10 @@ def step_conversation(context: Context) -> dict[str, Any]:
     folder = context.scratch / "conversation"
     budgets = [min(context.budgets, key=int)] if context.dry_run else context.budgets  # the dry run: one, for time
     argv = conversation_argv(context.dry_run) + ["--budgets", *budgets, "--out", str(folder)]
+    # A recording a speaker can replay on a laptop (app/recording.py); the parent copies it into $OUT.
+    recording = context.scratch / recording_name(context.dry_run)
+    argv += ["--record", str(recording), "--record-media", "assets/house_and_car.png"]
+    argv += ["--record-where", "scripts/gpu_check.sh (the prepared GPU check), 7B-shaped random weights"]
     print("python -m bench.conversation", " ".join(argv), flush=True)
     started = time.monotonic()
     conversation.main(argv)
@@ -442,7 +451,7 @@ def step_conversation(context: Context) -> dict[str, Any]:
     note = f"{time.monotonic() - started:.0f} s in bench.conversation, the checkpoint's build and load included"
     return {
         "note": note,
-        "data": {"argv": argv, "report": report},
+        "data": {"argv": argv, "report": report, "recording": recording.name},
         "markdown": f"{meta}\n\n{conversation.markdown(report['rows'])}",
     }
 

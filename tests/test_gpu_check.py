@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from app import recording
 from bench import gpu_check, gpu_plan, gpu_steps
 
 REPO = Path(__file__).resolve().parents[1]
@@ -78,7 +79,7 @@ def test_a_step_that_overruns_is_killed_with_its_children_and_the_later_steps_st
     assert re.search(r"^\| overrun \| timeout \|", (out / gpu_check.RESULT_MD).read_text(), re.M)
 
 
-def test_the_dry_run_records_what_each_step_measured(dry_run):
+def test_the_dry_run_records_what_each_step_measured(dry_run, tmp_path):
     _, out, results = dry_run
     steps = results["steps"]
     env = steps["env"]["data"]
@@ -100,6 +101,8 @@ def test_the_dry_run_records_what_each_step_measured(dry_run):
     assert [row["mode"] for row in others] == ["full", "320", "random:320", "fastv:320"]
     rows = steps["conversation"]["data"]["report"]["rows"]
     assert [row["turn"] for row in rows] == [1, 2, 3] and rows[0]["visionzip_visual_tokens"] < 2928
+    replayed = recording.read(out / steps["conversation"]["data"]["recording"], tmp_path / "media")  # replayable
+    assert len(replayed.turns) == 3 and all(turn.tokens["left"] and turn.tokens["right"] for turn in replayed.turns)
     registry = steps["registry"]["data"]
     loaded = [event["kept"] for event in registry["side_by_side"]]
     assert len(loaded[0]) == 1 and len(loaded[1]) == 2  # both fit: the registry kept both
