@@ -117,7 +117,7 @@ class CDPruner(Method):
             raise ValueError("CDPruner chooses by the question: pass it per call, handle.use(..., text='...')")
         handle = signals.handle
         clip = clip_text_for(handle.base.config.vision_config)
-        patches = signals.hidden[:, 1:]  # (T, N, C) the feature layer's patch states
+        patches = signals.patches  # (T, N, C) the feature layer's patch states
         features = project(patches)  # (T, N, E): stock LLaVA's tokens, before any is dropped
         with torch.no_grad():  # the choice is discrete; gradients, if any, flow through the kept features
             image_embeds = clip.embed_patches(post_layernorm(handle.base.vision_tower)(patches))  # (T, N, P)

@@ -89,8 +89,8 @@ class Pool(Method):
     ) -> TileOutput:
         side = signals.side
         window = side // math.isqrt(settings.tokens)  # check() made tokens = (side / window)^2
-        hidden = signals.hidden  # (T, 1 + side^2, C)
-        tokens = pool_patches(hidden[:, 1:], window)  # (T, k, C)
+        hidden = signals.patches  # (T, side^2, C)
+        tokens = pool_patches(hidden, window)  # (T, k, C)
         anchors, members, member_slot = window_groups(side, window)
         num_tiles = hidden.shape[0]
         # Fixed by the budget alone: the positions (each window's top-left patch) and the records need

@@ -47,15 +47,18 @@ class VisionZipMethod(Method):
         self, signals: TowerSignals, settings: Settings, project: Callable[[torch.Tensor], torch.Tensor]
     ) -> TileOutput:
         budget = settings.budget
-        choice = choose_tokens(signals.cls_attn, signals.keys_mean, budget.dominant, budget.contextual)
+        cls_tokens = signals.cls_tokens
+        choice = choose_tokens(signals.cls_attn, signals.keys_mean, budget.dominant, budget.contextual, cls_tokens)
         tokens = merge_tokens(signals.hidden, choice, settings.merge)  # (T, D+K, C): CLS, dominant, contextual
-        positions = token_positions(choice.dominant, budget.contextual)
-        return TileOutput(project(tokens), positions, tile_selections(choice, signals.cls_attn, signals.side))
+        positions = token_positions(choice.dominant, budget.contextual, cls_tokens)
+        selections = tile_selections(choice, signals.cls_attn, signals.side, cls_tokens)
+        return TileOutput(project(tokens), positions, selections)
 
 
-def token_positions(dominant: torch.Tensor, contextual: int) -> torch.Tensor:
-    """(T, D) dominant token positions (CLS first) -> (T, D + K) positions of VisionZip's output tokens."""
+def token_positions(dominant: torch.Tensor, contextual: int, cls_tokens: int = 1) -> torch.Tensor:
+    """(T, D) dominant token positions (CLS first, if any) -> (T, D + K) positions of VisionZip's output tokens."""
     num_tiles = dominant.shape[0]
-    patches = dominant - 1  # token position -> patch raster index; CLS (position 0) becomes -1, which is CLS
+    # token position -> patch raster index; a CLS token (position 0) becomes -1, which is CLS
+    patches = dominant - cls_tokens
     merged = torch.full((num_tiles, contextual), MERGED, dtype=torch.long, device=dominant.device)
     return torch.cat([patches, merged], dim=1)
