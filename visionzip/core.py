@@ -35,7 +35,10 @@ class VisionZip:
         base = model.model if hasattr(model, "model") and type(model.model).__name__ in FAMILIES else model
         family = FAMILIES.get(type(base).__name__)
         if family is None:
-            raise TypeError(f"VisionZip supports the base models {sorted(FAMILIES)}, got {type(model).__name__}")
+            raise TypeError(
+                f"VisionZip supports LLaVA-NeXT and LLaVA-1.5 models and the other families in visionzip.patch "
+                f"(base models {sorted(FAMILIES)}), got {type(model).__name__}"
+            )
         self.model, self.processor, self.base, self.family = model, processor, base, family
         self.side, self.cls_tokens = tower_geometry(family, base)
         self.tokens_per_tile = self.side * self.side + self.cls_tokens  # CLS (if any) + patches

@@ -29,14 +29,17 @@ def received_attention(queries: torch.Tensor, keys: torch.Tensor, scale: float, 
     """The attention each token receives, averaged over all queries, summed over heads: VisionZip's
     ranking signal on a tower without a CLS token (SigLIP).
 
-    queries, keys: (T, H, S, d).  Returns (T, S) in float32, summing to H per tile as a CLS row does.
-    The softmax runs over `chunk` queries at a time, so at most (T, H, chunk, S) logits exist at once.
+    queries, keys: (T, H, S, d).  Returns (T, S) in float32 or wider, summing to H per tile as a CLS row
+    does.  The softmax runs over `chunk` queries at a time, so at most (T, H, chunk, S) logits exist at
+    once.  Wider than float32 when the tower is: a mean over hundreds of queries packs the values close
+    together, and VisPruner's whole ranking (not only its top) decides its choice.
     """
     num_tiles, heads, seq_len, _ = queries.shape
-    received = torch.zeros(num_tiles, seq_len, dtype=torch.float32, device=queries.device)
-    keys = keys.float()
+    dtype = torch.promote_types(queries.dtype, torch.float32)
+    received = torch.zeros(num_tiles, seq_len, dtype=dtype, device=queries.device)
+    keys = keys.to(dtype)
     for start in range(0, seq_len, chunk):
-        block = queries[:, :, start : start + chunk].float()  # (T, H, c, d)
+        block = queries[:, :, start : start + chunk].to(dtype)  # (T, H, c, d)
         weights = (torch.einsum("thqd,thsd->thqs", block, keys) * scale).softmax(dim=-1)
         received += weights.sum(dim=(1, 2))
     return received / seq_len

@@ -24,7 +24,7 @@ from ..selection import kept_tiles
 from .base import Method, TileOutput
 
 if TYPE_CHECKING:
-    from ..settings import Settings
+    from ..settings import Handle, Settings
     from ..tower import TowerSignals
 
 
@@ -100,6 +100,17 @@ class CDPruner(Method):
 
     # The question is needed only to choose, not to count: a call that counts placeholders (the
     # processor, a page header) runs without one, and reduce_tiles refuses a choice without it.
+
+    def check_model(self, settings: Settings, handle: Handle) -> None:
+        """Refused on a tower that is not CLIP's: the relevance lives in CLIP's joint image-text space."""
+        tower = handle.base.config.vision_config.model_type
+        if tower != "clip_vision_model":
+            raise ValueError(
+                f"CDPruner scores each patch against the question in CLIP's joint space (CLIP's per-patch "
+                f"image embedding and its text tower); this model's vision tower is {tower}, whose image "
+                "embedding is pooled by an attention head with no per-patch projection into its text space "
+                "(SigLIP), so there is no faithful relevance score: CDPruner does not run on this model"
+            )
 
     def describe(self, settings: Settings) -> str:
         theta = "" if self.theta is None else f", theta={self.theta}"

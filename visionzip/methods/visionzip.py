@@ -1,5 +1,14 @@
 """VisionZip (Yang et al., CVPR 2025): per tile, the CLS token and the D-1 patches the CLS attends to
-most, plus C contextual tokens merged from the rest around evenly spaced targets (`visionzip.merge`)."""
+most, plus C contextual tokens merged from the rest around evenly spaced targets (`visionzip.merge`).
+
+A tower without a CLS token (SigLIP, LLaVA-OneVision's): the authors' official code covers CLIP only
+(github.com/dvlab-research/VisionZip, `visionzip/utils.py` reads the CLS row) and publishes no rule.
+Ours: the D patches that receive the most attention at the feature layer, averaged over all queries and
+summed over heads (`merge.received_attention`); no CLS token, so D counts patches only; contextual
+merging unchanged.  Why: with no CLS query, the mean over every query is the layer's one query-free
+ranking, and it is what the authors' own demo draws as patch attention (`gradio_demo.py`,
+`compute_patch_attention`: the map averaged over queries and heads).  The same rule serves
+dominant-only and VisPruner's important patches."""
 
 from __future__ import annotations
 
