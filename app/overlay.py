@@ -23,6 +23,9 @@ from visionzip import ImageSelection, TileSelection
 from visionzip.video import frame_features, frame_pixel_values
 
 TILE_PX = 336  # CLIP-L/14-336 tile; a patch cell is TILE_PX / side pixels of the tile
+# A tile's pixels by its patch grid side: (tile px, patch px).  SigLIP-384/14 (LLaVA-OneVision): 27 patches
+# of 14 px cover the first 378 of the tile's 384 px; its tiles are cut like LLaVA-NeXT's.
+TILE_GEOMETRY = {24: (336, 14), 27: (384, 14)}
 PANEL_LONG_SIDE = 1024  # drawn size of each picture: big enough for a projector, small enough to be quick
 TITLE_PX = 44  # height of the title strip above each panel of a multi-panel view
 
@@ -45,7 +48,7 @@ HEAT_SCALE = "Inferno"
 
 # -- geometry -------------------------------------------------------------------------------------
 def tile_cell_boxes(
-    image_size: tuple[int, int], grid: tuple[int, int], tile_index: int, side: int = 24, tile_px: int = TILE_PX
+    image_size: tuple[int, int], grid: tuple[int, int], tile_index: int, side: int = 24, tile_px: int | None = None
 ) -> np.ndarray:
     """(side*side, 4) boxes x0, y0, x1, y1 in pixels of the uploaded (H, W) image, one per patch cell
     of tile `tile_index` in raster order; a row of NaN marks a cell that lies entirely in padding.
@@ -54,6 +57,10 @@ def tile_cell_boxes(
     tile 0 is the base image and tile k (1-based) the k-th crop of the grid, row by row."""
     height, width = image_size
     rows, cols = grid
+    if tile_px is None:
+        tile_px, cell = TILE_GEOMETRY.get(side, (TILE_PX, TILE_PX / side))
+    else:
+        cell = tile_px / side
     if rows * cols == 0:  # LLaVA-1.5: resize the shortest edge to tile_px, then centre-crop
         if width <= height:
             new_w, new_h = tile_px, int(tile_px * height / width)
@@ -78,7 +85,6 @@ def tile_cell_boxes(
         row, col = divmod(tile_index - 1, cols)
         origin = (row * tile_px, col * tile_px)
         content = (top, left, top + new_h, left + new_w)
-    cell = tile_px / side
     r, c = np.divmod(np.arange(side * side), side)
     y0, x0 = origin[0] + r * cell, origin[1] + c * cell
     top, left, bottom, right = content
