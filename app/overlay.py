@@ -26,6 +26,14 @@ TILE_PX = 336  # CLIP-L/14-336 tile; a patch cell is TILE_PX / side pixels of th
 # A tile's pixels by its patch grid side: (tile px, patch px).  SigLIP-384/14 (LLaVA-OneVision): 27 patches
 # of 14 px cover the first 378 of the tile's 384 px; its tiles are cut like LLaVA-NeXT's.
 TILE_GEOMETRY = {24: (336, 14), 27: (384, 14)}
+CLS_FREE_SIDES = {27}  # patch grids of towers without a CLS token (SigLIP): no method keeps one there
+
+
+def keeps_cls(method_name: str, side: int) -> bool:
+    """Whether `method_name`'s tokens include a CLS token on a tile of side x side patches."""
+    return visionzip.get_method(method_name).keeps_cls and side not in CLS_FREE_SIDES
+
+
 PANEL_LONG_SIDE = 1024  # drawn size of each picture: big enough for a projector, small enough to be quick
 TITLE_PX = 44  # height of the title strip above each panel of a multi-panel view
 
@@ -326,7 +334,7 @@ def legend_markdown(selection: ImageSelection, view: str) -> str:
     lone = len(selection.tiles) == 1
     names = tile_names(selection)
     method = visionzip.get_method(selection.method)
-    cls = 1 if method.keeps_cls else 0
+    cls = 1 if keeps_cls(selection.method, selection.tiles[0].side) else 0
     rows = [
         f"| tile | kept patches{' (+CLS)' if cls else ''} | {method.merged_as} tokens | patches merged into them "
         "| dropped | padding cells (kept) | tokens |",

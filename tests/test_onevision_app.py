@@ -77,3 +77,22 @@ def test_a_onevision_side_against_a_next_side_with_overlay_match_and_quality(han
 def test_siglip_cells_are_14_px_of_a_384_px_tile():
     boxes = tile_cell_boxes((384, 384), (1, 1), 0, side=27)  # the base tile of a 384x384 picture
     assert np.allclose(boxes[0], [0, 0, 14, 14]) and np.allclose(boxes[-1], [364, 364, 378, 378])
+
+
+def test_video_frames_are_one_siglip_tile_each(handlers, tmp_path):
+    from test_app_video import write_clip
+
+    path = write_clip(tmp_path / "clip.mp4")
+    conversation = handlers.set_media({"path": str(path)}, new_conversation(handlers.registry))["state"]
+    conversation = handlers.set_model(conversation, ONEVISION, ONEVISION, progress=lambda *a, **k: None)["state"]
+    conversation = handlers.set_mode(conversation, "Full", 54, 10, "VisionZip 320", 54, 10)["state"]
+    final = list(handlers.ask("What happens?", conversation))[-1]
+    turn = final["state"].turns[-1]
+    assert turn.stats["left"].error is None and turn.stats["right"].error is None
+    assert turn.stats["left"].visual_tokens == turn.frames["left"] * 729  # 27x27 patches, no CLS
+    assert turn.stats["right"].visual_tokens == turn.frames["right"] * 64  # VisionZip 54 + 10 per frame
+    strip = handlers.refresh_filmstrip(final["state"])
+    assert "each one 384x384 tile of 64 tokens" in strip["legend"]
+    assert len(strip["filmstrip"].value) == turn.frames["right"]
+    captions = [str(item) for item in strip["filmstrip"].value]
+    assert all("54 kept + 10 merged tokens" in caption for caption in captions), captions[:1]
