@@ -5,6 +5,7 @@ came from (`tile_cell_boxes`), so the cells land on the uploaded image, not on a
 LLaVA-NeXT: the base tile is the whole image squashed to 336x336; the crops come from the image
 resized (aspect kept) to the grid's resolution, padded centred, and cut into 336x336 tiles row by row.
 LLaVA-1.5 (a lone tile, grid (0, 0)): shortest edge resized to 336, then a centre crop.
+LLaVA-OneVision: as LLaVA-NeXT with 384x384 tiles of 27x27 patches (`TILE_GEOMETRY`).
 """
 
 from __future__ import annotations
@@ -131,10 +132,11 @@ def tiles_in_view(selection: ImageSelection, view: str) -> list[list[int]]:
 
 def _panel_title(selection: ImageSelection, tiles: list[int]) -> str:
     rows, cols = selection.grid
+    px = TILE_GEOMETRY.get(selection.tiles[0].side, (TILE_PX,))[0]
     if rows * cols == 0:
-        return "the one 336x336 tile (shortest edge resized, centre crop)"
+        return f"the one {px}x{px} tile (shortest edge resized, centre crop)"
     if tiles == [0]:
-        return "base tile: whole picture squashed to 336x336"
+        return f"base tile: whole picture squashed to {px}x{px}"
     if len(tiles) == 1:
         return f"crop {tiles[0]} of the {rows}x{cols} grid"
     return f"{rows}x{cols} grid: {rows * cols} crops, high resolution"

@@ -261,62 +261,49 @@ class Subject:
     description: str
 
 
+TINY_DESCRIPTIONS = {
+    "llava_next": "tiny random LLaVA-NeXT (CLIP 64 wide x 4 layers, Llama 128 wide x 2 layers; real tile geometry)",
+    "llava_onevision": "tiny random LLaVA-OneVision (SigLIP 64 wide x 4 layers, Qwen2 128 wide; real tile geometry)",
+}
+WIDE_DESCRIPTIONS = {
+    "llava_next": "random-init LLaVA-NeXT of real width: CLIP-L/14-336 (24 layers, 1024 wide) + Llama "
+    "4096 wide, 11008 MLP, 32 heads, vocab 32064, {layers} layers",
+    "llava_onevision": "random-init LLaVA-OneVision of real width: SigLIP so400m/14-384 (26 layers, 1152 wide) "
+    "+ Qwen2 3584 wide, 18944 MLP, 28 heads (4 KV), vocab 152064, {layers} layers",
+}
+
+
 def load_subject(
-    preset: str, dtype: torch.dtype, device: torch.device, llm_layers: int, model_id: str | None, family: str
+    preset: str,
+    dtype: torch.dtype,
+    device: torch.device,
+    llm_layers: int,
+    model_id: str | None,
+    family: str = "llava_next",
 ) -> Subject:
-    if family == "llava_onevision":
-        return load_onevision(preset, dtype, device, llm_layers, model_id)
+    onevision = family == "llava_onevision"
     if preset == "tiny":
         from visionzip.tiny import load_tiny
 
-        model, processor = load_tiny("llava_next", dtype=dtype)
-        description = "tiny random LLaVA-NeXT (CLIP 64 wide x 4 layers, Llama 128 wide x 2 layers; real tile geometry)"
+        model, processor = load_tiny(family, dtype=dtype)
+        description = TINY_DESCRIPTIONS[family]
     elif preset == "wide":
-        model, processor = build_wide(llm_layers, dtype, device)
-        description = (
-            f"random-init LLaVA-NeXT of real width: CLIP-L/14-336 (24 layers, 1024 wide) + Llama "
-            f"4096 wide, 11008 MLP, 32 heads, vocab 32064, {llm_layers} layers"
-        )
-        if "VISIONZIP_CLIP" not in os.environ:  # CDPruner's text side: a random CLIP-L text tower of real size
+        model, processor = (build_wide_onevision if onevision else build_wide)(llm_layers, dtype, device)
+        description = WIDE_DESCRIPTIONS[family].format(layers=llm_layers)
+        # CDPruner's text side: a random CLIP-L text tower of real size (OneVision's SigLIP refuses CDPruner)
+        if not onevision and "VISIONZIP_CLIP" not in os.environ:
             os.environ["VISIONZIP_CLIP"] = str(random_clip_l())
             description += "; CDPruner's CLIP text tower: random, CLIP-L/14-336's shape"
     elif preset == "real":
         if not model_id:
-            raise SystemExit("--preset real needs --model PATH_OR_ID (a LLaVA-NeXT checkpoint)")
-        from transformers import AutoProcessor, LlavaNextForConditionalGeneration
+            raise SystemExit(f"--preset real needs --model PATH_OR_ID (a {family} checkpoint)")
+        from transformers import LlavaNextForConditionalGeneration, LlavaOnevisionForConditionalGeneration
 
-        processor = AutoProcessor.from_pretrained(model_id)
-        model = LlavaNextForConditionalGeneration.from_pretrained(model_id, dtype=dtype, attn_implementation="sdpa")
-        description = f"{model_id} ({model.config.text_config.num_hidden_layers} LM layers)"
-    else:
-        raise SystemExit(f"unknown preset {preset!r}: tiny, wide or real")
-    return Subject(model.to(device).eval(), processor, description)
+        from visionzip.workarounds import load_processor
 
-
-def load_onevision(
-    preset: str, dtype: torch.dtype, device: torch.device, llm_layers: int, model_id: str | None
-) -> Subject:
-    from transformers import LlavaOnevisionForConditionalGeneration
-
-    from visionzip.tiny import load_tiny
-    from visionzip.workarounds import load_processor
-
-    if preset == "tiny":
-        model, processor = load_tiny("llava_onevision", dtype=dtype)
-        description = "tiny random LLaVA-OneVision (SigLIP 64 wide x 4 layers, Qwen2 128 wide; real tile geometry)"
-    elif preset == "wide":
-        model, processor = build_wide_onevision(llm_layers, dtype, device)
-        description = (
-            f"random-init LLaVA-OneVision of real width: SigLIP so400m/14-384 (26 layers, 1152 wide) + Qwen2 "
-            f"3584 wide, 18944 MLP, 28 heads (4 KV), vocab 152064, {llm_layers} layers"
-        )
-    elif preset == "real":
-        if not model_id:
-            raise SystemExit("--preset real needs --model PATH_OR_ID (a LLaVA-OneVision checkpoint)")
         processor = load_processor(model_id)
-        model = LlavaOnevisionForConditionalGeneration.from_pretrained(
-            model_id, dtype=dtype, attn_implementation="sdpa"
-        )
+        model_class = LlavaOnevisionForConditionalGeneration if onevision else LlavaNextForConditionalGeneration
+        model = model_class.from_pretrained(model_id, dtype=dtype, attn_implementation="sdpa")
         description = f"{model_id} ({model.config.text_config.num_hidden_layers} LM layers)"
     else:
         raise SystemExit(f"unknown preset {preset!r}: tiny, wide or real")

@@ -96,3 +96,17 @@ def test_video_frames_are_one_siglip_tile_each(handlers, tmp_path):
     assert len(strip["filmstrip"].value) == turn.frames["right"]
     captions = [str(item) for item in strip["filmstrip"].value]
     assert all("54 kept + 10 merged tokens" in caption for caption in captions), captions[:1]
+
+
+def test_the_difference_view_on_two_onevision_sides(handlers, picture):
+    conversation = handlers.set_media({"path": picture}, new_conversation(handlers.registry))["state"]
+    conversation = handlers.set_model(conversation, ONEVISION, ONEVISION, progress=lambda *a, **k: None)["state"]
+    conversation = handlers.set_mode(
+        conversation, "Random 320", 54, 10, "VisionZip 320", 54, 10, False, False, "Random", "VisionZip"
+    )["state"]
+    compared = handlers.compare_sides(conversation)
+    rows = compared["difference_json"]
+    assert compared["difference_image"] is not None
+    assert [row["tile"] for row in rows] == ["base", "crop 1", "crop 2", "crop 3", "crop 4", "all"]
+    for row in rows[:-1]:  # Random keeps 64 patches a tile, VisionZip 54 dominant ones (no CLS on SigLIP)
+        assert row["left_only"] + row["both"] == 64 and row["right_only"] + row["both"] == 54
