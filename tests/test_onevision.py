@@ -300,3 +300,44 @@ def test_patch_map_of_an_undownscaled_image_is_the_exact_index_map(handle, size)
         return OnevisionPacking().pack(base, features, torch.tensor(size), newline)
 
     assert torch.equal(interpolated_patch_map(stock_pack, count, SIDE, grid), packed_patch_map(stock_pack, count, SIDE))
+
+
+# -- bench.phases on this family ---------------------------------------------------------------------------
+def test_bench_phases_runs_onevision_and_its_flops_match_torchs_counter(make_image, tmp_path):
+    """The tiny run's counts (stock 729 + 54x54 + 54 newlines at 672x672; 5 tiles x 64 under VisionZip
+    320), and the tower's and VisionZip's FLOP formulas without a CLS token against FlopCounterMode."""
+    import contextlib
+    import io
+    import json
+
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from bench import phases as bench
+
+    argv = ["--family", FAMILY, "--preset", "tiny", "--device", "cpu", "--repeats", "1", "--warmup", "0"]
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert bench.main([*argv, "--new-tokens", "1", "--budgets", "320", "--out", str(tmp_path)]) == 0
+    (path,) = tmp_path.glob("onevision-tiny-*.json")
+    rows = json.loads(path.read_text())["rows"]
+    assert [(row["mode"], row["visual_tokens"]) for row in rows] == [("full", 729 + 54 * 54 + 54), ("320", 5 * 64)]
+
+    model, processor = load_tiny(FAMILY)
+    model.set_attn_implementation({"vision_config": "eager"})  # every attention matmul visible to the counter
+    inputs = processor(images=make_image(672, 672), text=PROMPT, return_tensors="pt")
+    vision = model.config.vision_config
+
+    def counted(run) -> float:
+        with FlopCounterMode(display=False) as counter, torch.no_grad():
+            run()
+        return counter.get_total_flops()
+
+    tower = counted(lambda: model.model.vision_tower(inputs.pixel_values.flatten(0, 1)))
+    assert tower == pytest.approx(bench.tower_flops(vision, 5), rel=1e-6)
+    handle = visionzip.apply(model, processor, 54, 10)
+    try:
+        reduced = counted(lambda: model.model.get_image_features(inputs.pixel_values, inputs.image_sizes))
+    finally:
+        handle.remove()
+    budget = visionzip.preset_budget(FAMILY, 320)
+    expected = bench.tower_flops(vision, 5) + bench.visionzip_flops(vision, 5, budget)
+    assert reduced == pytest.approx(expected + bench.projector_flops(model.config, 5 * 64), rel=1e-6)
