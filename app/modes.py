@@ -117,7 +117,9 @@ def make_mode(
     if tokens_per_tile is None:
         tokens_per_tile = TILE_TOKENS.get(family, 577)
     if name == CUSTOM:
-        budget = visionzip.Budget(_whole(dominant, "dominant"), _whole(contextual, "contextual")).check(tokens_per_tile)
+        cls_tokens = int(math.isqrt(tokens_per_tile) ** 2 != tokens_per_tile)  # 577 = 24^2 + CLS; 729 = 27^2
+        budget = visionzip.Budget(_whole(dominant, "dominant"), _whole(contextual, "contextual"))
+        budget = budget.check(tokens_per_tile, cls_tokens)
         return Mode(name, True, budget.dominant, budget.contextual)
     if name == CUSTOM_TOKENS:
         if method in (None, FULL, "visionzip"):

@@ -341,3 +341,13 @@ def test_bench_phases_runs_onevision_and_its_flops_match_torchs_counter(make_ima
     budget = visionzip.preset_budget(FAMILY, 320)
     expected = bench.tower_flops(vision, 5) + bench.visionzip_flops(vision, 5, budget)
     assert reduced == pytest.approx(expected + bench.projector_flops(model.config, 5 * 64), rel=1e-6)
+
+
+def test_impossible_budgets_state_siglips_limits(handle):
+    with pytest.raises(ValueError, match=r"729 patches, no CLS\): need 1 <= dominant <= 729"):
+        handle.set_budget(700, 100)
+    with pytest.raises(ValueError, match="729 patches and no CLS token"):
+        with handle.use(method="visionzip_dominant", tokens=730):
+            pass
+    with handle.use(dominant=729, contextual=0):  # every patch is a legal budget: nothing to drop
+        assert handle.num_image_tokens((384, 384)) == 2 * 729
