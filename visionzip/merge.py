@@ -25,16 +25,23 @@ def cls_attention(query_cls: torch.Tensor, keys: torch.Tensor, scale: float) -> 
     return logits.softmax(dim=-1).sum(dim=1)
 
 
-def received_attention(queries: torch.Tensor, keys: torch.Tensor, scale: float, chunk: int = 64) -> torch.Tensor:
+RECEIVED_LOGITS = 2**24  # logits `received_attention` holds at once: 64 MiB in float32
+
+
+def received_attention(
+    queries: torch.Tensor, keys: torch.Tensor, scale: float, chunk: int | None = None
+) -> torch.Tensor:
     """The attention each token receives, averaged over all queries, summed over heads: VisionZip's
     ranking signal on a tower without a CLS token (SigLIP).
 
     queries, keys: (T, H, S, d).  Returns (T, S) in float32 or wider, summing to H per tile as a CLS row
-    does.  The softmax runs over `chunk` queries at a time, so at most (T, H, chunk, S) logits exist at
-    once.  Wider than float32 when the tower is: a mean over hundreds of queries packs the values close
-    together, and VisPruner's whole ranking (not only its top) decides its choice.
+    does.  The softmax runs over `chunk` queries at a time (default: as many as keep the (T, H, chunk, S)
+    logits within RECEIVED_LOGITS, at least 16), so the whole map never exists at once.  Wider than
+    float32 when the tower is: a mean over hundreds of queries packs the values close together, and
+    VisPruner's whole ranking (not only its top) decides its choice.
     """
     num_tiles, heads, seq_len, _ = queries.shape
+    chunk = chunk or max(16, RECEIVED_LOGITS // (num_tiles * heads * seq_len))
     dtype = torch.promote_types(queries.dtype, torch.float32)
     received = torch.zeros(num_tiles, seq_len, dtype=dtype, device=queries.device)
     keys = keys.to(dtype)
