@@ -30,6 +30,11 @@ TILE_GEOMETRY = {24: (336, 14), 27: (384, 14)}
 CLS_FREE_SIDES = {27}  # patch grids of towers without a CLS token (SigLIP): no method keeps one there
 
 
+def signal_name(side: int) -> str:
+    """What the attention-reading methods rank patches by on a tile of side x side patches."""
+    return "attention received" if side in CLS_FREE_SIDES else "CLS attention"
+
+
 def keeps_cls(method_name: str, side: int) -> bool:
     """Whether `method_name`'s tokens include a CLS token on a tile of side x side patches."""
     return visionzip.get_method(method_name).keeps_cls and side not in CLS_FREE_SIDES
@@ -286,7 +291,7 @@ def _compose(panels: list[tuple[str, Image.Image]], footer: Image.Image | None =
     return sheet
 
 
-def _colourbar(width: int) -> Image.Image:
+def _colourbar(width: int, signal: str = "CLS attention") -> Image.Image:
     height = max(48, PANEL_LONG_SIDE // 16)
     bar = Image.new("RGB", (width, height), "white")
     ramp = _heat_colours(np.linspace(0, 1, width // 2)).astype(np.uint8)
@@ -296,7 +301,7 @@ def _colourbar(width: int) -> Image.Image:
     font = _font(int(height * 0.35))
     draw.text((width // 4 - 8, 4 + height // 6), "low", fill="black", font=font, anchor="rm")
     draw.text((3 * width // 4 + 8, 4 + height // 6), "high", fill="black", font=font, anchor="lm")
-    draw.text((width // 2, height - 4), "CLS attention per patch (feature layer)", fill="black", font=font, anchor="ms")
+    draw.text((width // 2, height - 4), f"{signal} per patch (feature layer)", fill="black", font=font, anchor="ms")
     return bar
 
 
@@ -321,7 +326,7 @@ def draw_attention_heatmap(image: Image.Image, selection: ImageSelection, view: 
         for tiles in tiles_in_view(selection, view)
     ]
     width = sum(p.width for _, p in panels) if len(panels) > 1 else panels[0][1].width
-    return _compose(panels, footer=_colourbar(min(width, PANEL_LONG_SIDE)))
+    return _compose(panels, footer=_colourbar(min(width, PANEL_LONG_SIDE), signal_name(selection.tiles[0].side)))
 
 
 # -- legend ---------------------------------------------------------------------------------------

@@ -66,6 +66,7 @@ def test_a_onevision_side_against_a_next_side_with_overlay_match_and_quality(han
     selection = overlay["selection_state"]
     assert [tile.side for tile in selection.tiles] == [27] * 5 and selection.grid == (2, 2)
     assert overlay["overlay"] is not None and overlay["heatmap"] is not None  # received attention drawn
+    assert "attention received" in overlay["attention_plot"].layout.title.text  # SigLIP has no CLS to name
 
     conversation = handlers.set_mode(final["state"], "VisionZip 160", 54, 10, "VisionZip 320", 54, 10)["state"]
     matched = handlers.match_left(conversation)["state"]  # LLaVA-NeXT's VisionZip at OneVision's count
