@@ -9,7 +9,7 @@ from __future__ import annotations
 import plotly.colors as pcolors
 import plotly.graph_objects as go
 
-from app.overlay import tile_names, tiles_in_view
+from app.overlay import signal_name, tile_names, tiles_in_view
 from app.stats import TurnStats
 from visionzip import ImageSelection
 
@@ -245,7 +245,8 @@ def attention_chart(selection: ImageSelection, cut: int, view: str = "base") -> 
         annotation_text=f"budget: top {cut} patches kept",
         annotation_position="top right",
     )
-    title = "How concentrated is the CLS attention? (feature layer)"
+    signal = signal_name(selection.tiles[0].side)  # SigLIP has no CLS: the attention each patch receives
+    title = f"How concentrated is the {signal}? (feature layer)"
     subtitle = f"share held by the top {cut} patches of {count}: " + ", ".join(notes)
     if len(tiles) == 1:
         figure.update_layout(
@@ -259,8 +260,8 @@ def attention_chart(selection: ImageSelection, cut: int, view: str = "base") -> 
                 "showgrid": False,
             }
         )
-        _styled(figure, title, "patch rank by CLS attention", "share of the CLS attention (%)", subtitle)
+        _styled(figure, title, f"patch rank by {signal}", f"share of the {signal} (%)", subtitle)
     else:
         figure.update_yaxes(range=[0, 101])
-        _styled(figure, title, "patch rank by CLS attention", "cumulative share (%)", subtitle)
+        _styled(figure, title, f"patch rank by {signal}", "cumulative share (%)", subtitle)
     return figure

@@ -48,7 +48,7 @@ from app.turn import (
     run_turn,
     video_tokens,
 )
-from app.video import DEFAULT_FRAMES, MAX_FRAMES, describe_clip, filmstrip
+from app.video import DEFAULT_FRAMES, MAX_FRAMES, describe_clip, filmstrip, frame_tile
 from visionzip.video import tokens_per_frame
 
 log = logging.getLogger(__name__)
@@ -566,9 +566,10 @@ class Handlers:
             asked = f"Chosen for “{question}”. " if config.mode.reads_text else ""
         shown = (
             "Frames are shown squashed to the square base tile the model sees."
-            if loaded.family == "llava_next"
+            if loaded.family != "llava"
             else "Frames are shown centre-cropped, as the model sees them."
         )
-        legend = f"{title}: {len(clip.frames)} frames, each one 336x336 tile of {per_frame} tokens. " + asked
+        tile = frame_tile(clip.frames[0], loaded.family).width
+        legend = f"{title}: {len(clip.frames)} frames, each one {tile}x{tile} tile of {per_frame} tokens. " + asked
         legend += (overlay.FILMSTRIP_LEGEND if selections else NO_REDUCTION + " ") + shown
         return filmstrip(clip, loaded.family, selections, full), legend

@@ -15,14 +15,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoProcessor, LlavaForConditionalGeneration, LlavaNextForConditionalGeneration
+from transformers import (
+    AutoConfig,
+    LlavaForConditionalGeneration,
+    LlavaNextForConditionalGeneration,
+    LlavaOnevisionForConditionalGeneration,
+)
 
 import visionzip
 from app.hosting import ON_ZEROGPU
 from app.tuned import ProjectorError, ProjectorFile, check_fits, read_projector_file
 from visionzip.projector import TunedProjector, load_projector
 from visionzip.tiny import tiny_checkpoint
-from visionzip.workarounds import dense_lm_head_input, needs_dense_lm_head_input
+from visionzip.workarounds import dense_lm_head_input, load_processor, needs_dense_lm_head_input
 
 log = logging.getLogger(__name__)
 
@@ -37,8 +42,11 @@ DEFAULT_CHOICES: dict[str, str] = {
     "LLaVA-NeXT Mistral 7B": "llava-hf/llava-v1.6-mistral-7b-hf",
     "LLaVA-1.5 7B": "llava-hf/llava-1.5-7b-hf",
 }
+DEFAULT_CHOICES["Tiny LLaVA-OneVision (random weights)"] = TINY + "llava_onevision"
+DEFAULT_CHOICES["LLaVA-OneVision Qwen2 7B"] = "llava-hf/llava-onevision-qwen2-7b-ov-hf"
 FOUR_BIT = " (4-bit)"  # label suffix: 4-bit weights change latency, so the UI says so
 MODEL_CLASSES = {"llava_next": LlavaNextForConditionalGeneration, "llava": LlavaForConditionalGeneration}
+MODEL_CLASSES["llava_onevision"] = LlavaOnevisionForConditionalGeneration
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -267,7 +275,7 @@ class ModelRegistry:
         model.eval()
         if needs_dense_lm_head_input(device, dtype):  # a torch CPU bf16 slowdown that would swamp both sides
             dense_lm_head_input(model)
-        processor = AutoProcessor.from_pretrained(path, trust_remote_code=False)
+        processor = load_processor(path, trust_remote_code=False)  # OneVision's, without torchvision too
         handle = visionzip.apply(model, processor, enabled=False)  # each call states its own mode
         weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
         log.info("loaded %s from %s", label, path)

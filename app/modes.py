@@ -97,22 +97,29 @@ def mode_choices(family: str, method: str = "visionzip") -> list[str]:
     return [f"{reducer.title} {name}" for name in reducer.presets(family)] + [custom]
 
 
+TILE_TOKENS = {"llava_onevision": 27 * 27}  # a tile's tokens where it is not CLIP-L/14-336's 577
+
+
 def make_mode(
     name: str,
     family: str,
     dominant: float | None = None,
     contextual: float | None = None,
-    tokens_per_tile: int = 577,
+    tokens_per_tile: int | None = None,
     tokens: float | None = None,
     method: str | None = None,
 ) -> Mode:
     """The Mode a UI choice names (`method`, a registry name, is needed only for CUSTOM_TOKENS);
     raises ValueError (with the limits) for a budget that a tile of `tokens_per_tile` tokens
-    (CLS + patches; 577 for CLIP-L/14-336) cannot meet."""
+    (CLS + patches; 577 for CLIP-L/14-336, 729 for SigLIP-384/14, which has no CLS) cannot meet."""
     if name == FULL:
         return FULL_MODE
+    if tokens_per_tile is None:
+        tokens_per_tile = TILE_TOKENS.get(family, 577)
     if name == CUSTOM:
-        budget = visionzip.Budget(_whole(dominant, "dominant"), _whole(contextual, "contextual")).check(tokens_per_tile)
+        cls_tokens = int(math.isqrt(tokens_per_tile) ** 2 != tokens_per_tile)  # 577 = 24^2 + CLS; 729 = 27^2
+        budget = visionzip.Budget(_whole(dominant, "dominant"), _whole(contextual, "contextual"))
+        budget = budget.check(tokens_per_tile, cls_tokens)
         return Mode(name, True, budget.dominant, budget.contextual)
     if name == CUSTOM_TOKENS:
         if method in (None, FULL, "visionzip"):
@@ -134,7 +141,7 @@ def make_mode(
 
 
 def _checked(mode: Mode, tokens_per_tile: int) -> Mode:
-    mode.reducer.check(mode.settings(), math.isqrt(tokens_per_tile - 1))
+    mode.reducer.check(mode.settings(), math.isqrt(tokens_per_tile))  # side x side patches, + 1 CLS or not
     return mode
 
 

@@ -5,6 +5,7 @@ came from (`tile_cell_boxes`), so the cells land on the uploaded image, not on a
 LLaVA-NeXT: the base tile is the whole image squashed to 336x336; the crops come from the image
 resized (aspect kept) to the grid's resolution, padded centred, and cut into 336x336 tiles row by row.
 LLaVA-1.5 (a lone tile, grid (0, 0)): shortest edge resized to 336, then a centre crop.
+LLaVA-OneVision: as LLaVA-NeXT with 384x384 tiles of 27x27 patches (`TILE_GEOMETRY`).
 """
 
 from __future__ import annotations
@@ -23,6 +24,22 @@ from visionzip import ImageSelection, TileSelection
 from visionzip.video import frame_features, frame_pixel_values
 
 TILE_PX = 336  # CLIP-L/14-336 tile; a patch cell is TILE_PX / side pixels of the tile
+# A tile's pixels by its patch grid side: (tile px, patch px).  SigLIP-384/14 (LLaVA-OneVision): 27 patches
+# of 14 px cover the first 378 of the tile's 384 px; its tiles are cut like LLaVA-NeXT's.
+TILE_GEOMETRY = {24: (336, 14), 27: (384, 14)}
+CLS_FREE_SIDES = {27}  # patch grids of towers without a CLS token (SigLIP): no method keeps one there
+
+
+def signal_name(side: int) -> str:
+    """What the attention-reading methods rank patches by on a tile of side x side patches."""
+    return "attention received" if side in CLS_FREE_SIDES else "CLS attention"
+
+
+def keeps_cls(method_name: str, side: int) -> bool:
+    """Whether `method_name`'s tokens include a CLS token on a tile of side x side patches."""
+    return visionzip.get_method(method_name).keeps_cls and side not in CLS_FREE_SIDES
+
+
 PANEL_LONG_SIDE = 1024  # drawn size of each picture: big enough for a projector, small enough to be quick
 TITLE_PX = 44  # height of the title strip above each panel of a multi-panel view
 
@@ -45,7 +62,7 @@ HEAT_SCALE = "Inferno"
 
 # -- geometry -------------------------------------------------------------------------------------
 def tile_cell_boxes(
-    image_size: tuple[int, int], grid: tuple[int, int], tile_index: int, side: int = 24, tile_px: int = TILE_PX
+    image_size: tuple[int, int], grid: tuple[int, int], tile_index: int, side: int = 24, tile_px: int | None = None
 ) -> np.ndarray:
     """(side*side, 4) boxes x0, y0, x1, y1 in pixels of the uploaded (H, W) image, one per patch cell
     of tile `tile_index` in raster order; a row of NaN marks a cell that lies entirely in padding.
@@ -54,6 +71,10 @@ def tile_cell_boxes(
     tile 0 is the base image and tile k (1-based) the k-th crop of the grid, row by row."""
     height, width = image_size
     rows, cols = grid
+    if tile_px is None:
+        tile_px, cell = TILE_GEOMETRY.get(side, (TILE_PX, TILE_PX / side))
+    else:
+        cell = tile_px / side
     if rows * cols == 0:  # LLaVA-1.5: resize the shortest edge to tile_px, then centre-crop
         if width <= height:
             new_w, new_h = tile_px, int(tile_px * height / width)
@@ -78,7 +99,6 @@ def tile_cell_boxes(
         row, col = divmod(tile_index - 1, cols)
         origin = (row * tile_px, col * tile_px)
         content = (top, left, top + new_h, left + new_w)
-    cell = tile_px / side
     r, c = np.divmod(np.arange(side * side), side)
     y0, x0 = origin[0] + r * cell, origin[1] + c * cell
     top, left, bottom, right = content
@@ -117,10 +137,11 @@ def tiles_in_view(selection: ImageSelection, view: str) -> list[list[int]]:
 
 def _panel_title(selection: ImageSelection, tiles: list[int]) -> str:
     rows, cols = selection.grid
+    px = TILE_GEOMETRY.get(selection.tiles[0].side, (TILE_PX,))[0]
     if rows * cols == 0:
-        return "the one 336x336 tile (shortest edge resized, centre crop)"
+        return f"the one {px}x{px} tile (shortest edge resized, centre crop)"
     if tiles == [0]:
-        return "base tile: whole picture squashed to 336x336"
+        return f"base tile: whole picture squashed to {px}x{px}"
     if len(tiles) == 1:
         return f"crop {tiles[0]} of the {rows}x{cols} grid"
     return f"{rows}x{cols} grid: {rows * cols} crops, high resolution"
@@ -270,7 +291,7 @@ def _compose(panels: list[tuple[str, Image.Image]], footer: Image.Image | None =
     return sheet
 
 
-def _colourbar(width: int) -> Image.Image:
+def _colourbar(width: int, signal: str = "CLS attention") -> Image.Image:
     height = max(48, PANEL_LONG_SIDE // 16)
     bar = Image.new("RGB", (width, height), "white")
     ramp = _heat_colours(np.linspace(0, 1, width // 2)).astype(np.uint8)
@@ -280,7 +301,7 @@ def _colourbar(width: int) -> Image.Image:
     font = _font(int(height * 0.35))
     draw.text((width // 4 - 8, 4 + height // 6), "low", fill="black", font=font, anchor="rm")
     draw.text((3 * width // 4 + 8, 4 + height // 6), "high", fill="black", font=font, anchor="lm")
-    draw.text((width // 2, height - 4), "CLS attention per patch (feature layer)", fill="black", font=font, anchor="ms")
+    draw.text((width // 2, height - 4), f"{signal} per patch (feature layer)", fill="black", font=font, anchor="ms")
     return bar
 
 
@@ -305,7 +326,7 @@ def draw_attention_heatmap(image: Image.Image, selection: ImageSelection, view: 
         for tiles in tiles_in_view(selection, view)
     ]
     width = sum(p.width for _, p in panels) if len(panels) > 1 else panels[0][1].width
-    return _compose(panels, footer=_colourbar(min(width, PANEL_LONG_SIDE)))
+    return _compose(panels, footer=_colourbar(min(width, PANEL_LONG_SIDE), signal_name(selection.tiles[0].side)))
 
 
 # -- legend ---------------------------------------------------------------------------------------
@@ -320,7 +341,7 @@ def legend_markdown(selection: ImageSelection, view: str) -> str:
     lone = len(selection.tiles) == 1
     names = tile_names(selection)
     method = visionzip.get_method(selection.method)
-    cls = 1 if method.keeps_cls else 0
+    cls = 1 if keeps_cls(selection.method, selection.tiles[0].side) else 0
     rows = [
         f"| tile | kept patches{' (+CLS)' if cls else ''} | {method.merged_as} tokens | patches merged into them "
         "| dropped | padding cells (kept) | tokens |",

@@ -24,7 +24,8 @@ SIDE_NAMES = {"left": "Left", "right": "Right"}  # as messages name the sides: e
 TINY_BANNER = (
     "⚠️ **Tiny offline model.** Its weights are random, so its *answers are meaningless noise*; "
     "its *token counts and timings are real*: it has LLaVA-NeXT's exact image geometry (336x336 tiles of "
-    "24x24 patches, the same grids). Start with `--model llava-hf/llava-v1.6-vicuna-7b-hf` on a GPU for real answers."
+    "24x24 patches, the same grids; the tiny LLaVA-OneVision has OneVision's: 384x384 tiles of 27x27). "
+    "Start with `--model llava-hf/llava-v1.6-vicuna-7b-hf` on a GPU for real answers."
 )
 EXPORTS = Path(tempfile.gettempdir()) / "visionzip-live-exports"
 MAX_EXPORT_SESSIONS = 64  # export folders kept, one per browser session; the least recently written go first

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from PIL import Image, ImageOps
 
-import visionzip
 from app import overlay
 from app.media import Clip
 from visionzip import ImageSelection
@@ -34,10 +33,11 @@ def describe_clip(name: str, clip: Clip) -> str:
 
 
 def frame_tile(frame: Image.Image, family: str) -> Image.Image:
-    """The 336x336 picture the model's single tile sees: LLaVA-NeXT squashes the whole frame into its
-    base tile; LLaVA-1.5 resizes the shortest edge and crops the centre."""
-    size = (overlay.TILE_PX, overlay.TILE_PX)
-    return frame.resize(size, Image.Resampling.BICUBIC) if family == "llava_next" else ImageOps.fit(frame, size)
+    """The picture the model's single tile sees: LLaVA-NeXT squashes the whole frame into its 336x336
+    base tile, LLaVA-OneVision into its 384x384 one; LLaVA-1.5 resizes the shortest edge and crops the centre."""
+    side = overlay.TILE_PX if family != "llava_onevision" else overlay.TILE_GEOMETRY[27][0]
+    size = (side, side)
+    return ImageOps.fit(frame, size) if family == "llava" else frame.resize(size, Image.Resampling.BICUBIC)
 
 
 def filmstrip(
@@ -55,7 +55,7 @@ def filmstrip(
         else:
             chosen = selections[k].tiles[0]
             picture = overlay.draw_overlay(tile, selections[k])
-            cls = 1 if visionzip.get_method(selections[k].method).keeps_cls else 0
+            cls = 1 if overlay.keeps_cls(selections[k].method, chosen.side) else 0
             tokens = f"{len(chosen.kept) + cls} kept + {len(chosen.targets)} merged tokens"
         picture = picture.resize((FILMSTRIP_PX, FILMSTRIP_PX), Image.Resampling.BICUBIC)
         strip.append((picture, f"frame {k + 1} · {seconds:.1f} s · {tokens}"))

@@ -4,6 +4,7 @@
     python -m bench.phases --preset wide --dtype bfloat16 --out benchmarks          # 2 LM layers
     python -m bench.phases --preset wide --llm-layers 32 --dtype bfloat16 --device cuda --out benchmarks
     python -m bench.phases --preset real --model llava-hf/llava-v1.6-vicuna-7b-hf --dtype bfloat16 --device cuda
+    python -m bench.phases --family llava_onevision --preset wide --dtype bfloat16 --no-authors --out benchmarks
     python -m bench.phases --plot benchmarks/*.json --out benchmarks                # TTFT figure
 
 One 672x672 image (5 tiles, 2928 stock visual tokens) and one chat question. Modes: `full` is the
@@ -54,12 +55,17 @@ MIB = 2**20
 
 
 # -- FLOPs each phase must do (multiply-add = 2 FLOPs; norms, softmax and activations left out) ----
+def cls_tokens_of(vision_config: Any) -> int:
+    """CLS tokens a tile of this tower has: CLIP one, SigLIP none."""
+    return 0 if vision_config.model_type == "siglip_vision_model" else 1
+
+
 def tower_flops(vision_config: Any, tiles: int) -> float:
-    """CLIP tower over `tiles` tiles: patch conv, then per layer the q/k/v/o and MLP matmuls
-    2*S*(4C^2 + 2CF) and attention (QK^T and AV) 4*S^2*C, S = 1 + P tokens. Every layer counts:
+    """CLIP (or SigLIP) tower over `tiles` tiles: patch conv, then per layer the q/k/v/o and MLP matmuls
+    2*S*(4C^2 + 2CF) and attention (QK^T and AV) 4*S^2*C, S = CLS + P tokens. Every layer counts:
     LLaVA runs the whole tower although it reads the second-to-last layer."""
     patch, side = vision_config.patch_size, vision_config.image_size // vision_config.patch_size
-    patches, seq = side * side, side * side + 1
+    patches, seq = side * side, side * side + cls_tokens_of(vision_config)
     width, mlp = vision_config.hidden_size, vision_config.intermediate_size
     embed = 2 * patches * (3 * patch * patch) * width
     layer = 2 * seq * (4 * width * width + 2 * width * mlp) + 4 * seq * seq * width
@@ -74,12 +80,17 @@ def projector_flops(config: Any, tokens: int) -> float:
 
 def visionzip_flops(vision_config: Any, tiles: int, budget: Budget) -> float:
     """VisionZip's own work per tile: the CLS query and all keys of the feature layer again
-    (2C^2 + 2SC^2), the CLS attention row (2SC) and key similarity of merged tokens to targets (2MKd)."""
+    (2C^2 + 2SC^2), the CLS attention row (2SC) and key similarity of merged tokens to targets (2MKd).
+    Without a CLS token (SigLIP) every query again and every row of the map: 4SC^2 + 2S^2C."""
     side = vision_config.image_size // vision_config.patch_size
-    seq, width = side * side + 1, vision_config.hidden_size
+    cls = cls_tokens_of(vision_config)
+    seq, width = side * side + cls, vision_config.hidden_size
     head_dim = width // vision_config.num_attention_heads
     merged = seq - budget.dominant - budget.contextual
-    per_tile = 2 * width * width + 2 * seq * width * width + 2 * seq * width + 2 * merged * budget.contextual * head_dim
+    signal = (
+        2 * width * width + 2 * seq * width * width + 2 * seq * width if cls else 4 * seq * width * (width + seq / 2)
+    )
+    per_tile = signal + 2 * merged * budget.contextual * head_dim
     return float(tiles * per_tile)
 
 
@@ -251,34 +262,88 @@ class Subject:
     description: str
 
 
+TINY_DESCRIPTIONS = {
+    "llava_next": "tiny random LLaVA-NeXT (CLIP 64 wide x 4 layers, Llama 128 wide x 2 layers; real tile geometry)",
+    "llava_onevision": "tiny random LLaVA-OneVision (SigLIP 64 wide x 4 layers, Qwen2 128 wide; real tile geometry)",
+}
+WIDE_DESCRIPTIONS = {
+    "llava_next": "random-init LLaVA-NeXT of real width: CLIP-L/14-336 (24 layers, 1024 wide) + Llama "
+    "4096 wide, 11008 MLP, 32 heads, vocab 32064, {layers} layers",
+    "llava_onevision": "random-init LLaVA-OneVision of real width: SigLIP so400m/14-384 (26 layers, 1152 wide) "
+    "+ Qwen2 3584 wide, 18944 MLP, 28 heads (4 KV), vocab 152064, {layers} layers",
+}
+
+
 def load_subject(
-    preset: str, dtype: torch.dtype, device: torch.device, llm_layers: int, model_id: str | None
+    preset: str,
+    dtype: torch.dtype,
+    device: torch.device,
+    llm_layers: int,
+    model_id: str | None,
+    family: str = "llava_next",
 ) -> Subject:
+    onevision = family == "llava_onevision"
     if preset == "tiny":
         from visionzip.tiny import load_tiny
 
-        model, processor = load_tiny("llava_next", dtype=dtype)
-        description = "tiny random LLaVA-NeXT (CLIP 64 wide x 4 layers, Llama 128 wide x 2 layers; real tile geometry)"
+        model, processor = load_tiny(family, dtype=dtype)
+        description = TINY_DESCRIPTIONS[family]
     elif preset == "wide":
-        model, processor = build_wide(llm_layers, dtype, device)
-        description = (
-            f"random-init LLaVA-NeXT of real width: CLIP-L/14-336 (24 layers, 1024 wide) + Llama "
-            f"4096 wide, 11008 MLP, 32 heads, vocab 32064, {llm_layers} layers"
-        )
-        if "VISIONZIP_CLIP" not in os.environ:  # CDPruner's text side: a random CLIP-L text tower of real size
+        model, processor = (build_wide_onevision if onevision else build_wide)(llm_layers, dtype, device)
+        description = WIDE_DESCRIPTIONS[family].format(layers=llm_layers)
+        # CDPruner's text side: a random CLIP-L text tower of real size (OneVision's SigLIP refuses CDPruner)
+        if not onevision and "VISIONZIP_CLIP" not in os.environ:
             os.environ["VISIONZIP_CLIP"] = str(random_clip_l())
             description += "; CDPruner's CLIP text tower: random, CLIP-L/14-336's shape"
     elif preset == "real":
         if not model_id:
-            raise SystemExit("--preset real needs --model PATH_OR_ID (a LLaVA-NeXT checkpoint)")
-        from transformers import AutoProcessor, LlavaNextForConditionalGeneration
+            raise SystemExit(f"--preset real needs --model PATH_OR_ID (a {family} checkpoint)")
+        from transformers import LlavaNextForConditionalGeneration, LlavaOnevisionForConditionalGeneration
 
-        processor = AutoProcessor.from_pretrained(model_id)
-        model = LlavaNextForConditionalGeneration.from_pretrained(model_id, dtype=dtype, attn_implementation="sdpa")
+        from visionzip.workarounds import load_processor
+
+        processor = load_processor(model_id)
+        model_class = LlavaOnevisionForConditionalGeneration if onevision else LlavaNextForConditionalGeneration
+        model = model_class.from_pretrained(model_id, dtype=dtype, attn_implementation="sdpa")
         description = f"{model_id} ({model.config.text_config.num_hidden_layers} LM layers)"
     else:
         raise SystemExit(f"unknown preset {preset!r}: tiny, wide or real")
     return Subject(model.to(device).eval(), processor, description)
+
+
+def build_wide_onevision(llm_layers: int, dtype: torch.dtype, device: torch.device) -> tuple[nn.Module, Any]:
+    """llava-onevision-qwen2-7b-ov's shapes with random weights, from configs (no download); the tiny
+    OneVision checkpoint's processor supplies the real tile geometry and the chat template."""
+    from transformers import (
+        LlavaOnevisionConfig,
+        LlavaOnevisionForConditionalGeneration,
+        Qwen2Config,
+        SiglipVisionConfig,
+    )
+
+    from visionzip.tiny import load_tiny
+
+    _, processor = load_tiny("llava_onevision")
+    vision = SiglipVisionConfig(
+        hidden_size=1152, intermediate_size=4304, num_hidden_layers=26, num_attention_heads=16,
+        image_size=384, patch_size=14, vision_use_head=False,
+    )  # fmt: skip
+    text = Qwen2Config(
+        hidden_size=3584, intermediate_size=18944, num_hidden_layers=llm_layers, num_attention_heads=28,
+        num_key_value_heads=4, vocab_size=152064, max_position_embeddings=32768, rms_norm_eps=1e-6,
+    )  # fmt: skip
+    config = LlavaOnevisionConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_index=processor.tokenizer.convert_tokens_to_ids(processor.image_token),
+        video_token_index=processor.tokenizer.convert_tokens_to_ids(processor.video_token),
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="full",
+    )
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = LlavaOnevisionForConditionalGeneration._from_config(config, dtype=dtype, attn_implementation="sdpa")
+    return model, processor
 
 
 def build_wide(llm_layers: int, dtype: torch.dtype, device: torch.device) -> tuple[nn.Module, Any]:
@@ -378,13 +443,13 @@ class Reduction:
         return dict(enabled=True, method=self.method, tokens=self.tokens, text=text)
 
 
-def parse_budget(name: str) -> Reduction:
+def parse_budget(name: str, family: str = "llava_next") -> Reduction:
     """ "640" is VisionZip's preset; "METHOD:NAME" (e.g. "divprune:320") another method's preset of that name."""
     method, _, preset = name.rpartition(":")
     method = method or "visionzip"
     if method == "visionzip":
-        return Reduction("visionzip", preset_budget("llava_next", preset))
-    presets = visionzip.get_method(method).presets("llava_next")
+        return Reduction("visionzip", preset_budget(family, preset))
+    presets = visionzip.get_method(method).presets(family)
     if not preset.isdigit() or int(preset) not in presets:
         raise ValueError(f"{method} has no preset {preset!r}; presets: {sorted(presets, reverse=True)}")
     return Reduction(method, tokens=presets[int(preset)])
@@ -420,7 +485,9 @@ def mode_context(model: nn.Module, processor: Any, reduction: Reduction | None) 
         handle.remove()
 
 
-def prepare_modes(subject: Subject, budgets: list[str], device: torch.device, dtype: torch.dtype) -> list[Mode]:
+def prepare_modes(
+    subject: Subject, budgets: list[str], device: torch.device, dtype: torch.dtype, family: str = "llava_next"
+) -> list[Mode]:
     processor, image_token_id = subject.processor, subject.model.config.image_token_id
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": QUESTION}]}]
     if getattr(processor, "chat_template", None):
@@ -430,7 +497,7 @@ def prepare_modes(subject: Subject, budgets: list[str], device: torch.device, dt
     image = bench_image()
     modes = []
     for name in ["full", *budgets]:
-        reduction = None if name == "full" else parse_budget(name)
+        reduction = None if name == "full" else parse_budget(name, family)
         with mode_context(subject.model, processor, reduction):
             inputs = processor(images=image, text=prompt, return_tensors="pt")
         inputs = {key: value.to(device, dtype if value.is_floating_point() else None) for key, value in inputs.items()}
@@ -546,6 +613,7 @@ def run_benchmark(
     authors: bool = True,
     threads: int | None = None,
     stock_lm_head: bool = False,
+    family: str = "llava_next",
 ) -> dict[str, Any]:
     """Run every mode `warmup + repeats` times, interleaved; return medians, derived ratios and targets."""
     if threads:
@@ -557,19 +625,21 @@ def run_benchmark(
     llm_layers = llm_layers or (32 if torch_device.type == "cuda" else 2)
     clock, memory = Clock(torch_device), PeakMemory(torch_device)
     with torch.inference_mode():
-        subject = load_subject(preset, DTYPES[dtype], torch_device, llm_layers, model_id)
+        subject = load_subject(preset, DTYPES[dtype], torch_device, llm_layers, model_id, family)
         dense_head = needs_dense_lm_head_input(torch_device, DTYPES[dtype]) and not stock_lm_head
         if dense_head:
             dense_lm_head_input(subject.model)
-        modes = prepare_modes(subject, budgets, torch_device, DTYPES[dtype])
+        modes = prepare_modes(subject, budgets, torch_device, DTYPES[dtype], family)
         visionzip_modes = [mode for mode in modes if mode.budget is not None]
         smallest = visionzip_modes[-1] if visionzip_modes else None
-        authors = authors and smallest is not None  # the authors' approach is VisionZip's
+        # the authors' approach is VisionZip's on CLIP: their code reads a CLS row, which SigLIP lacks
+        authors = authors and smallest is not None and family == "llava_next"
         load_before = os.getloadavg()
         runs = timed_rounds(subject, modes, smallest if authors else None, clock, memory, warmup + repeats, new_tokens)
         runs = {name: results[warmup:] for name, results in runs.items()}
     config = subject.model.config
     meta = {
+        "family": family,
         "preset": preset,
         "model": subject.description,
         "parameters": sum(p.numel() for p in subject.model.parameters()),
@@ -785,7 +855,8 @@ def report(results: dict[str, Any]) -> str:
 def result_name(meta: dict[str, Any]) -> str:
     layers = f"-{meta['llm_layers']}L" if meta["preset"] != "tiny" else ""
     threads = f"-{meta['threads']}t" if meta["device"] == "cpu" else ""
-    return f"{meta['preset']}{layers}-{meta['dtype']}-{meta['device']}{threads}"
+    family = "onevision-" if meta.get("family") == "llava_onevision" else ""
+    return f"{family}{meta['preset']}{layers}-{meta['dtype']}-{meta['device']}{threads}"
 
 
 def write_results(results: dict[str, Any], out: Path) -> list[Path]:
@@ -855,6 +926,7 @@ def write_figure(json_paths: list[Path], out: Path) -> list[Path]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.phases", description=__doc__.split("\n")[0])
     parser.add_argument("--preset", choices=["tiny", "wide", "real"], default="tiny")
+    parser.add_argument("--family", choices=["llava_next", "llava_onevision"], default="llava_next")
     parser.add_argument("--model", help="checkpoint path or id for --preset real (LLaVA-NeXT)")
     parser.add_argument("--dtype", choices=list(DTYPES), default="float32")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -897,6 +969,7 @@ def main(argv: list[str] | None = None) -> int:
         authors=not args.no_authors,
         threads=args.threads,
         stock_lm_head=args.stock_lm_head,
+        family=args.family,
     )
     print(report(results))
     if args.out:

@@ -21,7 +21,7 @@ PROMPT = "<image>\nWhat is in the top left corner? ASSISTANT:"
 def models64():
     """Per family: (FastV model on SDPA, stock oracle on eager attention, processor)."""
     pairs = {}
-    for family in ("llava_next", "llava"):
+    for family in ("llava_next", "llava", "llava_onevision"):
         model, processor = load_tiny(family, dtype=torch.float64)
         oracle, _ = load_tiny(family, dtype=torch.float64)
         oracle.set_attn_implementation("eager")
@@ -67,7 +67,12 @@ def masked_forward(handle, layer, dropped, **inputs):
 
 @pytest.mark.parametrize(
     "family, size, layer, tokens",
-    [("llava", (480, 640), 2, 64), ("llava_next", (480, 640), 2, 160), ("llava_next", (336, 1008), 1, 300)],
+    [
+        ("llava", (480, 640), 2, 64),
+        ("llava_next", (480, 640), 2, 160),
+        ("llava_next", (336, 1008), 1, 300),
+        ("llava_onevision", (500, 700), 2, 200),  # Qwen2 layers (grouped-query attention), SigLIP anyres
+    ],
 )
 def test_selection_logits_and_cache_match_the_oracle(fastv, make_image, family, size, layer, tokens):
     handle, model, oracle, processor = fastv(family)

@@ -1,4 +1,4 @@
-"""VisionZip (CVPR 2025) for Hugging Face transformers LLaVA-NeXT and LLaVA-1.5.
+"""VisionZip (CVPR 2025) and other token reducers for Hugging Face transformers LLaVA-NeXT, LLaVA-1.5 and LLaVA-OneVision.
 
 handle = visionzip.apply(model, processor, dominant=54, contextual=10)
 inputs = processor(images=image, text=prompt, return_tensors="pt")   # <image> -> reduced count

@@ -9,6 +9,9 @@ PRESETS: dict[str, dict[int, tuple[int, int]]] = {
     "llava": {192: (162, 30), 128: (108, 20), 64: (54, 10)},
     # LLaVA-NeXT names are the paper's totals for a 2x2 grid (5 tiles); other grids differ.
     "llava_next": {640: (108, 20), 320: (54, 10), 160: (27, 5)},
+    # LLaVA-OneVision: no paper budgets; LLaVA-NeXT's, so both families compare at equal counts (5 tiles,
+    # a 2x2 grid); no CLS token, so `dominant` counts patches only.
+    "llava_onevision": {640: (108, 20), 320: (54, 10), 160: (27, 5)},
 }
 
 
@@ -21,11 +24,12 @@ class Budget:
     def per_tile(self) -> int:
         return self.dominant + self.contextual
 
-    def check(self, tokens_per_tile: int) -> Budget:
+    def check(self, tokens_per_tile: int, cls_tokens: int = 1) -> Budget:
         """Raise a ValueError that states the limits if this budget cannot be met on a tile of
-        `tokens_per_tile` tokens (CLS + patches); return self otherwise."""
+        `tokens_per_tile` tokens (`cls_tokens` CLS + patches); return self otherwise."""
+        parts = f"1 CLS + {tokens_per_tile - 1} patches" if cls_tokens else f"{tokens_per_tile} patches, no CLS"
         limits = (
-            f"a tile has {tokens_per_tile} tokens (1 CLS + {tokens_per_tile - 1} patches): "
+            f"a tile has {tokens_per_tile} tokens ({parts}): "
             f"need 1 <= dominant <= {tokens_per_tile} and 0 <= contextual <= {tokens_per_tile} - dominant"
         )
         for name, value in (("dominant", self.dominant), ("contextual", self.contextual)):

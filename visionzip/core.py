@@ -35,22 +35,20 @@ class VisionZip:
         base = model.model if hasattr(model, "model") and type(model.model).__name__ in FAMILIES else model
         family = FAMILIES.get(type(base).__name__)
         if family is None:
-            raise TypeError(f"VisionZip supports LLaVA-NeXT and LLaVA-1.5 models, got {type(model).__name__}")
-        self.model, self.processor, self.base, self.family = model, processor, base, family
-        vision_config = base.config.vision_config
-        if not any(name.endswith("class_embedding") for name, _ in base.vision_tower.named_parameters()):
-            raise ValueError(
-                f"VisionZip ranks tokens by the CLS token's attention; {type(base.vision_tower).__name__} has no CLS token"
+            raise TypeError(
+                f"VisionZip supports LLaVA-NeXT and LLaVA-1.5 models and the other families in visionzip.patch "
+                f"(base models {sorted(FAMILIES)}), got {type(model).__name__}"
             )
-        self.side = vision_config.image_size // vision_config.patch_size
-        self.tokens_per_tile = self.side * self.side + 1  # CLS + patches
+        self.model, self.processor, self.base, self.family = model, processor, base, family
+        self.side, self.cls_tokens = tower_geometry(family, base)
+        self.tokens_per_tile = self.side * self.side + self.cls_tokens  # CLS (if any) + patches
         layers = encoder_layers(base.vision_tower)
         self.layer_index = feature_layer_index(base.config.vision_feature_layer, len(layers))
         self._default = self._checked(Settings(enabled, budget, merge))
         self._current: ContextVar[Call | None] = ContextVar(f"visionzip_call_{id(self)}", default=None)
         self._last_selection: list[ImageSelection] | None = None
         self._unpatch = family.patch(self)
-        self._hooks = SignalHooks(layers[self.layer_index])
+        self._hooks = SignalHooks(layers[self.layer_index], self.cls_tokens)
         self._detach = [detach for method in METHODS.values() if (detach := method.attach(self)) is not None]
 
     # -- settings -------------------------------------------------------------------------------
@@ -166,7 +164,7 @@ class VisionZip:
 
     def _checked(self, settings: Settings) -> Settings:
         """`settings` if every part of them can run on this model, else a ValueError stating the limits."""
-        settings.budget.check(self.tokens_per_tile)
+        settings.budget.check(self.tokens_per_tile, self.cls_tokens)
         if settings.merge not in MERGE_MODES:
             raise ValueError(f"merge must be one of {MERGE_MODES}, got {settings.merge!r}")
         if isinstance(settings.seed, bool) or not isinstance(settings.seed, int):
@@ -177,6 +175,18 @@ class VisionZip:
         method.check(settings, self.side)
         method.check_model(settings, self)
         return settings
+
+
+def tower_geometry(family: Any, base: nn.Module) -> tuple[int, int]:
+    """(patches per tile side, CLS tokens per tile) of the family's vision tower: the family module's
+    own `geometry(base)` if it has one, else a ViT's (CLIP, SigLIP): image_size // patch_size, and one
+    CLS token where the tower has a class embedding (CLIP), none where it has not (SigLIP)."""
+    geometry = getattr(family, "geometry", None)
+    if geometry is not None:
+        return geometry(base)
+    vision_config = base.config.vision_config
+    has_cls = any(name.endswith("class_embedding") for name, _ in base.vision_tower.named_parameters())
+    return vision_config.image_size // vision_config.patch_size, int(has_cls)
 
 
 def apply(

@@ -25,27 +25,59 @@ def cls_attention(query_cls: torch.Tensor, keys: torch.Tensor, scale: float) -> 
     return logits.softmax(dim=-1).sum(dim=1)
 
 
+RECEIVED_LOGITS = 2**24  # logits `received_attention` holds at once: 64 MiB in float32
+
+
+def received_attention(
+    queries: torch.Tensor, keys: torch.Tensor, scale: float, chunk: int | None = None
+) -> torch.Tensor:
+    """The attention each token receives, averaged over all queries, summed over heads: VisionZip's
+    ranking signal on a tower without a CLS token (SigLIP).
+
+    queries, keys: (T, H, S, d).  Returns (T, S) in float32 or wider, summing to H per tile as a CLS row
+    does.  The softmax runs over `chunk` queries at a time (default: as many as keep the (T, H, chunk, S)
+    logits within RECEIVED_LOGITS, at least 16), so the whole map never exists at once.  Wider than
+    float32 when the tower is: a mean over hundreds of queries packs the values close together, and
+    VisPruner's whole ranking (not only its top) decides its choice.
+    """
+    num_tiles, heads, seq_len, _ = queries.shape
+    chunk = chunk or max(16, RECEIVED_LOGITS // (num_tiles * heads * seq_len))
+    dtype = torch.promote_types(queries.dtype, torch.float32)
+    received = torch.zeros(num_tiles, seq_len, dtype=dtype, device=queries.device)
+    keys = keys.to(dtype)
+    for start in range(0, seq_len, chunk):
+        block = queries[:, :, start : start + chunk].to(dtype)  # (T, H, c, d)
+        weights = (torch.einsum("thqd,thsd->thqs", block, keys) * scale).softmax(dim=-1)
+        received += weights.sum(dim=(1, 2))
+    return received / seq_len
+
+
 @dataclass
 class TileChoice:
-    """What VisionZip chose in each of T tiles; all indices are token positions (0 = CLS)."""
+    """What VisionZip chose in each of T tiles; all indices are token positions (0 = CLS on a tower
+    with one; on a tower without, position = patch index)."""
 
-    dominant: torch.Tensor  # (T, D) ascending, CLS (0) first
+    dominant: torch.Tensor  # (T, D) ascending, CLS (0) first when the tower has one
     targets: torch.Tensor  # (T, K) ascending: the contextual tokens' anchors
     merged: torch.Tensor  # (T, M) ascending: tokens folded into a target, M = S - D - K
     merged_into: torch.Tensor  # (T, M) the target slot (0..K-1) each merged token went to
 
 
-def choose_tokens(cls_attn: torch.Tensor, keys_mean: torch.Tensor, dominant: int, contextual: int) -> TileChoice:
+def choose_tokens(
+    cls_attn: torch.Tensor, keys_mean: torch.Tensor, dominant: int, contextual: int, cls_tokens: int = 1
+) -> TileChoice:
     """Pick dominant tokens by CLS attention and group the rest around evenly spaced targets.
 
-    cls_attn: (T, S); keys_mean: (T, S, d) keys averaged over heads.
+    cls_attn: (T, S) the ranking signal (the CLS row, or `received_attention` on a tower without
+    CLS); keys_mean: (T, S, d) keys averaged over heads; cls_tokens: 1 when position 0 is a CLS
+    token (always kept, counted in `dominant`), 0 when every position is a patch.
     """
     num_tiles, seq_len = cls_attn.shape
     device = cls_attn.device
     Budget(dominant, contextual).check(seq_len)
-    # Dominant: CLS always, plus the D-1 patches the CLS attends to most; kept in position order.
-    top_patches = cls_attn[:, 1:].topk(dominant - 1, dim=1).indices + 1  # (T, D-1)
-    cls_index = torch.zeros(num_tiles, 1, dtype=torch.long, device=device)
+    # Dominant: CLS always (if any), plus the patches ranked highest; kept in position order.
+    top_patches = cls_attn[:, cls_tokens:].topk(dominant - cls_tokens, dim=1).indices + cls_tokens  # (T, D - c)
+    cls_index = torch.zeros(num_tiles, cls_tokens, dtype=torch.long, device=device)
     dominant_idx = torch.cat([cls_index, top_patches], dim=1).sort(dim=1).values  # (T, D)
 
     # Stable argsorts of 0/1 masks list the zeros first, in position order: no boolean indexing,

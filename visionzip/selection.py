@@ -80,22 +80,23 @@ class LazyTiles(Sequence):
         return self._tiles
 
 
-def tile_selections(choice: TileChoice, cls_attn: torch.Tensor, side: int) -> LazyTiles:
-    """VisionZip's per-tile records with patch (not token) indices, copied to the CPU when first read."""
+def tile_selections(choice: TileChoice, cls_attn: torch.Tensor, side: int, cls_tokens: int = 1) -> LazyTiles:
+    """VisionZip's per-tile records with patch (not token) indices, copied to the CPU when first read.
+    cls_tokens: 1 when token position 0 is a CLS token, 0 on a tower without one."""
     detached = TileChoice(*(t.detach() for t in (choice.dominant, choice.targets, choice.merged, choice.merged_into)))
     cls_attn = cls_attn.detach()
-    return LazyTiles(detached.dominant.shape[0], lambda: _to_cpu_tiles(detached, cls_attn, side))
+    return LazyTiles(detached.dominant.shape[0], lambda: _to_cpu_tiles(detached, cls_attn, side, cls_tokens))
 
 
-def _to_cpu_tiles(choice: TileChoice, cls_attn: torch.Tensor, side: int) -> list[TileSelection]:
+def _to_cpu_tiles(choice: TileChoice, cls_attn: torch.Tensor, side: int, cls_tokens: int) -> list[TileSelection]:
     cpu = TileChoice(*(t.cpu() for t in (choice.dominant, choice.targets, choice.merged, choice.merged_into)))
-    attention = cls_attn.float().cpu()[:, 1:]
+    attention = cls_attn.float().cpu()[:, cls_tokens:]
     return [
         TileSelection(
             side=side,
-            kept=cpu.dominant[t, 1:] - 1,
-            targets=cpu.targets[t] - 1,
-            merged=cpu.merged[t] - 1,
+            kept=cpu.dominant[t, cls_tokens:] - cls_tokens,
+            targets=cpu.targets[t] - cls_tokens,
+            merged=cpu.merged[t] - cls_tokens,
             merged_into=cpu.merged_into[t],
             cls_attention=attention[t],
         )
@@ -103,17 +104,18 @@ def _to_cpu_tiles(choice: TileChoice, cls_attn: torch.Tensor, side: int) -> list
     ]
 
 
-def kept_tiles(kept: torch.Tensor, side: int, cls_attn: torch.Tensor | None = None) -> LazyTiles:
+def kept_tiles(kept: torch.Tensor, side: int, patch_attention: torch.Tensor | None = None) -> LazyTiles:
     """Per-tile records of a method that keeps patches as themselves and drops the rest.
 
-    kept: (T, k) ascending patch raster indices; cls_attn: (T, 1 + side^2) the CLS row, or None when
-    the method never read it.  Copied to the CPU when first read."""
+    kept: (T, k) ascending patch raster indices; patch_attention: (T, side^2) the CLS attention each
+    patch received (`TowerSignals.patch_attention`), or None when the method never read it.  Copied
+    to the CPU when first read."""
     kept = kept.detach()
-    attention = None if cls_attn is None else cls_attn.detach()
+    attention = None if patch_attention is None else patch_attention.detach()
 
     def make() -> list[TileSelection]:
         cpu_kept = kept.cpu()
-        cpu_attention = None if attention is None else attention.float().cpu()[:, 1:]
+        cpu_attention = None if attention is None else attention.float().cpu()
         empty = torch.zeros(0, dtype=torch.long)
         return [
             TileSelection(side, cpu_kept[t], empty, empty, empty, None if cpu_attention is None else cpu_attention[t])

@@ -57,6 +57,7 @@ class Handle(Protocol):
     base: nn.Module  # the family's base model (model.model), which owns the vision tower
     processor: Any
     side: int  # patches per tile side (24 for CLIP-L/14-336)
+    cls_tokens: int  # CLS tokens per tile before its patches: 1 (CLIP), 0 (SigLIP)
     layer_index: int  # the feature layer among the tower's encoder layers
 
     @property

@@ -7,6 +7,7 @@ count equals the real models'.  Its answers are noise; its counts and timings ar
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import shutil
@@ -15,7 +16,6 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import (
-    AutoProcessor,
     CLIPConfig,
     CLIPModel,
     CLIPTextConfig,
@@ -26,11 +26,14 @@ from transformers import (
     LlavaNextConfig,
     LlavaNextForConditionalGeneration,
     LlavaNextProcessor,
+    LlavaOnevisionForConditionalGeneration,
     LlavaProcessor,
     PreTrainedTokenizerFast,
 )
 from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
 from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
+
+from .workarounds import load_processor
 
 TINY_VERSION = 2  # bump when the recipe changes, so caches rebuild (2: a 4-layer LM, so FastV's K means something)
 LM_LAYERS = 4
@@ -135,6 +138,8 @@ def _text_config(vocab_size: int, tokenizer: PreTrainedTokenizerFast) -> LlamaCo
 
 def build_tiny(path: str | os.PathLike, family: str = "llava_next", seed: int = 0, vision_layers: int = 4) -> Path:
     """Write a tiny LLaVA-NeXT (`family="llava_next"`) or LLaVA-1.5 (`"llava"`) checkpoint to `path`."""
+    if family == ONEVISION_FAMILY:
+        return build_tiny_onevision(path, seed, vision_layers)
     path = Path(path)
     tokenizer = build_tokenizer()
     image_token_id = tokenizer.convert_tokens_to_ids("<image>")
@@ -200,8 +205,10 @@ def load_tiny(family: str = "llava_next", dtype: torch.dtype = torch.float32):
     """(model, processor) of the tiny checkpoint, loaded with `from_pretrained` like any other."""
     path = tiny_checkpoint(family)
     model_class = LlavaNextForConditionalGeneration if family == "llava_next" else LlavaForConditionalGeneration
+    if family == ONEVISION_FAMILY:
+        model_class = LlavaOnevisionForConditionalGeneration
     model = model_class.from_pretrained(path, dtype=dtype).eval()
-    return model, AutoProcessor.from_pretrained(path)
+    return model, load_processor(path)
 
 
 # -- a tiny CLIP text tower and projections, for CDPruner on the tiny models ------------------------
@@ -259,4 +266,113 @@ def tiny_clip_checkpoint(cache_dir: str | os.PathLike | None = None) -> Path:
             staging.replace(path)
         except OSError:
             shutil.rmtree(staging, ignore_errors=True)
+    return path
+
+
+# -- a tiny LLaVA-OneVision: SigLIP 384/14 (27x27 patches, no CLS), its anyres pinpoints, a Qwen2 LM ----
+ONEVISION_FAMILY = "llava_onevision"
+SIGLIP_MEAN = SIGLIP_STD = [0.5, 0.5, 0.5]
+CHATML_TOKENS = ["<|im_start|>", "<|im_end|>", "<video>"]
+# llava-hf's OneVision template: per message, its images, then its text after a newline (string content too).
+CHATML_CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{{- '<|im_start|>' + message['role'] + ' ' -}}"
+    "{%- if message['content'] is string -%}{{- '\n' + message['content'] -}}"
+    "{%- else -%}"
+    "{%- for block in message['content'] if block['type'] == 'image' -%}{{- '<image>' -}}{%- endfor -%}"
+    "{%- for block in message['content'] if block['type'] == 'video' -%}{{- '<video>' -}}{%- endfor -%}"
+    "{%- for block in message['content'] if block['type'] == 'text' -%}{{- '\n' + block['text'] -}}{%- endfor -%}"
+    "{%- endif -%}"
+    "{{- '<|im_end|>\n' -}}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\n' -}}{%- endif -%}"
+)
+
+
+def build_chatml_tokenizer() -> PreTrainedTokenizerFast:
+    """The tiny vocabulary with Qwen2's chat markers and OneVision's `<video>` as special tokens; no BOS
+    (Qwen2 adds none), `<|im_end|>` ends a turn."""
+    backend = Tokenizer.from_str(build_tokenizer().backend_tokenizer.to_str())
+    backend.add_special_tokens(CHATML_TOKENS)
+    backend.post_processor = None
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        eos_token="<|im_end|>",
+        unk_token="<unk>",
+        pad_token="<pad>",
+        extra_special_tokens={"image_token": "<image>", "video_token": "<video>"},
+        padding_side="left",
+    )
+
+
+def build_tiny_onevision(path: str | os.PathLike, seed: int = 0, vision_layers: int = 4) -> Path:
+    """Write a tiny LLaVA-OneVision checkpoint to `path`: a narrow SigLIP tower with the real 384x384 tiles
+    and 14-px patches (27x27, no CLS), the real 36 pinpoints up to 2304x2304 and "anyres_max_9", the
+    real feature layer (-1) and strategy ("full"), and a 4-layer Qwen2 language model."""
+    from transformers import (
+        LlavaOnevisionConfig,
+        LlavaOnevisionProcessor,
+        Qwen2Config,
+        SiglipVisionConfig,
+    )
+    from transformers.models.llava_onevision.image_processing_pil_llava_onevision import (
+        LlavaOnevisionImageProcessorPil,
+    )
+
+    from .workarounds import processors_without_torchvision
+
+    path = Path(path)
+    tokenizer = build_chatml_tokenizer()
+    vision_config = SiglipVisionConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=vision_layers,
+        num_attention_heads=4,
+        image_size=384,
+        patch_size=14,
+        vision_use_head=False,
+    )
+    text_config = Qwen2Config(
+        vocab_size=len(tokenizer),
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=LM_LAYERS,
+        num_attention_heads=4,
+        num_key_value_heads=2,  # grouped-query attention, as Qwen2-7B
+        max_position_embeddings=32768,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    config = LlavaOnevisionConfig(
+        vision_config=vision_config,
+        text_config=text_config,
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+        video_token_index=tokenizer.convert_tokens_to_ids("<video>"),
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="full",
+        vision_aspect_ratio="anyres_max_9",
+    )
+    image_processor = LlavaOnevisionImageProcessorPil(image_mean=SIGLIP_MEAN, image_std=SIGLIP_STD)
+    with processors_without_torchvision():  # no video processor: the tiny model takes images
+        processor = LlavaOnevisionProcessor(
+            image_processor=image_processor,
+            tokenizer=tokenizer,
+            video_processor=None,
+            num_image_tokens=(384 // 14) ** 2,
+            vision_feature_select_strategy="full",
+            chat_template=CHATML_CHAT_TEMPLATE,
+        )
+    torch.manual_seed(seed)
+    model = LlavaOnevisionForConditionalGeneration(config)
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(path)
+    # save_pretrained cannot write a processor without its video processor: its parts and its own
+    # settings, which `workarounds.load_processor` builds it from again
+    tokenizer.chat_template = CHATML_CHAT_TEMPLATE
+    tokenizer.save_pretrained(path)
+    image_processor.save_pretrained(path)
+    settings = {key: getattr(processor, key) for key in ("num_image_tokens", "vision_feature_select_strategy")}
+    settings.update(processor_class=type(processor).__name__, vision_aspect_ratio=processor.vision_aspect_ratio)
+    (path / "processor_config.json").write_text(json.dumps(settings, indent=2))
     return path

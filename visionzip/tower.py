@@ -19,23 +19,35 @@ from typing import Any
 import torch
 from torch import nn
 
-from .merge import cls_attention
+from .merge import cls_attention, received_attention
 
 
 @dataclass
 class TowerSignals:
     hidden: torch.Tensor | None = None  # (T, S, C) the feature layer's output
-    cls_attn: torch.Tensor | None = None  # (T, S) CLS attention summed over heads (float32)
+    cls_attn: torch.Tensor | None = None  # (T, S) CLS attention summed over heads (float32); without a CLS
+    # token, the attention each token receives averaged over queries (merge.received_attention)
     keys_mean: torch.Tensor | None = None  # (T, S, d) keys averaged over heads
     want_attention: bool = True  # False: only the layer output is wanted (stock features)
     handle: Any = None  # the VisionZip handle whose tower made them (set by encode.reduce_tiles), for methods
     # that read more of the model or the call than the feature layer (CDPruner: post_layernorm, the question)
     first_tile: int = 0  # these tiles' place among the call's tiles: a video's frames reach the tower in chunks
+    cls_tokens: int = 1  # leading CLS tokens before the patches: 1 (CLIP), 0 (SigLIP)
 
     @property
     def side(self) -> int:
-        """Patches per row of a tile (24 for CLIP-L/14-336)."""
-        return math.isqrt(self.hidden.shape[1] - 1)
+        """Patches per row of a tile (24 for CLIP-L/14-336, 27 for SigLIP-384/14)."""
+        return math.isqrt(self.hidden.shape[1] - self.cls_tokens)
+
+    @property
+    def patches(self) -> torch.Tensor:
+        """(T, P, C) the feature layer's patch states, CLS dropped."""
+        return self.hidden[:, self.cls_tokens :]
+
+    @property
+    def patch_attention(self) -> torch.Tensor:
+        """(T, P) the ranking signal of the patches alone."""
+        return self.cls_attn[:, self.cls_tokens :]
 
 
 def encoder_layers(vision_tower: nn.Module) -> nn.ModuleList:
@@ -72,8 +84,8 @@ def feature_layer_index(vision_feature_layer: int | list[int], num_layers: int) 
 class SignalHooks:
     """The two hooks on one feature layer, and the context that turns them on."""
 
-    def __init__(self, layer: nn.Module) -> None:
-        self.layer = layer
+    def __init__(self, layer: nn.Module, cls_tokens: int = 1) -> None:
+        self.layer, self.cls_tokens = layer, cls_tokens
         self._sink: ContextVar[TowerSignals | None] = ContextVar(f"visionzip_sink_{id(self)}", default=None)
         self._handles = [
             layer.self_attn.register_forward_pre_hook(self._read_attention_input, with_kwargs=True),
@@ -83,7 +95,7 @@ class SignalHooks:
     @contextlib.contextmanager
     def capture(self, attention: bool = True) -> Iterator[TowerSignals]:
         """Signals of the calls made inside the block; attention=False keeps only the layer output."""
-        signals = TowerSignals(want_attention=attention)
+        signals = TowerSignals(want_attention=attention, cls_tokens=self.cls_tokens)
         token = self._sink.set(signals)
         try:
             yield signals
@@ -101,9 +113,13 @@ class SignalHooks:
         normed = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]  # (T, S, C)
         num_tiles, seq_len, _ = normed.shape
         heads, head_dim = attention.num_heads, attention.head_dim
-        query_cls = attention.q_proj(normed[:, :1]).view(num_tiles, heads, head_dim)  # (T, H, d)
         keys = attention.k_proj(normed).view(num_tiles, seq_len, heads, head_dim).transpose(1, 2)  # (T, H, S, d)
-        signals.cls_attn = cls_attention(query_cls, keys, attention.scale)
+        if self.cls_tokens:
+            query_cls = attention.q_proj(normed[:, :1]).view(num_tiles, heads, head_dim)  # (T, H, d)
+            signals.cls_attn = cls_attention(query_cls, keys, attention.scale)
+        else:  # no CLS token: every query's row, a chunk of queries at a time (never the whole map)
+            queries = attention.q_proj(normed).view(num_tiles, seq_len, heads, head_dim).transpose(1, 2)
+            signals.cls_attn = received_attention(queries, keys, attention.scale)
         signals.keys_mean = keys.mean(dim=1)  # (T, S, d)
 
     def _read_output(self, layer: nn.Module, args: tuple, output) -> None:

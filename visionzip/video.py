@@ -1,5 +1,7 @@
-"""Video on LLaVA-NeXT and LLaVA-1.5: every frame is one 336x336 tile (no anyres grid), 576 tokens
-without VisionZip and D+C with it, packed in time order behind "Frame k (t s):" labels.
+"""Video on LLaVA-NeXT, LLaVA-1.5 and LLaVA-OneVision: every frame is one tile (no anyres grid; 336x336
+and 576 tokens on CLIP-L, 384x384 and 729 on SigLIP) without reduction and the method's budget with it,
+packed in time order behind "Frame k (t s):" labels (OneVision's own video path, 2x2-pooled frames
+behind `<video>`, is not used: its frames would not pass through the reduction methods).
 
     pixels = frame_pixel_values(processor, frames)              # (F, 3, 336, 336)
     features = frame_features(handle, pixels)                   # (F, tokens_per_frame(handle), E)
@@ -37,8 +39,8 @@ def frame_pixel_values(processor: Any, frames: Sequence[Image.Image]) -> torch.T
     options = {}
     if getattr(image_processor, "image_grid_pinpoints", None) is not None:
         # Only the base tile is used: a one-tile grid keeps the crops it also makes to one.
-        crop = image_processor.crop_size
-        options["image_grid_pinpoints"] = [[crop.height, crop.width]]
+        tile = image_processor.crop_size or image_processor.size  # LLaVA-OneVision sets only `size`
+        options["image_grid_pinpoints"] = [[tile.height, tile.width]]
     pixel_values = image_processor(list(frames), return_tensors="pt", **options)["pixel_values"]
     return pixel_values[:, 0] if pixel_values.dim() == 5 else pixel_values
 
@@ -47,7 +49,7 @@ def tokens_per_frame(handle: Handle) -> int:
     """Visual tokens one frame becomes under the handle's current settings."""
     settings = handle.settings
     keeps_cls = handle.base.config.vision_feature_select_strategy != "default"
-    stock = handle.side * handle.side + int(keeps_cls)
+    stock = handle.side * handle.side + (handle.cls_tokens if keeps_cls else 0)  # SigLIP has none to keep
     if not settings.enabled:
         return stock
     method = get_method(settings.method)

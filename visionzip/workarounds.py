@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import importlib.util
+import inspect
+from collections.abc import Iterator
+from typing import Any
+
 import torch
+import transformers
 from torch import nn
 
 
@@ -17,3 +24,54 @@ def dense_lm_head_input(model: nn.Module) -> None:
     model.lm_head.register_forward_pre_hook(
         lambda module, args: (args[0].clone(memory_format=torch.contiguous_format),)
     )
+
+
+@contextlib.contextmanager
+def processors_without_torchvision() -> Iterator[None]:
+    """transformers 5.24 type-checks every sub-processor of a processor, an absent one too, and the class
+    it checks a video processor against exists only with torchvision installed: without it,
+    `LlavaOnevisionProcessor` cannot be built or loaded even for images.  Inside this block an absent
+    (None) sub-processor passes the check; a processor that is given one is checked as before, and
+    video inputs still need torchvision."""
+    from transformers.processing_utils import ProcessorMixin
+
+    if importlib.util.find_spec("torchvision") is not None:
+        yield
+        return
+    original = ProcessorMixin.check_argument_for_proper_class
+
+    def check(self, argument_name, argument):
+        return None if argument is None else original(self, argument_name, argument)
+
+    ProcessorMixin.check_argument_for_proper_class = check
+    try:
+        yield
+    finally:
+        ProcessorMixin.check_argument_for_proper_class = original
+
+
+def load_processor(source: str, **kwargs: Any) -> Any:
+    """`AutoProcessor.from_pretrained(source)`; where that fails only for want of torchvision (a
+    processor with a video processor, such as LLaVA-OneVision's), the same processor class built from
+    the checkpoint's image processor, tokenizer and settings, with no video processor."""
+    from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer
+    from transformers.processing_utils import ProcessorMixin
+
+    try:
+        return AutoProcessor.from_pretrained(source, **kwargs)
+    except ImportError:
+        if importlib.util.find_spec("torchvision") is not None:
+            raise
+    settings, _ = ProcessorMixin.get_processor_dict(source, **kwargs)
+    processor_class = getattr(transformers, settings["processor_class"])
+    accepted = inspect.signature(processor_class.__init__).parameters
+    tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+    arguments = {key: value for key, value in settings.items() if key in accepted and key != "chat_template"}
+    with processors_without_torchvision():
+        return processor_class(
+            image_processor=AutoImageProcessor.from_pretrained(source, **kwargs),
+            tokenizer=tokenizer,
+            video_processor=None,
+            chat_template=settings.get("chat_template") or tokenizer.chat_template,
+            **arguments,
+        )

@@ -30,6 +30,7 @@ if TYPE_CHECKING:
 # totals are for a 2x2 grid (5 tiles), so a per-tile method's budget is the total / 5 there.
 PAPER_TOTALS = {"llava_next": (640, 320, 160), "llava": (192, 128, 64)}
 NOMINAL_TILES = {"llava_next": 5, "llava": 1}
+PAPER_TOTALS["llava_onevision"], NOMINAL_TILES["llava_onevision"] = PAPER_TOTALS["llava_next"], 5  # no paper budgets
 
 # Token kinds in `TileOutput.positions`, besides a patch's raster index (>= 0).
 CLS = -1

@@ -25,7 +25,7 @@ from ..similarity import cosine_gram
 from .base import Method, TileOutput
 
 if TYPE_CHECKING:
-    from ..settings import Settings
+    from ..settings import Handle, Settings
     from ..tower import TowerSignals
 
 
@@ -99,6 +99,17 @@ class CDPruner(Method):
     # The question is needed only to choose, not to count: a call that counts placeholders (the
     # processor, a page header) runs without one, and reduce_tiles refuses a choice without it.
 
+    def check_model(self, settings: Settings, handle: Handle) -> None:
+        """Refused on a tower that is not CLIP's: the relevance lives in CLIP's joint image-text space."""
+        tower = handle.base.config.vision_config.model_type
+        if tower != "clip_vision_model":
+            raise ValueError(
+                f"CDPruner scores each patch against the question in CLIP's joint space (CLIP's per-patch "
+                f"image embedding and its text tower); this model's vision tower is {tower}, whose image "
+                "embedding is pooled by an attention head with no per-patch projection into its text space "
+                "(SigLIP), so there is no faithful relevance score: CDPruner does not run on this model"
+            )
+
     def describe(self, settings: Settings) -> str:
         theta = "" if self.theta is None else f", theta={self.theta}"
         return f"CDPruner {settings.tokens}/tile{theta}"
@@ -115,7 +126,7 @@ class CDPruner(Method):
             raise ValueError("CDPruner chooses by the question: pass it per call, handle.use(..., text='...')")
         handle = signals.handle
         clip = clip_text_for(handle.base.config.vision_config)
-        patches = signals.hidden[:, 1:]  # (T, N, C) the feature layer's patch states
+        patches = signals.patches  # (T, N, C) the feature layer's patch states
         features = project(patches)  # (T, N, E): stock LLaVA's tokens, before any is dropped
         with torch.no_grad():  # the choice is discrete; gradients, if any, flow through the kept features
             image_embeds = clip.embed_patches(post_layernorm(handle.base.vision_tower)(patches))  # (T, N, P)

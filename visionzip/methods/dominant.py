@@ -14,7 +14,7 @@ from .base import Method, TileOutput
 from .visionzip import token_positions
 
 if TYPE_CHECKING:
-    from ..settings import Settings
+    from ..settings import Handle, Settings
     from ..tower import TowerSignals
 
 
@@ -36,13 +36,22 @@ class DominantOnly(Method):
                 f"(1 CLS + {side * side} patches) and the count includes the CLS token"
             )
 
+    def check_model(self, settings: Settings, handle: Handle) -> None:
+        if not handle.cls_tokens and settings.tokens > handle.side * handle.side:
+            raise ValueError(
+                f"{self.title}: tokens={settings.tokens} is out of range; a tile of this tower has "
+                f"{handle.side * handle.side} patches and no CLS token"
+            )
+
     def tile_tokens(self, settings: Settings, side: int) -> int:
         return settings.tokens
 
     def reduce_tiles(
         self, signals: TowerSignals, settings: Settings, project: Callable[[torch.Tensor], torch.Tensor]
     ) -> TileOutput:
-        choice = choose_tokens(signals.cls_attn, signals.keys_mean, settings.tokens, 0)
-        tokens = merge_tokens(signals.hidden, choice)  # (T, tokens, C): CLS first, then patches ascending
-        positions = token_positions(choice.dominant, 0)
-        return TileOutput(project(tokens), positions, tile_selections(choice, signals.cls_attn, signals.side))
+        cls_tokens = signals.cls_tokens
+        choice = choose_tokens(signals.cls_attn, signals.keys_mean, settings.tokens, 0, cls_tokens)
+        tokens = merge_tokens(signals.hidden, choice)  # (T, tokens, C): CLS first (if any), then patches ascending
+        positions = token_positions(choice.dominant, 0, cls_tokens)
+        selections = tile_selections(choice, signals.cls_attn, signals.side, cls_tokens)
+        return TileOutput(project(tokens), positions, selections)

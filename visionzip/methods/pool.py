@@ -19,6 +19,9 @@ if TYPE_CHECKING:
     from ..tower import TowerSignals
 
 
+POOLED_COUNTS = {"llava_onevision": (81, 9)}  # families whose tiles are not 24x24: their windows' counts
+
+
 def pool_patches(patches: torch.Tensor, window: int) -> torch.Tensor:
     """(T, side^2, C) patch states in raster order -> (T, (side/window)^2, C) window means, row-major.
 
@@ -77,9 +80,10 @@ class Pool(Method):
 
     def presets(self, family: str) -> dict[int, int]:
         """2x2, 3x3 and 4x4 windows of a 24x24 tile (144, 64, 36 tokens), named by their total over the
-        family's nominal tiles (the paper's 640 and 160 are no pooled grid: 128 and 32 are not squares)."""
+        family's nominal tiles (the paper's 640 and 160 are no pooled grid: 128 and 32 are not squares);
+        a 27x27 SigLIP tile pools only by 3 or 9 (81, 9 tokens)."""
         tiles = NOMINAL_TILES[family]
-        return {tiles * tokens: tokens for tokens in (144, 64, 36)}
+        return {tiles * tokens: tokens for tokens in POOLED_COUNTS.get(family, (144, 64, 36))}
 
     def tile_tokens(self, settings: Settings, side: int) -> int:
         return settings.tokens
@@ -89,8 +93,8 @@ class Pool(Method):
     ) -> TileOutput:
         side = signals.side
         window = side // math.isqrt(settings.tokens)  # check() made tokens = (side / window)^2
-        hidden = signals.hidden  # (T, 1 + side^2, C)
-        tokens = pool_patches(hidden[:, 1:], window)  # (T, k, C)
+        hidden = signals.patches  # (T, side^2, C)
+        tokens = pool_patches(hidden, window)  # (T, k, C)
         anchors, members, member_slot = window_groups(side, window)
         num_tiles = hidden.shape[0]
         # Fixed by the budget alone: the positions (each window's top-left patch) and the records need

@@ -32,9 +32,8 @@ def draw_patches(num_tiles: int, num_patches: int, tokens: int, seed: int, first
     return torch.stack(draws).sort(dim=1).values
 
 
-def gather_patches(hidden: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
-    """(T, 1 + P, C) feature-layer states (CLS first), (T, k) patch indices -> (T, k, C) those patches."""
-    patches = hidden[:, 1:]
+def gather_patches(patches: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+    """(T, P, C) feature-layer patch states (CLS dropped), (T, k) patch indices -> (T, k, C) those patches."""
     return patches.gather(1, kept.unsqueeze(-1).expand(-1, -1, patches.shape[-1]))
 
 
@@ -57,7 +56,7 @@ class RandomPatches(Method):
     def reduce_tiles(
         self, signals: TowerSignals, settings: Settings, project: Callable[[torch.Tensor], torch.Tensor]
     ) -> TileOutput:
-        hidden = signals.hidden  # (T, 1 + P, C)
+        hidden = signals.patches  # (T, P, C)
         side = signals.side
         kept = draw_patches(hidden.shape[0], side * side, settings.tokens, settings.seed, signals.first_tile)  # (T, k)
         # A host-to-device copy of pageable memory is staged at once: it does not wait for the GPU.

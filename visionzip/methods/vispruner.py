@@ -89,7 +89,8 @@ class VisPruner(Method):
     def reduce_tiles(
         self, signals: TowerSignals, settings: Settings, project: Callable[[torch.Tensor], torch.Tensor]
     ) -> TileOutput:
-        # The CLS row summed over heads ranks the patches as the official head mean does.
-        kept = vispruner_select(signals.cls_attn[:, 1:], signals.hidden[:, 1:], settings.tokens)  # (T, k)
-        tokens = gather_patches(signals.hidden, kept)  # (T, k, C) pre-projector feature-layer states
-        return TileOutput(project(tokens), kept, kept_tiles(kept, signals.side, signals.cls_attn))
+        # The CLS row summed over heads ranks the patches as the official head mean does; on a tower
+        # without CLS, the attention each patch receives (visionzip.merge.received_attention).
+        kept = vispruner_select(signals.patch_attention, signals.patches, settings.tokens)  # (T, k)
+        tokens = gather_patches(signals.patches, kept)  # (T, k, C) pre-projector feature-layer states
+        return TileOutput(project(tokens), kept, kept_tiles(kept, signals.side, signals.patch_attention))

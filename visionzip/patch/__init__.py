@@ -10,11 +10,14 @@ A family module provides:
 - `reduced_image_features(handle, pixel_values, image_sizes, settings, **tower_kwargs)`: what its
   `get_image_features` returns under reduction (per-tile methods through `encode.reduce_tiles`,
   per-image ones through `encode.reduce_packed`), recording one `ImageSelection` per image;
-- `patch(handle)`: installs both (`common.install`) and returns the function that undoes it.
+- `patch(handle)`: installs both (`common.install`) and returns the function that undoes it;
+- optionally `geometry(base)`: (patches per tile side, CLS tokens per tile) when the tower is not a
+  plain ViT (`core.tower_geometry` reads CLIP's and SigLIP's from the config and the tower).
 
 Adding a family is that file plus its line in `FAMILIES` below.
 """
 
-from . import llava, llava_next
+from . import llava, llava_next, llava_onevision
 
 FAMILIES = {family.MODEL: family for family in (llava, llava_next)}
+FAMILIES[llava_onevision.MODEL] = llava_onevision

@@ -67,13 +67,43 @@ def num_image_tokens(handle: Handle, image_size: tuple[int, int], settings: Sett
 def reduced_image_features(
     handle: Handle, pixel_values: torch.Tensor, image_sizes: Any, settings: Settings, **tower_kwargs: Any
 ) -> BaseModelOutputWithPooling:
+    return anyres_image_features(handle, pixel_values, image_sizes, settings, StockPacking(), **tower_kwargs)
+
+
+class StockPacking:
+    """How a family packs one image's stock tile features (its `pack_image_features`), and which patch
+    stands behind each packed row; LLaVA-NeXT's here, LLaVA-OneVision's in its own file."""
+
+    def pack(self, base: Any, tile_features: torch.Tensor, size: torch.Tensor, newline: torch.Tensor) -> torch.Tensor:
+        """(1 + n, P, E) one image's tile features -> (N, E) its stock packed features."""
+        strategy = base.config.vision_feature_select_strategy
+        packed_list, _ = base.pack_image_features([tile_features], [size], strategy, image_newline=newline)
+        return packed_list[0]
+
+    def patch_map(self, pack, num_tiles: int, side: int, grid: tuple[int, int]) -> torch.Tensor:
+        """(N,) tile * side^2 + patch behind each packed row, -1 for a newline (`layout.packed_patch_map`)."""
+        return packed_patch_map(pack, num_tiles, side)
+
+
+def anyres_image_features(
+    handle: Handle,
+    pixel_values: torch.Tensor,
+    image_sizes: Any,
+    settings: Settings,
+    packing: StockPacking,
+    **tower_kwargs: Any,
+) -> BaseModelOutputWithPooling:
+    """An anyres family's image features under reduction: per-tile methods in the authors' layout,
+    per-image ones on rows of the family's stock packing."""
     config = handle.base.config
     sizes = [_as_size(size) for size in image_sizes]
     tile_counts = [num_tiles(config, size) for size in sizes]
     if pixel_values.dim() == 5:  # (images, max_tiles, 3, H, W), padded: keep each image's real tiles
         pixel_values = torch.cat([pixels[:count] for pixels, count in zip(pixel_values, tile_counts)], dim=0)
-    pack = _pack_tiles if get_method(settings.method).budget_rule == "per tile" else _pack_rows
-    packed, tiles = pack(handle, pixel_values, sizes, tile_counts, settings, **tower_kwargs)
+    if get_method(settings.method).budget_rule == "per tile":
+        packed, tiles = _pack_tiles(handle, pixel_values, sizes, tile_counts, settings, **tower_kwargs)
+    else:
+        packed, tiles = _pack_rows(handle, pixel_values, sizes, tile_counts, settings, packing, **tower_kwargs)
     method, describe = get_method(settings.method).name, settings.describe()
     handle.record(
         [
@@ -107,22 +137,20 @@ def _pack_tiles(handle: Handle, pixel_values, sizes, tile_counts, settings: Sett
     return packed, tiles
 
 
-def _pack_rows(handle: Handle, pixel_values, sizes, tile_counts, settings: Settings, **tower_kwargs: Any):
+def _pack_rows(
+    handle: Handle, pixel_values, sizes, tile_counts, settings: Settings, packing: StockPacking, **tower_kwargs: Any
+):
     """A per-image method on each image's stock packed sequence (base tile, unpadded grid, newlines)."""
     base = handle.base
-    strategy = base.config.vision_feature_select_strategy
     stock = stock_tile_features(handle, pixel_values, **tower_kwargs).split(tile_counts)  # (1 + n, P, E) each
     packed, tiles = [], []
     for size, count, features in zip(sizes, tile_counts, stock):
-        size_tensor = torch.tensor(size)
 
-        def pack(tile_features, newline, size_tensor=size_tensor):
-            # (features per image, their lengths): the one image's packed features
-            packed_list, _ = base.pack_image_features([tile_features], [size_tensor], strategy, image_newline=newline)
-            return packed_list[0]
+        def pack(tile_features, newline, size_tensor=torch.tensor(size)):
+            return packing.pack(base, tile_features, size_tensor, newline)
 
         rows = pack(features, base.image_newline)  # (N, E): exactly the stock image features
-        patch_map = packed_patch_map(pack, count, handle.side)
+        patch_map = packing.patch_map(pack, count, handle.side, grid_shape(base.config, size))
         kept, image_tiles = reduce_packed(handle, rows, patch_map, count, settings)
         packed.append(kept)
         tiles.append(image_tiles)
