@@ -30,6 +30,7 @@ class Turn:
     frames: dict[str, int] = field(default_factory=dict)  # video: the frames each side saw
     selections: dict[str, list] = field(default_factory=dict)  # what each side's method chose (ImageSelections)
     chosen_for: dict[str, str] = field(default_factory=dict)  # "this question", or the earlier turn it froze
+    chosen_by: dict[str, SideConfig] = field(default_factory=dict)  # the model and mode that made `selections`
 
 
 @dataclass

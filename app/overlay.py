@@ -434,13 +434,15 @@ def frame_selections(
     return call.selection
 
 
-def image_selection(loaded: LoadedModel, image: Image.Image, mode: Mode) -> visionzip.ImageSelection:
+def image_selection(
+    loaded: LoadedModel, image: Image.Image, mode: Mode, text: str | None = None
+) -> visionzip.ImageSelection:
     """What `mode`'s method keeps and merges on `image`: the vision tower (and, for a per-image
     method, the projector) alone, no language model, so the overlay follows the budget without
-    re-running the chat."""
+    re-running the chat.  `text`: the question a text-dependent method (CDPruner) chooses by."""
     pixels = loaded.processor.image_processor(images=[image], return_tensors="pt")
     sizes = torch.tensor([[image.height, image.width]])
-    with torch.inference_mode(), use_mode(loaded, mode) as call:
+    with torch.inference_mode(), use_mode(loaded, mode, text) as call:
         loaded.model.model.get_image_features(
             pixel_values=pixels["pixel_values"].to(loaded.device, loaded.dtype), image_sizes=sizes
         )
