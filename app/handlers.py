@@ -19,8 +19,8 @@ import gradio as gr
 from PIL import Image
 
 import visionzip
-from app import charts, overlay, render
-from app.choices import ShownChoice, changed_note, recorded_choice, waiting_message
+from app import charts, overlay, render, scrub
+from app.choices import ShownChoice, changed_note, last_turn_ran, recorded_choice, waiting_message
 from app.conversation import SIDES, Conversation, SideConfig, load_media, messages_for
 from app.hosting import gpu_task
 from app.media import MediaError, detect_media_kind, load_clip, load_image
@@ -101,6 +101,8 @@ class Handlers:
         # bound method serves; only their arguments and results are pickled, and those are plain data).
         self.ask_on_gpu = gpu_task(duration_s=120)(self.ask_on_gpu)
         self.select_tokens = gpu_task(duration_s=30)(self.select_tokens)
+        self.run_tower = gpu_task(duration_s=30)(self.run_tower)
+        self.towers = scrub.TowerCaches()  # one tower run per image and model: the budget slider's redraws
 
     # -- what several handlers return ----------------------------------------------------------------
     def views(self, conversation: Conversation) -> Results:
@@ -430,15 +432,18 @@ class Handlers:
     def refresh_overlay(self, conversation: Conversation, chosen: str) -> Results:
         """What the reducing side's method keeps on the image, drawn and labelled by what chose it."""
         side = render.vision_side(conversation)
+        hidden = self.scrub_slider(conversation, None)
         if conversation.media_kind == "video":  # the filmstrip shows it, with its own legend
-            return {"selection_state": None, **self.overlay_views(None, conversation, chosen)}
+            return {"selection_state": None, **self.overlay_views(None, conversation, chosen), **hidden}
         if conversation.media_path is None or side is None:
             note = NO_IMAGE if conversation.media_path is None else NO_REDUCTION
-            return {"selection_state": None, "legend": note, **self.overlay_views(None, conversation, chosen)}
+            return {"selection_state": None, "legend": note, **self.overlay_views(None, conversation, chosen), **hidden}
         shown = self.side_choice(conversation, side, self._picture(conversation, side))
         if isinstance(shown, str):  # nothing it can truthfully draw: say why
-            return {"selection_state": None, "legend": shown, **self.overlay_views(None, conversation, chosen)}
-        return {"selection_state": shown, **self.overlay_views(shown, conversation, chosen)}
+            results = {"selection_state": None, "legend": shown, **self.overlay_views(None, conversation, chosen)}
+        else:
+            results = {"selection_state": shown, **self.overlay_views(shown, conversation, chosen)}
+        return {**results, **self.scrub_slider(conversation, side)}
 
     def overlay_after_turn(self, conversation: Conversation, chosen: str) -> Results:
         """After a turn only a text-dependent method's choice can have changed: redraw just then."""
@@ -456,6 +461,73 @@ class Handlers:
         except (ValueError, ModelLoadError, MediaError) as error:
             raise gr.Error(str(error)) from None
 
+    # -- budget scrubbing ---------------------------------------------------------------------------
+    def run_tower(self, label: str, picture: Image.Image) -> scrub.TowerCache:
+        """The vision tower once on the picture, its signals kept (a GPU task: the model must be loaded)."""
+        try:
+            return scrub.run_tower(self.registry.ready(label), picture)
+        except Exception as error:  # on ZeroGPU anything but gr.Error would reach the page as "worker error"
+            raise gr.Error(describe_error(error)) from None
+
+    def tower_cache(self, conversation: Conversation, side: str) -> scrub.TowerCache:
+        """The side's model's tower signals for the conversation's image, from the cache or run now."""
+        label = conversation.sides[side].model
+        key = (label, conversation.media_path)
+        cache = self.towers.get(key)
+        if cache is None:
+            cache = self.towers.put(key, self.run_tower(label, self._picture(conversation, side)))
+        return cache
+
+    def scrub_slider(self, conversation: Conversation, side: str | None) -> Results:
+        """The budget slider over every budget the side's method allows on this image, at its budget now;
+        hidden, with the reason, when the method needs a question (or a tuned projector) to choose."""
+        if side is None or conversation.media_kind != "image" or conversation.media_path is None:
+            return {"scrub": gr.Slider(visible=False), "scrub_info": ""}
+        config = conversation.sides[side]
+        if not scrub.can_scrub(config.mode):
+            why = "needs a question" if config.mode.reads_text else "runs through a tuned projector"
+            note = f"Budget scrubbing: {config.mode.method_title} {why}; ask one to see its choice."
+            return {"scrub": gr.Slider(visible=False), "scrub_info": note}
+        loaded, image = self.registry.get(config.model), load_media(conversation)
+        values = scrub.budget_values(loaded, config.mode, (image.height, image.width))
+        unit = "per image" if config.mode.reducer.budget_rule == "per image" else "per tile"
+        label = f"{render.SIDE_NAMES[side]} side's budget, {config.mode.method_title} (tokens {unit}): drag to preview"
+        value = scrub.budget_value(loaded, config.mode)
+        slider = gr.Slider(minimum=values[0], maximum=values[-1], value=value, step=1, label=label, visible=True)
+        return {"scrub": slider, "scrub_info": ""}
+
+    def scrub_overlay(self, conversation: Conversation, value: float, chosen: str) -> Results:
+        """The reducing side's choice at the slider's budget, from the image's one tower run: the overlay,
+        the count and the predicted prefill redrawn without the chat or the tower.  A preview: the side
+        keeps its budget (its Budget control sets what the next turn runs)."""
+        side = render.vision_side(conversation)
+        if side is None or conversation.media_kind != "image" or not scrub.can_scrub(conversation.sides[side].mode):
+            return {}
+        config = conversation.sides[side]
+        loaded = self.registry.get(config.model)
+        last = last_turn_ran(conversation, side)
+        text_tokens = last[1].stats[side].text_tokens if last is not None else 0
+        try:
+            result = scrub.scrub(loaded, self.tower_cache(conversation, side), config.mode, int(value), text_tokens)
+        except ValueError as error:
+            raise gr.Error(str(error)) from None
+        note = (
+            f"Preview at {result.mode.label}: the {side} side still runs {config.mode.label} until its Budget is set."
+        )
+        shown = ShownChoice([result.selection], side, config.model, result.mode, note=note)
+        picture = load_media(conversation)
+        view = chosen if chosen in overlay.view_choices(result.selection) else "all"
+        results = {
+            "selection_state": shown,
+            "legend": shown.header() + "\n\n" + overlay.legend_markdown(result.selection, view),
+            "overlay": overlay.draw_overlay(picture, result.selection, view),
+            "scrub_info": scrub.scrub_markdown(result),
+        }
+        if all(tile.cls_attention is not None for tile in result.selection.tiles):
+            kept = len(result.selection.tiles[0].kept)
+            results["attention_plot"] = charts.attention_chart(result.selection, kept, view)
+        return results
+
     def side_choice(self, conversation: Conversation, side: str, picture: Image.Image) -> ShownChoice | str:
         """What `side`'s method keeps on the picture, with the record of what chose it; or, when nothing
         truthful can be drawn, the message that says why.  A text-agnostic method chooses now, from the
@@ -464,7 +536,12 @@ class Handlers:
         language model, cannot: it asks for a question)."""
         config = conversation.sides[side]
         note = changed_note(conversation, side)
-        if not config.mode.reads_text:
+        if scrub.can_scrub(config.mode):  # from the image's one tower run, as the budget slider draws it
+            selection = scrub.cached_selection(
+                self.registry.get(config.model), self.tower_cache(conversation, side), config.mode
+            )
+            return ShownChoice([selection], side, config.model, config.mode, note=note)
+        if not config.mode.reads_text:  # through a tuned projector
             selection = self.select_tokens(config.model, config.mode, (picture,), False)[0]
             return ShownChoice([selection], side, config.model, config.mode, note=note)
         recorded = recorded_choice(conversation, side)

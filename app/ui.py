@@ -33,7 +33,8 @@ QUEUE_SIZE = 32  # events waiting for the model slot (about 16 visitors' turns);
 VIEWS = ["state", "left_chat", "right_chat", "stats_json", "summary"]
 HEADERS = [f"{side}_header" for side in SIDES]
 MEDIA = [*VIEWS, "media_info", *HEADERS, "media", "video"]
-OVERLAY = ["selection_state", "legend", "view", "overlay", "heatmap", "attention_plot"]
+OVERLAY = ["selection_state", "legend", "view", "overlay", "heatmap", "attention_plot", "scrub", "scrub_info"]
+SCRUB = ["selection_state", "legend", "overlay", "attention_plot", "scrub_info"]  # the budget slider's redraw
 AFTER_TURN = [
     "tokens_plot",
     "times_plot",
@@ -133,9 +134,15 @@ class Wiring:
             self.page["view"].input,
             self.handlers.overlay_views,
             ["selection_state", "state", "view"],
-            OVERLAY[1:],
+            OVERLAY[1:6],
             **self.PRIVATE,
         )
+        self.wire_scrub()
+
+    def wire_scrub(self) -> None:
+        """The budget slider redraws on release (not on every step of a drag), from the tower's cache."""
+        options = dict(api_name="scrub", trigger_mode="always_last", show_progress="hidden", **self.GPU)
+        self.on([self.page["scrub"].release], self.handlers.scrub_overlay, ["state", "scrub", "view"], SCRUB, **options)
 
     def refresh_tokens(self, event):
         """After a change of media, mode or model: what the reducing side keeps, image or video."""
