@@ -515,18 +515,21 @@ class Handlers:
             f"Preview at {result.mode.label}: the {side} side still runs {config.mode.label} until its Budget is set."
         )
         shown = ShownChoice([result.selection], side, config.model, result.mode, note=note)
-        picture = load_media(conversation)
         view = chosen if chosen in overlay.view_choices(result.selection) else "all"
-        results = {
+        return {
             "selection_state": shown,
             "legend": shown.header() + "\n\n" + overlay.legend_markdown(result.selection, view),
-            "overlay": overlay.draw_overlay(picture, result.selection, view),
+            "overlay": overlay.draw_overlay(result.picture, result.selection, view),
             "scrub_info": scrub.scrub_markdown(result),
         }
-        if all(tile.cls_attention is not None for tile in result.selection.tiles):
-            kept = len(result.selection.tiles[0].kept)
-            results["attention_plot"] = charts.attention_chart(result.selection, kept, view)
-        return results
+
+    @staticmethod
+    def scrub_chart(shown: ShownChoice | None, chosen: str) -> Results:
+        """The attention chart's budget cut at the previewed budget: after the overlay, which comes first."""
+        if shown is None or any(tile.cls_attention is None for tile in shown.selection.tiles):
+            return {}
+        view = chosen if chosen in overlay.view_choices(shown.selection) else "all"
+        return {"attention_plot": charts.attention_chart(shown.selection, len(shown.selection.tiles[0].kept), view)}
 
     def side_choice(self, conversation: Conversation, side: str, picture: Image.Image) -> ShownChoice | str:
         """What `side`'s method keeps on the picture, with the record of what chose it; or, when nothing

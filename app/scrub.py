@@ -38,8 +38,10 @@ class TowerCache:
     grid: tuple[int, int]  # the anyres grid (rows, cols); (0, 0) for a lone tile
     signals: TowerSignals  # hidden (T, 1 + P, C), cls_attn (T, 1 + P), keys_mean (T, 1 + P, d) of the feature layer
     tower_ms: float  # the tower's own time for this image (clock after the device finished)
+    picture: Image.Image | None = field(default=None, repr=False)  # the image itself, for redraws
     rows: torch.Tensor | None = None  # (N, E) the stock packed projector output, for per-image methods
     patch_map: torch.Tensor | None = None  # (N,) tile * P + patch behind each row, -1 for a newline
+    orders: dict = field(default_factory=dict, repr=False)  # per-image method -> its order of the rows, or None
     choices: dict = field(default_factory=dict, repr=False)  # Mode.key -> ImageSelection, already chosen
 
     @property
@@ -58,6 +60,7 @@ class Scrubbed:
     prefill_gflop: float  # predicted LM prefill of the visual tokens and `text_tokens`
     stock_prefill_gflop: float  # ... with every visual token
     text_tokens: int  # the prompt's text tokens counted in the prediction
+    picture: Image.Image | None = None  # the image it was chosen on, to draw on
 
     @property
     def prefill_share(self) -> float:
@@ -85,7 +88,7 @@ def run_tower(loaded: LoadedModel, image: Image.Image) -> TowerCache:
     kept = TowerSignals(signals.hidden, signals.cls_attn, signals.keys_mean, handle=handle)
     if ON_ZEROGPU:  # made in a worker process: only CPU tensors come back
         kept = replace(kept, hidden=kept.hidden.cpu(), cls_attn=kept.cls_attn.cpu(), keys_mean=kept.keys_mean.cpu())
-    return TowerCache(loaded.label, size, grid, kept, tower_ms)
+    return TowerCache(loaded.label, size, grid, kept, tower_ms, image)
 
 
 def _stock_rows(loaded: LoadedModel, cache: TowerCache) -> tuple[torch.Tensor, torch.Tensor]:
@@ -121,15 +124,26 @@ def cached_selection(loaded: LoadedModel, cache: TowerCache, mode: Mode) -> visi
         if method.budget_rule == "per tile":
             tiles = method.reduce_tiles(cache.signals, settings, _unprojected).tiles
         else:
-            if cache.rows is None:
-                cache.rows, cache.patch_map = _stock_rows(loaded, cache)
-            kept = method.reduce_image(cache.rows, settings)  # (k,) ascending rows
+            kept = _image_rows(loaded, cache, method, settings)  # (k,) ascending rows
             tiles = method.image_record(kept, cache.patch_map, cache.num_tiles, handle.side)
         selection = visionzip.ImageSelection(
             cache.image_size, cache.grid, list(tiles), count, method.name, settings.describe()
         )
     cache.choices[mode.key] = selection
     return selection
+
+
+def _image_rows(loaded: LoadedModel, cache: TowerCache, method: visionzip.Method, settings) -> torch.Tensor:
+    """A per-image method's kept rows: the prefix of its order when its choices nest (DivPrune's greedy
+    order, found once per image), else its own selection at this budget."""
+    if cache.rows is None:
+        cache.rows, cache.patch_map = _stock_rows(loaded, cache)
+    if method.name not in cache.orders:
+        cache.orders[method.name] = method.image_order(cache.rows)
+    order = cache.orders[method.name]
+    if order is None:
+        return method.reduce_image(cache.rows, settings)
+    return order[: method.image_tokens(settings, cache.rows.shape[0])].sort().values
 
 
 def _unprojected(tokens: torch.Tensor) -> torch.Tensor:
@@ -182,6 +196,7 @@ def scrub(loaded: LoadedModel, cache: TowerCache, mode: Mode, value: int, text_t
         prefill_flops(text_config, selection.num_tokens + text_tokens) / 1e9,
         prefill_flops(text_config, stock + text_tokens) / 1e9,
         text_tokens,
+        cache.picture,
     )
 
 

@@ -34,7 +34,7 @@ VIEWS = ["state", "left_chat", "right_chat", "stats_json", "summary"]
 HEADERS = [f"{side}_header" for side in SIDES]
 MEDIA = [*VIEWS, "media_info", *HEADERS, "media", "video"]
 OVERLAY = ["selection_state", "legend", "view", "overlay", "heatmap", "attention_plot", "scrub", "scrub_info"]
-SCRUB = ["selection_state", "legend", "overlay", "attention_plot", "scrub_info"]  # the budget slider's redraw
+SCRUB = ["selection_state", "legend", "overlay", "scrub_info"]  # the budget slider's redraw
 AFTER_TURN = [
     "tokens_plot",
     "times_plot",
@@ -142,7 +142,11 @@ class Wiring:
     def wire_scrub(self) -> None:
         """The budget slider redraws on release (not on every step of a drag), from the tower's cache."""
         options = dict(api_name="scrub", trigger_mode="always_last", show_progress="hidden", **self.GPU)
-        self.on([self.page["scrub"].release], self.handlers.scrub_overlay, ["state", "scrub", "view"], SCRUB, **options)
+        redrawn = self.on(
+            [self.page["scrub"].release], self.handlers.scrub_overlay, ["state", "scrub", "view"], SCRUB, **options
+        )
+        chart = self.handlers.scrub_chart  # the attention chart's cut follows, after the overlay is on screen
+        self.follow(redrawn.success, chart, ["selection_state", "view"], ["attention_plot"], **self.QUIET)
 
     def refresh_tokens(self, event):
         """After a change of media, mode or model: what the reducing side keeps, image or video."""
