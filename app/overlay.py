@@ -222,7 +222,7 @@ def _cell_map(
 
 @functools.lru_cache(maxsize=16)
 def _cached_cell_map(image_size, grid, tiles, canvas_shape, side):
-    cells = np.full(canvas_shape, -1, dtype=np.int64)
+    cells = np.full(canvas_shape, -1, dtype=np.int32)
     boxes = {}
     for tile in tiles:
         for index, region, box in _cells(_scaled_boxes(image_size, grid, tile, side, canvas_shape)):
@@ -253,9 +253,10 @@ def _draw_tokens(
         shift[1 + cell[grouped]] = GROUP_TINT * palette[roles[grouped]]
         outlines += [boxes[c] for c in cell[kept].tolist() if c in boxes]
         targets += [boxes[c] for c in (tile * side * side + chosen.targets).tolist() if c in boxes]
-    lookup = cells + 1  # (H, W)
-    canvas = canvas * scale[lookup][..., None] + shift[lookup]
-    picture = Image.fromarray(np.clip(canvas, 0, 255).astype(np.uint8))
+    lookup = cells + 1  # (H, W); in place below: the canvas is this call's own copy
+    canvas *= scale[lookup][..., None]
+    canvas += shift[lookup]
+    picture = Image.fromarray(np.clip(canvas, 0, 255, out=canvas).astype(np.uint8))
     draw = ImageDraw.Draw(picture)
     for x0, y0, x1, y1 in outlines:
         width = max(1, min(x1 - x0, y1 - y0) // 8)

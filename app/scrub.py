@@ -85,7 +85,8 @@ def run_tower(loaded: LoadedModel, image: Image.Image) -> TowerCache:
         start = clock(loaded.device)
         handle.base.vision_tower(tiles)
         tower_ms = (clock(loaded.device) - start) * 1000
-    kept = TowerSignals(signals.hidden, signals.cls_attn, signals.keys_mean, handle=handle)
+    # plain data, no handle (on ZeroGPU it is pickled back): the methods it serves read only the signals
+    kept = TowerSignals(signals.hidden, signals.cls_attn, signals.keys_mean)
     if ON_ZEROGPU:  # made in a worker process: only CPU tensors come back
         kept = replace(kept, hidden=kept.hidden.cpu(), cls_attn=kept.cls_attn.cpu(), keys_mean=kept.keys_mean.cpu())
     return TowerCache(loaded.label, size, grid, kept, tower_ms, image)

@@ -18,13 +18,17 @@ def legend_and_table(page) -> tuple[str, str]:
     return legend, page.locator("#difference-table").inner_text()
 
 
-def test_a_switched_side_never_shows_the_old_choice_under_the_new_name(page):
+def upload_with_methods(page, methods: dict[str, str]) -> None:
+    """The example image, then each side's method (by title), each change seen in the side's header."""
     page.set_input_files("#media input[type=file]", str(IMAGE))
     wait_for_text(page, "media-info", "672x672")
-    choose(page, "left-method", "VisionZip")
-    wait_for_text(page, "left-header", "With VisionZip\n")
-    choose(page, "right-method", "CDPruner")
-    wait_for_text(page, "right-header", "With CDPruner\n")
+    for side, title in methods.items():
+        choose(page, f"{side}-method", title)
+        wait_for_text(page, f"{side}-header", f"With {title}\n")
+
+
+def test_a_switched_side_never_shows_the_old_choice_under_the_new_name(page):
+    upload_with_methods(page, {"left": "VisionZip", "right": "CDPruner"})
     page.fill("#message textarea", "What colour is the car?")
     page.keyboard.press("Enter")
     page.wait_for_function(
@@ -60,5 +64,25 @@ def test_a_switched_side_never_shows_the_old_choice_under_the_new_name(page):
     assert "Jaccard" in overlap and "CDPruner" not in overlap and "FastV" not in overlap
     page.locator("#overlay img").wait_for(state="attached")
     page.screenshot(path=str(ARTIFACTS / "browser_switch_to_visionzip.png"), full_page=True)
+    errors = page.locator(".toast-body").all_inner_texts()
+    assert not errors, errors
+
+
+def test_the_budget_slider_previews_a_budget_on_release(page):
+    """Issue 19, item 4, in the browser: the slider's release redraws the overlay and the count."""
+    upload_with_methods(page, {"right": "VisionZip"})
+    page.get_by_role("tab", name="What the method keeps").click()
+    wait_for_text(page, "overlay-legend", "under VisionZip 54+10/tile")
+    slider = page.locator("#scrub input[type=range]")
+    slider.wait_for()
+    slider.evaluate(
+        """el => { el.value = 100; el.dispatchEvent(new Event('input', {bubbles: true}));
+                   el.dispatchEvent(new PointerEvent('pointerup', {bubbles: true})); }"""
+    )
+    wait_for_text(page, "overlay-legend", "Preview at VisionZip 84+16/tile")
+    wait_for_text(page, "scrub-info", "500 visual tokens")
+    assert "under VisionZip 84+16/tile" in page.locator("#overlay-legend").inner_text()
+    page.locator("#overlay img").wait_for(state="attached")
+    page.screenshot(path=str(ARTIFACTS / "browser_budget_slider.png"), full_page=True)
     errors = page.locator(".toast-body").all_inner_texts()
     assert not errors, errors

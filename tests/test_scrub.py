@@ -121,3 +121,15 @@ def test_slider_redraws_through_the_handler_with_one_tower_run(handlers, tmp_pat
     fastv = handlers.set_mode(conversation, "Full", 54, 10, "FastV 320", 54, 10, False, False, None, "FastV")
     waiting = handlers.refresh_overlay(fastv["state"], "all")
     assert not waiting["scrub"].visible and "needs a question" in waiting["scrub_info"]
+
+
+def test_the_slider_endpoint_previews_a_budget(client, tmp_path):
+    from conftest import random_image
+    from gradio_client import handle_file
+
+    path = tmp_path / "picture.png"
+    random_image(672, 672, seed=6).save(path)
+    client.predict(handle_file(str(path)), api_name="/set_media")  # the right side: VisionZip 320
+    legend, picture, info = client.predict(100, "all", api_name="/scrub")
+    assert "Preview at VisionZip 84+16/tile" in legend and "under VisionZip 84+16/tile" in legend
+    assert picture is not None and "**500 visual tokens**" in info and "of 2,928" in info
