@@ -485,8 +485,10 @@ class Handlers:
             return {"scrub": gr.Slider(visible=False), "scrub_info": ""}
         config = conversation.sides[side]
         if not scrub.can_scrub(config.mode):
-            why = "needs a question" if config.mode.reads_text else "runs through a tuned projector"
-            note = f"Budget scrubbing: {config.mode.method_title} {why}; ask one to see its choice."
+            if config.mode.reads_text:
+                note = f"Budget scrubbing: {config.mode.method_title} needs a question; ask one to see its choice."
+            else:
+                note = "Budget scrubbing previews the model's own projector: untick the tuned projector to use it."
             return {"scrub": gr.Slider(visible=False), "scrub_info": note}
         loaded, image = self.registry.get(config.model), load_media(conversation)
         values = scrub.budget_values(loaded, config.mode, (image.height, image.width))
