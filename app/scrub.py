@@ -87,9 +87,14 @@ def run_tower(loaded: LoadedModel, image: Image.Image) -> TowerCache:
         tower_ms = (clock(loaded.device) - start) * 1000
     # plain data, no handle (on ZeroGPU it is pickled back): the methods it serves read only the signals
     kept = TowerSignals(signals.hidden, signals.cls_attn, signals.keys_mean)
-    if ON_ZEROGPU:  # made in a worker process: only CPU tensors come back
-        kept = replace(kept, hidden=kept.hidden.cpu(), cls_attn=kept.cls_attn.cpu(), keys_mean=kept.keys_mean.cpu())
-    return TowerCache(loaded.label, size, grid, kept, tower_ms, image)
+    cache = TowerCache(loaded.label, size, grid, kept, tower_ms, image)
+    if ON_ZEROGPU:  # made in a worker process: only CPU tensors come back, and the projector stays behind
+        with torch.inference_mode():
+            cache.rows, cache.patch_map = (t.cpu() for t in _stock_rows(loaded, cache))
+        cache.signals = replace(
+            kept, hidden=kept.hidden.cpu(), cls_attn=kept.cls_attn.cpu(), keys_mean=kept.keys_mean.cpu()
+        )
+    return cache
 
 
 def _stock_rows(loaded: LoadedModel, cache: TowerCache) -> tuple[torch.Tensor, torch.Tensor]:
@@ -115,7 +120,10 @@ def cached_selection(loaded: LoadedModel, cache: TowerCache, mode: Mode) -> visi
     """What `mode` (text-agnostic) keeps on the cached image: its method's selection on the tower's
     signals, without the tower and without projecting what it kept."""
     if not can_scrub(mode):
-        raise ValueError(f"{mode.method_title} chooses by the question or through a tuned projector: ask one instead")
+        raise ValueError(
+            f"{mode.method_title} cannot be previewed from the tower alone: it chooses by the question, "
+            "or runs a tuned projector"
+        )
     if mode.key in cache.choices:
         return cache.choices[mode.key]
     method, handle = mode.reducer, loaded.handle
