@@ -64,8 +64,14 @@ def recorded_choice(conversation: Conversation, side: str) -> ShownChoice | None
     """The latest turn's record of what `side`'s method chose, if the side still runs the settings
     that chose it; None when there is none or the settings changed since."""
     latest = conversation.latest_choice(side)
-    made_by = latest.chosen_by.get(side) if latest is not None else None
-    if not same_settings(made_by, conversation.sides[side]):
+    if latest is None:
+        return None
+    config = conversation.sides[side]
+    made_by = latest.chosen_by.get(side)
+    stats = latest.stats.get(side)
+    if made_by is None and stats is not None and (stats.model, stats.mode) == (config.model, config.mode.label):
+        made_by = config  # a turn recorded without it (a saved conversation): its stats name what ran
+    if not same_settings(made_by, config):
         return None
     return ShownChoice(
         latest.selections[side],

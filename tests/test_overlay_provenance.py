@@ -122,3 +122,16 @@ def test_overlay_and_difference_name_the_method_that_chose(handlers, after_a_tur
     assert f"right ({conversation.sides['right'].model}, {mode.label})" in table
     measured = [(row["left_only"], row["right_only"], row["both"]) for row in difference["difference_json"]]
     assert measured == overlap_rows(left, expected)
+
+
+def test_a_turn_kept_without_its_record_is_named_by_its_stats(handlers, after_a_turn):
+    """A conversation saved before turns recorded what chose (a recording): the turn's stats name it."""
+    from dataclasses import replace
+
+    cdpruner = visionzip.get_method("cdpruner")
+    turned = after_a_turn(cdpruner)
+    saved = replace(turned, turns=[replace(turn, chosen_by={}) for turn in turned.turns])
+    legend = handlers.refresh_overlay(saved, "all")["legend"]
+    assert f"Chosen on turn 1 for **this question**: “{QUESTION}”" in legend
+    fastv = switch(handlers, saved, visionzip.get_method("fastv"))["state"]
+    assert "Ask a question to see FastV's choice" in handlers.refresh_overlay(fastv, "all")["legend"]
