@@ -119,3 +119,23 @@ def waiting_message(conversation: Conversation, side: str) -> str:
     if config.mode.inside_llm:
         return f"{note} Ask a question to see {title}'s choice (it chooses inside the language model).".strip()
     return f"{note} Ask a question to see {title}'s choice.".strip()
+
+
+def choice_of(conversation: Conversation, side: str, selection: visionzip.ImageSelection) -> ShownChoice:
+    """The record of a bare selection (a caller that kept only the selection, e.g. a replayed recording):
+    the turn that holds it names its model, mode, turn and question; one no turn holds was chosen now,
+    under the side's settings."""
+    config = conversation.sides[side]
+    for number, turn in enumerate(conversation.turns, start=1):
+        if any(chosen is selection for chosen in turn.selections.get(side, [])):
+            made_by = turn.chosen_by.get(side, config)
+            return ShownChoice(
+                turn.selections[side],
+                side,
+                made_by.model,
+                made_by.mode,
+                turn=number,
+                question=turn.question,
+                chosen_for=turn.chosen_for.get(side, "this question"),
+            )
+    return ShownChoice([selection], side, config.model, config.mode)

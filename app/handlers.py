@@ -20,7 +20,7 @@ from PIL import Image
 
 import visionzip
 from app import charts, overlay, render, scrub
-from app.choices import ShownChoice, changed_note, last_turn_ran, recorded_choice, waiting_message
+from app.choices import ShownChoice, changed_note, choice_of, last_turn_ran, recorded_choice, waiting_message
 from app.conversation import SIDES, Conversation, SideConfig, load_media, messages_for
 from app.hosting import gpu_task
 from app.media import MediaError, detect_media_kind, load_clip, load_image
@@ -401,10 +401,16 @@ class Handlers:
         return {"state": conversation, **self.mode_controls(conversation), **self.headers(conversation)}
 
     # -- what the methods keep ------------------------------------------------------------------
-    def overlay_views(self, shown: ShownChoice | None, conversation: Conversation, chosen: str) -> Results:
+    def overlay_views(
+        self, shown: ShownChoice | visionzip.ImageSelection | None, conversation: Conversation, chosen: str
+    ) -> Results:
         """Legend, view choices, overlay, heatmap and attention chart for one view of a choice; every
-        label comes from the choice's record (`shown`), never from the side's current settings."""
-        if shown is None:
+        label comes from the choice's record (`shown`; a bare selection is looked up in the turns that
+        hold it), never from the side's current settings."""
+        side = render.vision_side(conversation)
+        if isinstance(shown, visionzip.ImageSelection) and side is not None:
+            shown = choice_of(conversation, side, shown)
+        if not isinstance(shown, ShownChoice):
             return {
                 "view": gr.Dropdown(choices=["all"], value="all"),
                 "overlay": None,

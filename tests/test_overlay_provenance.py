@@ -133,5 +133,9 @@ def test_a_turn_kept_without_its_record_is_named_by_its_stats(handlers, after_a_
     saved = replace(turned, turns=[replace(turn, chosen_by={}) for turn in turned.turns])
     legend = handlers.refresh_overlay(saved, "all")["legend"]
     assert f"Chosen on turn 1 for **this question**: “{QUESTION}”" in legend
+    bare = handlers.overlay_views(saved.turns[-1].selections["right"][0], saved, "all")[
+        "legend"
+    ]  # as a replay passes it
+    assert f"Chosen on turn 1 for **this question**: “{QUESTION}”" in bare and "CDPruner 64/tile." in bare
     fastv = switch(handlers, saved, visionzip.get_method("fastv"))["state"]
     assert "Ask a question to see FastV's choice" in handlers.refresh_overlay(fastv, "all")["legend"]
