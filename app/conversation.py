@@ -34,6 +34,7 @@ class Turn:
     measured_on: dict | None = (
         None  # a recorded turn: where, on what and with which models it was measured (app.recording)
     )
+    chosen_by: dict[str, SideConfig] = field(default_factory=dict)  # the model and mode that made `selections`
 
 
 @dataclass

@@ -19,7 +19,8 @@ import gradio as gr
 from PIL import Image
 
 import visionzip
-from app import charts, overlay, render
+from app import charts, overlay, render, scrub
+from app.choices import ShownChoice, changed_note, choice_of, last_turn_ran, recorded_choice, waiting_message
 from app.conversation import SIDES, Conversation, SideConfig, load_media, messages_for
 from app.hosting import gpu_task
 from app.media import MediaError, detect_media_kind, load_clip, load_image
@@ -100,6 +101,8 @@ class Handlers:
         # bound method serves; only their arguments and results are pickled, and those are plain data).
         self.ask_on_gpu = gpu_task(duration_s=120)(self.ask_on_gpu)
         self.select_tokens = gpu_task(duration_s=30)(self.select_tokens)
+        self.run_tower = gpu_task(duration_s=30)(self.run_tower)
+        self.towers = scrub.TowerCaches()  # one tower run per image and model: the budget slider's redraws
 
     # -- what several handlers return ----------------------------------------------------------------
     def views(self, conversation: Conversation) -> Results:
@@ -399,24 +402,27 @@ class Handlers:
 
     # -- what the methods keep ------------------------------------------------------------------
     def overlay_views(
-        self, selection: visionzip.ImageSelection | None, conversation: Conversation, chosen: str
+        self, shown: ShownChoice | visionzip.ImageSelection | None, conversation: Conversation, chosen: str
     ) -> Results:
-        """Legend, view choices, overlay, heatmap and attention chart for one view of the selection."""
+        """Legend, view choices, overlay, heatmap and attention chart for one view of a choice; every
+        label comes from the choice's record (`shown`; a bare selection is looked up in the turns that
+        hold it), never from the side's current settings."""
         side = render.vision_side(conversation)
-        if selection is None or side is None:
+        if isinstance(shown, visionzip.ImageSelection) and side is not None:
+            shown = choice_of(conversation, side, shown)
+        if not isinstance(shown, ShownChoice):
             return {
                 "view": gr.Dropdown(choices=["all"], value="all"),
                 "overlay": None,
                 "heatmap": None,
                 "attention_plot": None,
             }
+        selection = shown.selection
         picture = load_media(conversation)
         choices = overlay.view_choices(selection)
         chosen = chosen if chosen in choices else "all"
-        config = conversation.sides[side]
-        title = f"**{render.SIDE_NAMES[side]} side**: {config.model}, {config.mode.label}.\n\n"
         results = {
-            "legend": title + overlay.legend_markdown(selection, chosen),
+            "legend": shown.header() + "\n\n" + overlay.legend_markdown(selection, chosen),
             "view": gr.Dropdown(choices=choices, value=chosen),
             "overlay": overlay.draw_overlay(picture, selection, chosen),
             "heatmap": None,
@@ -426,47 +432,137 @@ class Handlers:
             results["heatmap"] = overlay.draw_attention_heatmap(picture, selection, chosen)
             results["attention_plot"] = charts.attention_chart(selection, len(selection.tiles[0].kept), chosen)
         else:
-            results["legend"] += f"\n\n{config.mode.method_title} does not read the CLS attention: no heatmap."
+            results["legend"] += f"\n\n{shown.mode.method_title} does not read the CLS attention: no heatmap."
         return results
 
     def refresh_overlay(self, conversation: Conversation, chosen: str) -> Results:
-        """Run the vision tower alone under the reducing side's mode and draw what it keeps."""
+        """What the reducing side's method keeps on the image, drawn and labelled by what chose it."""
         side = render.vision_side(conversation)
+        hidden = self.scrub_slider(conversation, None)
         if conversation.media_kind == "video":  # the filmstrip shows it, with its own legend
-            return {"selection_state": None, **self.overlay_views(None, conversation, chosen)}
+            return {"selection_state": None, **self.overlay_views(None, conversation, chosen), **hidden}
         if conversation.media_path is None or side is None:
             note = NO_IMAGE if conversation.media_path is None else NO_REDUCTION
-            return {"selection_state": None, "legend": note, **self.overlay_views(None, conversation, chosen)}
-        config = conversation.sides[side]
-        if config.mode.reads_text:  # it chose for a question: show the last turn's
-            return self.question_overlay(conversation, side, chosen)
-        try:
-            self.registry.get(config.model)
-            picture = load_media(conversation)
-        except (ValueError, ModelLoadError, MediaError) as error:
-            raise gr.Error(str(error)) from None
-        selection = self.select_tokens(config.model, config.mode, (picture,), frames=False)[0]
-        return {"selection_state": selection, **self.overlay_views(selection, conversation, chosen)}
+            return {"selection_state": None, "legend": note, **self.overlay_views(None, conversation, chosen), **hidden}
+        shown = self.side_choice(conversation, side, self._picture(conversation, side))
+        if isinstance(shown, str):  # nothing it can truthfully draw: say why
+            results = {"selection_state": None, "legend": shown, **self.overlay_views(None, conversation, chosen)}
+        else:
+            results = {"selection_state": shown, **self.overlay_views(shown, conversation, chosen)}
+        return {**results, **self.scrub_slider(conversation, side)}
 
     def overlay_after_turn(self, conversation: Conversation, chosen: str) -> Results:
         """After a turn only a text-dependent method's choice can have changed: redraw just then."""
         side = render.vision_side(conversation)
         if conversation.media_kind != "image" or side is None or not conversation.sides[side].mode.reads_text:
             return {}
-        return self.question_overlay(conversation, side, chosen)
+        return self.refresh_overlay(conversation, chosen)
 
-    def question_overlay(self, conversation: Conversation, side: str, chosen: str) -> Results:
-        """A text-dependent method's choice as the latest turn made it, and for which question."""
-        title = conversation.sides[side].mode.method_title
-        latest = conversation.latest_choice(side)
-        if latest is None:
-            note = f"{title} chooses by the question: ask one to see which tokens it keeps for it."
-            return {"selection_state": None, "legend": note, **self.overlay_views(None, conversation, chosen)}
-        selection = latest.selections[side][0]
-        number = conversation.turns.index(latest) + 1
-        results = self.overlay_views(selection, conversation, chosen)
-        asked = f"Chosen on turn {number} for **{latest.chosen_for[side]}**: “{latest.question}”.\n\n"
-        return {"selection_state": selection, **results, "legend": asked + results["legend"]}
+    def _picture(self, conversation: Conversation, *sides: str) -> Image.Image:
+        """The conversation's image, with the sides' models loaded; gr.Error when either fails."""
+        try:
+            for side in sides:
+                self.registry.get(conversation.sides[side].model)
+            return load_media(conversation)
+        except (ValueError, ModelLoadError, MediaError) as error:
+            raise gr.Error(str(error)) from None
+
+    # -- budget scrubbing ---------------------------------------------------------------------------
+    def run_tower(self, label: str, picture: Image.Image) -> scrub.TowerCache:
+        """The vision tower once on the picture, its signals kept (a GPU task: the model must be loaded)."""
+        try:
+            return scrub.run_tower(self.registry.ready(label), picture)
+        except Exception as error:  # on ZeroGPU anything but gr.Error would reach the page as "worker error"
+            raise gr.Error(describe_error(error)) from None
+
+    def tower_cache(self, conversation: Conversation, side: str) -> scrub.TowerCache:
+        """The side's model's tower signals for the conversation's image, from the cache or run now."""
+        label = conversation.sides[side].model
+        key = (label, conversation.media_path)
+        cache = self.towers.get(key)
+        if cache is None:
+            cache = self.towers.put(key, self.run_tower(label, self._picture(conversation, side)))
+        return cache
+
+    def scrub_slider(self, conversation: Conversation, side: str | None) -> Results:
+        """The budget slider over every budget the side's method allows on this image, at its budget now;
+        hidden, with the reason, when the method needs a question (or a tuned projector) to choose."""
+        if side is None or conversation.media_kind != "image" or conversation.media_path is None:
+            return {"scrub": gr.Slider(visible=False), "scrub_info": ""}
+        config = conversation.sides[side]
+        if not scrub.can_scrub(config.mode):
+            if config.mode.reads_text:
+                note = f"Budget scrubbing: {config.mode.method_title} needs a question; ask one to see its choice."
+            else:
+                note = "Budget scrubbing previews the model's own projector: untick the tuned projector to use it."
+            return {"scrub": gr.Slider(visible=False), "scrub_info": note}
+        loaded, image = self.registry.get(config.model), load_media(conversation)
+        values = scrub.budget_values(loaded, config.mode, (image.height, image.width))
+        unit = "per image" if config.mode.reducer.budget_rule == "per image" else "per tile"
+        label = f"{render.SIDE_NAMES[side]} side's budget, {config.mode.method_title} (tokens {unit}): drag to preview"
+        value = scrub.budget_value(loaded, config.mode)
+        slider = gr.Slider(minimum=values[0], maximum=values[-1], value=value, step=1, label=label, visible=True)
+        return {"scrub": slider, "scrub_info": ""}
+
+    def scrub_overlay(self, conversation: Conversation, value: float, chosen: str) -> Results:
+        """The reducing side's choice at the slider's budget, from the image's one tower run: the overlay,
+        the count and the predicted prefill redrawn without the chat or the tower.  A preview: the side
+        keeps its budget (its Budget control sets what the next turn runs)."""
+        side = render.vision_side(conversation)
+        if side is None or conversation.media_kind != "image" or not scrub.can_scrub(conversation.sides[side].mode):
+            return {}
+        config = conversation.sides[side]
+        loaded = self.registry.get(config.model)
+        last = last_turn_ran(conversation, side)
+        text_tokens = last[1].stats[side].text_tokens if last is not None else 0
+        try:
+            result = scrub.scrub(loaded, self.tower_cache(conversation, side), config.mode, int(value), text_tokens)
+        except ValueError as error:
+            raise gr.Error(str(error)) from None
+        note = (
+            f"Preview at {result.mode.label}: the {side} side still runs {config.mode.label} until its Budget is set."
+        )
+        shown = ShownChoice([result.selection], side, config.model, result.mode, note=note)
+        view = chosen if chosen in overlay.view_choices(result.selection) else "all"
+        return {
+            "selection_state": shown,
+            "legend": shown.header() + "\n\n" + overlay.legend_markdown(result.selection, view),
+            "overlay": overlay.draw_overlay(result.picture, result.selection, view),
+            "scrub_info": scrub.scrub_markdown(result),
+        }
+
+    @staticmethod
+    def scrub_chart(shown: ShownChoice | None, chosen: str) -> Results:
+        """The attention chart's budget cut at the previewed budget: after the overlay, which comes first."""
+        if shown is None or any(tile.cls_attention is None for tile in shown.selection.tiles):
+            return {}
+        view = chosen if chosen in overlay.view_choices(shown.selection) else "all"
+        return {"attention_plot": charts.attention_chart(shown.selection, len(shown.selection.tiles[0].kept), view)}
+
+    def side_choice(self, conversation: Conversation, side: str, picture: Image.Image) -> ShownChoice | str:
+        """What `side`'s method keeps on the picture, with the record of what chose it; or, when nothing
+        truthful can be drawn, the message that says why.  A text-agnostic method chooses now, from the
+        picture; a text-dependent one shows its latest turn's choice while the side still runs the settings
+        that made it, else its choice for the last question computed now (FastV, which chooses inside the
+        language model, cannot: it asks for a question)."""
+        config = conversation.sides[side]
+        note = changed_note(conversation, side)
+        if scrub.can_scrub(config.mode):  # from the image's one tower run, as the budget slider draws it
+            selection = scrub.cached_selection(
+                self.registry.get(config.model), self.tower_cache(conversation, side), config.mode
+            )
+            return ShownChoice([selection], side, config.model, config.mode, note=note)
+        if not config.mode.reads_text:  # through a tuned projector
+            selection = self.select_tokens(config.model, config.mode, (picture,), False)[0]
+            return ShownChoice([selection], side, config.model, config.mode, note=note)
+        recorded = recorded_choice(conversation, side)
+        if recorded is not None:
+            return recorded
+        if not conversation.turns or config.mode.inside_llm:
+            return waiting_message(conversation, side)
+        number, question = len(conversation.turns), conversation.turns[-1].question
+        selection = self.select_tokens(config.model, config.mode, (picture,), False, question)[0]
+        return ShownChoice([selection], side, config.model, config.mode, number, question, on_demand=True, note=note)
 
     def select_tokens(
         self, label: str, mode: Mode, pictures: tuple[Image.Image, ...], frames: bool, text: str | None = None
@@ -477,48 +573,35 @@ class Handlers:
             loaded = self.registry.ready(label)
             if frames:
                 return overlay.frame_selections(loaded, pictures, mode, text)
-            return [overlay.image_selection(loaded, picture, mode) for picture in pictures]
+            return [overlay.image_selection(loaded, picture, mode, text) for picture in pictures]
         except Exception as error:  # on ZeroGPU anything but gr.Error would reach the page as "worker error"
             raise gr.Error(describe_error(error)) from None
 
     def compare_sides(self, conversation: Conversation, chosen: str = "all") -> Results:
         """When both sides reduce the same image on one model family: which patches each keeps as
-        itself, drawn on the picture, and their overlap per tile and overall (also as JSON)."""
+        itself, drawn on the picture, and their overlap per tile and overall (also as JSON), each side
+        named by the record of what chose its patches."""
         modes = [conversation.sides[side].mode for side in SIDES]
         families = {self.registry.family(conversation.sides[side].model) for side in SIDES}
         if conversation.media_kind != "image" or conversation.media_path is None:
             return {"difference_table": NO_DIFFERENCE_MEDIA, "difference_image": None, "difference_json": None}
         if not all(mode.enabled for mode in modes) or len(families) > 1:
             return {"difference_table": NO_DIFFERENCE, "difference_image": None, "difference_json": None}
-        try:
-            picture = load_media(conversation)
-            for side in SIDES:
-                self.registry.get(conversation.sides[side].model)
-        except (ValueError, ModelLoadError, MediaError) as error:
-            raise gr.Error(str(error)) from None
-        left, right = (self.side_selection(conversation, side, picture) for side in SIDES)
-        if left is None or right is None:  # a text-dependent side that has not chosen yet
-            waiting = next(conversation.sides[s].mode.method_title for s, c in zip(SIDES, (left, right)) if c is None)
-            note = f"{waiting} chooses by the question: ask one, then compare."
+        picture = self._picture(conversation, *SIDES)
+        left, right = (self.side_choice(conversation, side, picture) for side in SIDES)
+        waiting = [shown for shown in (left, right) if isinstance(shown, str)]
+        if waiting:  # a text-dependent side with no choice it can truthfully show
+            note = " ".join(waiting) + " Then compare."
             return {"difference_table": note, "difference_image": None, "difference_json": None}
-        rows = overlay.kept_overlap(left, right)
-        view = chosen if chosen in overlay.view_choices(left) else "all"
+        rows = overlay.kept_overlap(left.selection, right.selection)
+        view = chosen if chosen in overlay.view_choices(left.selection) else "all"
+        provenance = " ".join(part for part in (left.provenance(), right.provenance()) if part)
+        table = overlay.overlap_markdown(rows, f"{left.model}, {left.label}", f"{right.model}, {right.label}")
         return {
-            "difference_table": overlay.overlap_markdown(rows, modes[0].label, modes[1].label),
-            "difference_image": overlay.draw_difference(picture, left, right, view),
+            "difference_table": (provenance + "\n\n" if provenance else "") + table,
+            "difference_image": overlay.draw_difference(picture, left.selection, right.selection, view),
             "difference_json": rows,
         }
-
-    def side_selection(
-        self, conversation: Conversation, side: str, picture: Image.Image
-    ) -> visionzip.ImageSelection | None:
-        """What `side` keeps on the picture: from the tower for a text-agnostic method; a text-dependent
-        one's choice of the latest turn (None before its first question)."""
-        config = conversation.sides[side]
-        if config.mode.reads_text:
-            latest = conversation.latest_choice(side)
-            return latest.selections[side][0] if latest is not None else None
-        return self.select_tokens(config.model, config.mode, (picture,), False)[0]
 
     def refresh_filmstrip(self, conversation: Conversation) -> Results:
         """For a video: each frame each reducing side sees (both sides' when both reduce; with none, the
@@ -556,20 +639,23 @@ class Handlers:
         with loaded.handle.use(enabled=False):
             full = tokens_per_frame(loaded.handle)
         selections, asked = None, ""
-        question = conversation.turns[-1].question if conversation.turns else None
+        number, question = len(conversation.turns), (conversation.turns[-1].question if conversation.turns else None)
         if config.mode.inside_llm:
             asked = f"{config.mode.method_title} chooses inside the language model: no frame-by-frame choice to draw. "
         elif config.mode.reads_text and question is None:
             asked = f"{config.mode.method_title} chooses by the question: ask one to see its choice. "
         elif config.mode.enabled:
             selections = self.select_tokens(config.model, config.mode, clip.frames, True, question)
-            asked = f"Chosen for “{question}”. " if config.mode.reads_text else ""
-        shown = (
+            shown = ShownChoice(selections, side, config.model, config.mode, note=changed_note(conversation, side))
+            if config.mode.reads_text:  # chosen now, by the side's current settings, for the last question
+                shown = replace(shown, turn=number, question=question, on_demand=True)
+            asked = shown.provenance() + " " if shown.provenance() else ""
+        framing = (
             "Frames are shown squashed to the square base tile the model sees."
             if loaded.family != "llava"
             else "Frames are shown centre-cropped, as the model sees them."
         )
         tile = frame_tile(clip.frames[0], loaded.family).width
         legend = f"{title}: {len(clip.frames)} frames, each one {tile}x{tile} tile of {per_frame} tokens. " + asked
-        legend += (overlay.FILMSTRIP_LEGEND if selections else NO_REDUCTION + " ") + shown
+        legend += (overlay.FILMSTRIP_LEGEND if selections else NO_REDUCTION + " ") + framing
         return filmstrip(clip, loaded.family, selections, full), legend

@@ -10,7 +10,10 @@ LLaVA-OneVision: as LLaVA-NeXT with 384x384 tiles of 27x27 patches (`TILE_GEOMET
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import math
+import threading
 
 import numpy as np
 import plotly.colors as pcolors
@@ -167,16 +170,38 @@ def _image_size(image: Image.Image, selection: ImageSelection) -> tuple[int, int
 
 
 def _canvas(image: Image.Image) -> np.ndarray:
-    scale = PANEL_LONG_SIDE / max(image.size)
-    size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
-    return np.asarray(image.convert("RGB").resize(size, Image.Resampling.BICUBIC), dtype=np.float32)
+    """The picture at the drawn size, as a float32 (H, W, 3) array of its own (the caller paints on it).
+    The last few pictures' resized arrays are kept by content: a budget slider redraws one many times."""
+    rgb = image.convert("RGB")
+    key = (rgb.size, hashlib.blake2b(rgb.tobytes(), digest_size=16).digest())
+    with _RESIZED_LOCK:
+        resized = _RESIZED.get(key)
+    if resized is None:
+        scale = PANEL_LONG_SIDE / max(rgb.size)
+        size = (max(1, round(rgb.width * scale)), max(1, round(rgb.height * scale)))
+        resized = np.asarray(rgb.resize(size, Image.Resampling.BICUBIC), dtype=np.float32)
+        with _RESIZED_LOCK:
+            _RESIZED[key] = resized
+            while len(_RESIZED) > 4:
+                _RESIZED.pop(next(iter(_RESIZED)))
+    return resized.copy()
+
+
+_RESIZED: dict[tuple, np.ndarray] = {}
+_RESIZED_LOCK = threading.Lock()
 
 
 def _pixel_boxes(
     selection: ImageSelection, image_size: tuple[int, int], tile: int, canvas_shape: tuple[int, ...]
 ) -> np.ndarray:
     """Whole-pixel (side*side, 4) boxes on a canvas of (height, width, ...); padding rows stay NaN."""
-    boxes = tile_cell_boxes(image_size, selection.grid, tile, selection.tiles[tile].side)
+    return _scaled_boxes(image_size, selection.grid, tile, selection.tiles[tile].side, canvas_shape)
+
+
+def _scaled_boxes(
+    image_size: tuple[int, int], grid: tuple[int, int], tile: int, side: int, canvas_shape: tuple[int, ...]
+) -> np.ndarray:
+    boxes = tile_cell_boxes(image_size, grid, tile, side)
     scale = np.array([canvas_shape[1] / image_size[1], canvas_shape[0] / image_size[0]] * 2)
     return np.round(boxes * scale)
 
@@ -206,29 +231,53 @@ def _mark_tiles(
     return picture
 
 
+def _cell_map(
+    selection: ImageSelection, image_size: tuple[int, int], tiles: list[int], canvas_shape: tuple[int, ...]
+) -> tuple[np.ndarray, dict[int, tuple[int, int, int, int]]]:
+    """(H, W) the cell behind each canvas pixel, as tile * side^2 + cell (-1: none), and each drawn
+    cell's box: the geometry of one view, made once per image size, grid and canvas (a budget slider
+    redraws the same cells with other colours)."""
+    side = selection.tiles[tiles[0]].side
+    return _cached_cell_map(tuple(image_size), tuple(selection.grid), tuple(tiles), tuple(canvas_shape[:2]), side)
+
+
+@functools.lru_cache(maxsize=16)
+def _cached_cell_map(image_size, grid, tiles, canvas_shape, side):
+    cells = np.full(canvas_shape, -1, dtype=np.int32)
+    boxes = {}
+    for tile in tiles:
+        for index, region, box in _cells(_scaled_boxes(image_size, grid, tile, side, canvas_shape)):
+            cells[region] = tile * side * side + index
+            boxes[tile * side * side + index] = box
+    cells.setflags(write=False)
+    return cells, boxes
+
+
 def _draw_tokens(
     canvas: np.ndarray, selection: ImageSelection, image_size: tuple[int, int], tiles: list[int]
 ) -> Image.Image:
-    original = canvas.copy()
-    canvas *= BACKGROUND_DIM
+    cells, boxes = _cell_map(selection, image_size, tiles, canvas.shape)
+    side = selection.tiles[tiles[0]].side
+    # Each pixel becomes scale * picture + shift by its cell's role; entry 0 is "no cell": dimmed.
+    scale = np.full(len(selection.tiles) * side * side + 1, BACKGROUND_DIM, dtype=np.float32)
+    shift = np.zeros((len(scale), 3), dtype=np.float32)
     outlines, targets = [], []
     for tile in tiles:
         chosen: TileSelection = selection.tiles[tile]
         roles = chosen.groups().flatten().numpy()
-        colours = np.array(group_colours(len(chosen.targets)) or [(0, 0, 0)], dtype=np.float32)
-        target_cells = set(chosen.targets.tolist())
-        for index, region, box in _cells(_pixel_boxes(selection, image_size, tile, canvas.shape)):
-            role = roles[index]
-            if role == -1:
-                canvas[region] = (1 - KEPT_TINT) * original[region] + KEPT_TINT * np.array(KEPT_RGB)
-                outlines.append(box)
-            elif role == -2:
-                canvas[region] = DROPPED_DIM * original[region]
-            else:
-                canvas[region] = (1 - GROUP_TINT) * canvas[region] + GROUP_TINT * colours[role]
-                if index in target_cells:
-                    targets.append(box)
-    picture = Image.fromarray(np.clip(canvas, 0, 255).astype(np.uint8))
+        cell = tile * side * side + np.arange(side * side)  # global cell ids of this tile
+        palette = np.array(group_colours(len(chosen.targets)) or [(0, 0, 0)], dtype=np.float32)
+        kept, dropped, grouped = roles == -1, roles == -2, roles >= 0
+        scale[1 + cell[kept]], shift[1 + cell[kept]] = 1 - KEPT_TINT, KEPT_TINT * np.array(KEPT_RGB)
+        scale[1 + cell[dropped]] = DROPPED_DIM
+        scale[1 + cell[grouped]] = (1 - GROUP_TINT) * BACKGROUND_DIM
+        shift[1 + cell[grouped]] = GROUP_TINT * palette[roles[grouped]]
+        outlines += [boxes[c] for c in cell[kept].tolist() if c in boxes]
+        targets += [boxes[c] for c in (tile * side * side + chosen.targets).tolist() if c in boxes]
+    lookup = cells + 1  # (H, W); in place below: the canvas is this call's own copy
+    canvas *= scale[lookup][..., None]
+    canvas += shift[lookup]
+    picture = Image.fromarray(np.clip(canvas, 0, 255, out=canvas).astype(np.uint8))
     draw = ImageDraw.Draw(picture)
     for x0, y0, x1, y1 in outlines:
         width = max(1, min(x1 - x0, y1 - y0) // 8)
@@ -455,13 +504,15 @@ def frame_selections(
     return call.selection
 
 
-def image_selection(loaded: LoadedModel, image: Image.Image, mode: Mode) -> visionzip.ImageSelection:
+def image_selection(
+    loaded: LoadedModel, image: Image.Image, mode: Mode, text: str | None = None
+) -> visionzip.ImageSelection:
     """What `mode`'s method keeps and merges on `image`: the vision tower (and, for a per-image
     method, the projector) alone, no language model, so the overlay follows the budget without
-    re-running the chat."""
+    re-running the chat.  `text`: the question a text-dependent method (CDPruner) chooses by."""
     pixels = loaded.processor.image_processor(images=[image], return_tensors="pt")
     sizes = torch.tensor([[image.height, image.width]])
-    with torch.inference_mode(), use_mode(loaded, mode) as call:
+    with torch.inference_mode(), use_mode(loaded, mode, text) as call:
         loaded.model.model.get_image_features(
             pixel_values=pixels["pixel_values"].to(loaded.device, loaded.dtype), image_sizes=sizes
         )

@@ -180,6 +180,7 @@ class Page:
             filmstrip = gr.Gallery(label="Filmstrip", columns=6, height="auto", visible=False, elem_id="filmstrip")
             self.add("filmstrip", filmstrip)
             self.add("legend", gr.Markdown(NO_IMAGE, label="legend", elem_id="overlay-legend"))
+            self.render_scrub()
             with gr.Column() as image_views:  # hidden, with the view, for a video: its frames are in the filmstrip
                 self.add("image_views", image_views)
                 with gr.Row():
@@ -187,6 +188,11 @@ class Page:
                     self.add("overlay", gr.Image(label="Kept and merged tokens", elem_id="overlay", **picture))
                     self.add("heatmap", gr.Image(label="CLS attention", elem_id="heatmap", **picture))
                 self.add("attention_plot", gr.Plot(label="attention", show_label=False, elem_id="attention-chart"))
+
+    def render_scrub(self) -> None:
+        """The budget slider: previews the reducing side's method at any budget from one tower run."""
+        self.add("scrub", gr.Slider(1, 576, value=64, step=1, label="Budget", visible=False, elem_id="scrub"))
+        self.add("scrub_info", gr.Markdown("", label="budget preview", elem_id="scrub-info"))
 
     def render_difference_tab(self) -> None:
         with gr.Tab("Where the sides differ", elem_id="tab-difference"):

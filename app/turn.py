@@ -552,9 +552,11 @@ def record_choices(conversation: Conversation, turn: Turn, prepared: dict[str, P
     for side, this in prepared.items():
         if this.selection is not None:  # chosen this turn: for this question (text-dependent methods)
             turn.selections[side], turn.chosen_for[side] = this.selection, "this question"
+            turn.chosen_by[side] = SideConfig(this.loaded.label, this.mode)
         elif this.reuse is not None and earlier is not None and side in earlier.selections:
             turn.selections[side] = earlier.selections[side]  # the visual tokens are the cached ones
             turn.chosen_for[side] = f"turn {this.reuse.cache.turn}'s question (frozen in the KV cache)"
+            turn.chosen_by[side] = earlier.chosen_by.get(side, SideConfig(this.loaded.label, this.mode))
         if this.mode.reads_text and side in turn.chosen_for and side in turn.stats:
             turn.stats[side].chosen_for = turn.chosen_for[side]
         if this.cache is not None:

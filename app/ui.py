@@ -35,7 +35,8 @@ QUEUE_SIZE = 32  # events waiting for the model slot (about 16 visitors' turns);
 VIEWS = ["state", "left_chat", "right_chat", "stats_json", "summary"]
 HEADERS = [f"{side}_header" for side in SIDES]
 MEDIA = [*VIEWS, "media_info", *HEADERS, "media", "video"]
-OVERLAY = ["selection_state", "legend", "view", "overlay", "heatmap", "attention_plot"]
+OVERLAY = ["selection_state", "legend", "view", "overlay", "heatmap", "attention_plot", "scrub", "scrub_info"]
+SCRUB = ["selection_state", "legend", "overlay", "scrub_info"]  # the budget slider's redraw
 AFTER_TURN = [
     "tokens_plot",
     "times_plot",
@@ -148,9 +149,19 @@ class Wiring:
             self.page["view"].input,
             self.handlers.overlay_views,
             ["selection_state", "state", "view"],
-            OVERLAY[1:],
+            OVERLAY[1:6],
             **self.PRIVATE,
         )
+        self.wire_scrub()
+
+    def wire_scrub(self) -> None:
+        """The budget slider redraws on release (not on every step of a drag), from the tower's cache."""
+        options = dict(api_name="scrub", trigger_mode="always_last", show_progress="hidden", **self.GPU)
+        redrawn = self.on(
+            [self.page["scrub"].release], self.handlers.scrub_overlay, ["state", "scrub", "view"], SCRUB, **options
+        )
+        chart = self.handlers.scrub_chart  # the attention chart's cut follows, after the overlay is on screen
+        self.follow(redrawn.success, chart, ["selection_state", "view"], ["attention_plot"], **self.QUIET)
 
     def refresh_tokens(self, event):
         """After a change of media, mode or model: what the reducing side keeps, image or video."""

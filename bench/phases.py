@@ -44,6 +44,8 @@ from torch import nn
 import visionzip
 from app.hosting import machine_description  # noqa: F401 (bench.multiturn and bench.conversation import it from here)
 from visionzip.budget import Budget, preset_budget
+from visionzip.cost import llm_linear_params as _llm_linear_params
+from visionzip.cost import prefill_flops
 from visionzip.merge import choose_tokens, merge_tokens
 from visionzip.tower import encoder_layers, feature_layer_index
 from visionzip.workarounds import dense_lm_head_input, needs_dense_lm_head_input
@@ -92,21 +94,6 @@ def visionzip_flops(vision_config: Any, tiles: int, budget: Budget) -> float:
     )
     per_tile = signal + 2 * merged * budget.contextual * head_dim
     return float(tiles * per_tile)
-
-
-def _llm_linear_params(text_config: Any) -> int:
-    """Weights each token meets in one decoder layer: q, o (h x h), k, v (h x kv), gate/up/down (3 h I)."""
-    width = text_config.hidden_size
-    kv_width = text_config.num_key_value_heads * (width // text_config.num_attention_heads)
-    return 2 * width * width + 2 * width * kv_width + 3 * width * text_config.intermediate_size
-
-
-def prefill_flops(text_config: Any, tokens: int) -> float:
-    """LM prefill of n tokens to the first token: per layer 2*n*W (W linear weights) plus causal
-    attention 2*n*(n+1)*h (QK^T and AV over the n(n+1)/2 visible pairs), then the LM head on the last token."""
-    width, layers = text_config.hidden_size, text_config.num_hidden_layers
-    per_layer = 2 * tokens * _llm_linear_params(text_config) + 2 * tokens * (tokens + 1) * width
-    return float(layers * per_layer + 2 * width * text_config.vocab_size)
 
 
 def decode_flops(text_config: Any, context: int) -> float:

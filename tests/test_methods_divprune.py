@@ -13,6 +13,7 @@ from method_refs import (
     stock_signals,
 )
 
+from visionzip.methods import get_method
 from visionzip.methods.divprune import divprune_select
 
 
@@ -27,6 +28,16 @@ def test_selection_matches_reference(rows, width):
         ours = divprune_select(x, tokens)
         assert ours.tolist() == divprune_reference(x, tokens), tokens
         assert ours.dtype == torch.long and ours.shape == (tokens,)
+
+
+def test_one_order_gives_the_choice_at_every_budget():
+    """What a budget slider reads: the first k of the method's order, ascending, is its choice at k."""
+    x = features(60, 8, 4)
+    x[[3, 17, 40]] = x[3].clone()
+    order = get_method("divprune").image_order(x)
+    assert sorted(order.tolist()) == list(range(60))
+    for tokens in range(1, 61):
+        assert order[:tokens].sort().values.tolist() == divprune_reference(x, tokens), tokens
 
 
 def test_duplicate_rows_like_newlines_survive_once_and_never_first():

@@ -107,6 +107,12 @@ class Method:
         """(N, E) one image's stock packed features -> (T,) ascending row indices to keep."""
         raise TypeError(f"{self.title} is not a per-image method")
 
+    def image_order(self, features: torch.Tensor) -> torch.Tensor | None:
+        """(N,) every row of `features` in the order the method takes them, when its choice at any budget
+        k is the first k of that order (ascending after): one call then serves every budget (a budget
+        slider).  None for a method whose choices do not nest."""
+        return None
+
     def image_record(self, kept: torch.Tensor, patch_map: torch.Tensor, num_tiles: int, side: int) -> LazyTiles:
         """Per-tile records of `reduce_image`'s rows `kept` (patch_map: (N,) from `layout.packed_patch_map`).
         A method that chooses later (FastV, inside the language model) returns records it fills in then."""

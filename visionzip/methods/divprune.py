@@ -21,7 +21,13 @@ if TYPE_CHECKING:
 
 
 def divprune_select(features: torch.Tensor, tokens: int) -> torch.Tensor:
-    """(N, E) rows -> (tokens,) ascending indices of the rows greedy max-min diversity keeps.
+    """(N, E) rows -> (tokens,) ascending indices of the rows greedy max-min diversity keeps."""
+    return divprune_order(features, tokens).sort().values
+
+
+def divprune_order(features: torch.Tensor, tokens: int) -> torch.Tensor:
+    """(N, E) rows -> (tokens,) the indices of the rows greedy max-min diversity picks, in pick order:
+    the choice at any smaller budget is a prefix of it (the greedy loop only stops earlier).
 
     D = 1 - cosine similarity.  First pick: the row whose nearest neighbour (itself excluded) is
     farthest; every next pick: the row farthest from its nearest already-picked row (max over j of
@@ -53,7 +59,7 @@ def divprune_select(features: torch.Tensor, tokens: int) -> torch.Tensor:
         pick = closest.argmax().view(1)  # ties to the first index
         picks.append(pick)
         closest = torch.minimum(closest, distance.index_select(0, pick).squeeze(0))
-    return torch.cat(picks).sort().values
+    return torch.cat(picks)
 
 
 class DivPrune(Method):
@@ -81,3 +87,6 @@ class DivPrune(Method):
 
     def reduce_image(self, features: torch.Tensor, settings: Settings) -> torch.Tensor:
         return divprune_select(features, self.image_tokens(settings, features.shape[0]))
+
+    def image_order(self, features: torch.Tensor) -> torch.Tensor:
+        return divprune_order(features, features.shape[0])
