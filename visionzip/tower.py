@@ -2,7 +2,7 @@
 
 Two hooks sit on the feature layer for the life of a handle: a pre-hook on its self-attention
 (whose input is already layer-normed) computes the CLS attention row and head-mean keys with the
-layer's own q/k projections, and a forward hook keeps the layer's output.  They act only while a
+layer's own q/k projections (transformers' separate ones, or vLLM's fused qkv projection), and a forward hook keeps the layer's output.  They act only while a
 `TowerSignals` sink is active in the calling context, so concurrent stock calls see plain hooks
 that return at once.
 """
@@ -43,10 +43,12 @@ def encoder_layers(vision_tower: nn.Module) -> nn.ModuleList:
     for module in vision_tower.modules():
         if isinstance(module, nn.ModuleList) and len(module) > 0:
             attention = getattr(module[0], "self_attn", None)
-            if attention is not None and hasattr(attention, "q_proj") and hasattr(attention, "k_proj"):
+            if attention is not None and (
+                hasattr(attention, "qkv_proj") or (hasattr(attention, "q_proj") and hasattr(attention, "k_proj"))
+            ):
                 return module
     raise ValueError(
-        f"VisionZip found no ViT encoder layers (with self_attn.q_proj/k_proj) in {type(vision_tower).__name__}"
+        f"VisionZip found no ViT encoder layers (with self_attn.q_proj/k_proj or qkv_proj) in {type(vision_tower).__name__}"
     )
 
 
@@ -66,6 +68,22 @@ def feature_layer_index(vision_feature_layer: int | list[int], num_layers: int) 
             f"{num_layers}-layer tower (VisionZip needs that layer's attention)"
         )
     return position - 1
+
+
+def cls_query_and_keys(attention: nn.Module, normed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The CLS query (T, H, d) and every token's keys (T, H, S, d) of one attention layer, from its
+    layer-normed input normed (T, S, C), with the layer's own projections: transformers' q_proj/k_proj,
+    or vLLM's fused qkv_proj (which returns (output, bias) and holds this rank's heads only)."""
+    num_tiles, seq_len, _ = normed.shape
+    heads = getattr(attention, "num_heads_per_partition", attention.num_heads)
+    if hasattr(attention, "qkv_proj"):
+        qkv, _ = attention.qkv_proj(normed)  # (T, S, 3 * H * d)
+        query, keys, _ = qkv.chunk(3, dim=-1)
+        query = query[:, :1]
+    else:
+        query, keys = attention.q_proj(normed[:, :1]), attention.k_proj(normed)
+    query_cls = query.reshape(num_tiles, heads, attention.head_dim)
+    return query_cls, keys.reshape(num_tiles, seq_len, heads, attention.head_dim).transpose(1, 2)
 
 
 class SignalHooks:
@@ -98,10 +116,7 @@ class SignalHooks:
         if signals is None or not signals.want_attention:
             return
         normed = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]  # (T, S, C)
-        num_tiles, seq_len, _ = normed.shape
-        heads, head_dim = attention.num_heads, attention.head_dim
-        query_cls = attention.q_proj(normed[:, :1]).view(num_tiles, heads, head_dim)  # (T, H, d)
-        keys = attention.k_proj(normed).view(num_tiles, seq_len, heads, head_dim).transpose(1, 2)  # (T, H, S, d)
+        query_cls, keys = cls_query_and_keys(attention, normed)
         signals.cls_attn = cls_attention(query_cls, keys, attention.scale)
         signals.keys_mean = keys.mean(dim=1)  # (T, S, d)
 
