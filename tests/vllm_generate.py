@@ -1,7 +1,8 @@
 """Greedy generations of vLLM with this project's plugin, one engine per server setting, as JSON.
 
 Run under .venv-vllm (by tests/test_vllm_plugin.py and bench): reads a job from stdin
-{"checkpoint", "prompt", "images": [[height, width, seed], ...], "servers": [options or null], "max_tokens"}
+{"checkpoint", "prompt", "images": [[height, width, seed], ...], "servers": [options or null], "max_tokens",
+"signals": {"tiles", "out"} (optional: the first plugin server's tower signals on the tiles in file "tiles")}
 and prints {"results": [[{"tokens", "placeholders", "features"} per image] per server]}, where
 `placeholders` counts the image tokens vLLM's processor put in the prompt and `features` the rows the
 plugin's image path produced (null for a stock server)."""
@@ -12,6 +13,7 @@ import gc
 import json
 import os
 import sys
+from functools import partial
 
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB: the tiny model needs little
 os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")  # apply_model sends a function to the worker
@@ -24,7 +26,7 @@ def run_server(job: dict, options: dict | None) -> list[dict]:
     from vllm import LLM, SamplingParams
 
     from visionzip_vllm import hf_overrides
-    from visionzip_vllm.handle import last_image_tokens
+    from visionzip_vllm.handle import last_image_tokens, tower_signals
 
     overrides = None if options is None else hf_overrides(**options)
     llm = LLM(
@@ -37,6 +39,9 @@ def run_server(job: dict, options: dict | None) -> list[dict]:
         limit_mm_per_prompt={"image": 1},
         seed=0,
         distributed_executor_backend="uni",  # the worker in this process too
+        # transformers' PIL image processor, as the test's transformers (without torchvision) uses: its
+        # torchvision one resizes slightly differently, and DivPrune's choice follows such pixel changes
+        mm_processor_kwargs={"backend": "pil"},
     )
     image_token = llm.llm_engine.model_config.hf_config.image_token_index
     sampling = SamplingParams(temperature=0, max_tokens=job["max_tokens"])
@@ -53,6 +58,12 @@ def run_server(job: dict, options: dict | None) -> list[dict]:
                 "features": None if features is None else features[0],
             }
         )
+    if options is not None and job.get("signals"):  # the tower's signals on given tiles, saved for comparison
+        import torch
+
+        (signals,) = llm.apply_model(partial(tower_signals, tiles=torch.load(job["signals"]["tiles"])))
+        torch.save(signals, job["signals"]["out"])
+        job["signals"] = None  # once
     del llm
     gc.collect()
     return results

@@ -7,6 +7,7 @@ import contextlib
 from types import SimpleNamespace
 from typing import Any
 
+import torch
 from torch import nn
 from transformers.models.llava_next.modeling_llava_next import LlavaNextModel
 
@@ -97,3 +98,11 @@ def last_image_tokens(model: nn.Module) -> list[int] | None:
     if handle is None or handle.last_selection is None:
         return None
     return [image.num_tokens for image in handle.last_selection]
+
+
+def tower_signals(model: nn.Module, tiles: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The feature layer's signals (CLS attention, head-mean keys, output) of (T, 3, H, W) tiles as the
+    plugin reads them on vLLM's tower; for `LLM.apply_model` (comparing them with transformers')."""
+    with torch.inference_mode(), model.visionzip.capture(attention=True) as signals:
+        model.vision_tower(tiles.to(model.image_newline.dtype))
+    return {"cls_attn": signals.cls_attn, "keys_mean": signals.keys_mean, "hidden": signals.hidden}
