@@ -82,7 +82,9 @@ def wide_checkpoint(folder: Path) -> Path:
         shutil.copytree(
             tiny_checkpoint("llava_next"), path, ignore=shutil.ignore_patterns("*.safetensors", "config.json")
         )
-        build_wide_config(llm_layers=2).save_pretrained(path)
+        config = build_wide_config(llm_layers=2)
+        config.architectures = ["LlavaNextForConditionalGeneration"]  # what vLLM serves it as
+        config.save_pretrained(path)
     return path
 
 
