@@ -166,6 +166,7 @@ async def one_request(client, url: str, image_url: str, max_tokens: int) -> tupl
         "max_tokens": max_tokens,
         "temperature": 0,
         "ignore_eos": True,  # every request generates max_tokens, so modes do the same decoding work
+        "skip_special_tokens": False,  # so that a generated special token (EOS, under ignore_eos) shows as text
         "stream": True,
         "stream_options": {"include_usage": True},
     }
@@ -177,7 +178,9 @@ async def one_request(client, url: str, image_url: str, max_tokens: int) -> tupl
             if not line.startswith("data: ") or line == "data: [DONE]":
                 continue
             chunk = json.loads(line[len("data: ") :])
-            if first is None and any(choice["delta"].get("content") for choice in chunk.get("choices", [])):
+            # vLLM sends its first chunk with choices (the role, then text) once the first token exists; a
+            # token's text may still be empty (part of a character)
+            if first is None and chunk.get("choices"):
                 first = time.perf_counter() - start
             usage = chunk.get("usage") or usage
     if first is None or usage is None:
