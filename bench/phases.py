@@ -336,11 +336,25 @@ def build_wide_onevision(llm_layers: int, dtype: torch.dtype, device: torch.devi
 def build_wide(llm_layers: int, dtype: torch.dtype, device: torch.device) -> tuple[nn.Module, Any]:
     """LLaVA-NeXT-7B's shapes with random weights, made on `device` in `dtype` from configs (no
     download). The tiny checkpoint's processor supplies real tile geometry and the chat template."""
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaNextConfig, LlavaNextForConditionalGeneration
+    from transformers import LlavaNextForConditionalGeneration
 
-    from visionzip.tiny import PINPOINTS, load_tiny
+    from visionzip.tiny import load_tiny
 
     _, processor = load_tiny("llava_next")
+    config = build_wide_config(llm_layers)
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = LlavaNextForConditionalGeneration._from_config(config, dtype=dtype, attn_implementation="sdpa")
+    return model, processor
+
+
+def build_wide_config(llm_layers: int):
+    """LLaVA-NeXT-7B's config (CLIP-L/14-336, a Llama of 4096 wide with `llm_layers` layers), with the tiny
+    tokenizer's image token."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaNextConfig
+
+    from visionzip.tiny import PINPOINTS, build_tokenizer
+
     vision = CLIPVisionConfig(
         hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
         image_size=336, patch_size=14, projection_dim=768, hidden_act="quick_gelu",
@@ -349,19 +363,15 @@ def build_wide(llm_layers: int, dtype: torch.dtype, device: torch.device) -> tup
         hidden_size=4096, intermediate_size=11008, num_hidden_layers=llm_layers, num_attention_heads=32,
         num_key_value_heads=32, vocab_size=32064, max_position_embeddings=4096, rms_norm_eps=1e-5,
     )  # fmt: skip
-    config = LlavaNextConfig(
+    return LlavaNextConfig(
         vision_config=vision,
         text_config=text,
         image_grid_pinpoints=PINPOINTS,
-        image_token_id=processor.tokenizer.convert_tokens_to_ids(processor.image_token),
+        image_token_id=build_tokenizer().convert_tokens_to_ids("<image>"),
         vision_feature_layer=-2,
         vision_feature_select_strategy="default",
         projector_hidden_act="gelu",
     )
-    torch.manual_seed(0)
-    with torch.device(device):
-        model = LlavaNextForConditionalGeneration._from_config(config, dtype=dtype, attn_implementation="sdpa")
-    return model, processor
 
 
 def random_clip_l(cache: Path | None = None) -> Path:
@@ -428,6 +438,12 @@ class Reduction:
             return dict(enabled=True, dominant=self.budget.dominant, contextual=self.budget.contextual)
         text = QUESTION if visionzip.get_method(self.method).reads_text else None  # what CDPruner chooses by
         return dict(enabled=True, method=self.method, tokens=self.tokens, text=text)
+
+    def server_options(self) -> dict[str, Any]:
+        """The same reduction as the vLLM plugin's server options (`visionzip_vllm.hf_overrides`)."""
+        if self.method == "visionzip":
+            return dict(method="visionzip", dominant=self.budget.dominant, contextual=self.budget.contextual)
+        return dict(method=self.method, tokens=self.tokens)
 
 
 def parse_budget(name: str, family: str = "llava_next") -> Reduction:

@@ -18,7 +18,7 @@ from .merge import MERGE_MODES
 from .methods import METHODS, Method, get_method
 from .patch import FAMILIES
 from .selection import ImageSelection
-from .settings import Call, Settings
+from .settings import Call, Handle, Settings
 from .tower import SignalHooks, encoder_layers, feature_layer_index
 
 _UNSET: Any = object()
@@ -163,18 +163,22 @@ class VisionZip:
             call.visual_tokens = [image.num_tokens for image in selection]
 
     def _checked(self, settings: Settings) -> Settings:
-        """`settings` if every part of them can run on this model, else a ValueError stating the limits."""
-        settings.budget.check(self.tokens_per_tile, self.cls_tokens)
-        if settings.merge not in MERGE_MODES:
-            raise ValueError(f"merge must be one of {MERGE_MODES}, got {settings.merge!r}")
-        if isinstance(settings.seed, bool) or not isinstance(settings.seed, int):
-            raise ValueError(f"seed must be an integer, got {settings.seed!r}")
-        method = get_method(settings.method)
-        if method.budget_kind == "tokens" and settings.tokens is None:
-            raise ValueError(f"{method.title} needs a budget: tokens=N ({method.budget_rule})")
-        method.check(settings, self.side)
-        method.check_model(settings, self)
-        return settings
+        return checked_settings(settings, self)
+
+
+def checked_settings(settings: Settings, handle: Handle) -> Settings:
+    """`settings` if every part of them can run on the handle's model, else a ValueError stating the limits."""
+    settings.budget.check(handle.side * handle.side + handle.cls_tokens, handle.cls_tokens)  # (CLS +) patches
+    if settings.merge not in MERGE_MODES:
+        raise ValueError(f"merge must be one of {MERGE_MODES}, got {settings.merge!r}")
+    if isinstance(settings.seed, bool) or not isinstance(settings.seed, int):
+        raise ValueError(f"seed must be an integer, got {settings.seed!r}")
+    method = get_method(settings.method)
+    if method.budget_kind == "tokens" and settings.tokens is None:
+        raise ValueError(f"{method.title} needs a budget: tokens=N ({method.budget_rule})")
+    method.check(settings, handle.side)
+    method.check_model(settings, handle)
+    return settings
 
 
 def tower_geometry(family: Any, base: nn.Module) -> tuple[int, int]:

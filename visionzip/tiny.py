@@ -191,14 +191,39 @@ def cache_folder() -> Path:
 def tiny_checkpoint(family: str = "llava_next", cache_dir: str | os.PathLike | None = None) -> Path:
     """Path of the cached tiny checkpoint, built on first use (a few seconds)."""
     path = Path(cache_dir or cache_folder()) / f"tiny-{family}-v{TINY_VERSION}"
+    return _cached(path, lambda staging: build_tiny(staging, family))
+
+
+def _cached(path: Path, build) -> Path:
+    """`path`, made by `build(staging)` first if it holds no checkpoint yet."""
     if not (path / "config.json").exists():
         staging = path.with_name(path.name + f".tmp{os.getpid()}")
-        build_tiny(staging, family)
+        build(staging)
         try:  # built apart and renamed, so a reader never sees half a checkpoint
             staging.replace(path)
         except OSError:  # another process finished first: keep its copy
             shutil.rmtree(staging, ignore_errors=True)
     return path
+
+
+def hub_layout_checkpoint(family: str = "llava_next", cache_dir: str | os.PathLike | None = None) -> Path:
+    """The tiny checkpoint with its weights named as in the llava-hf hub checkpoints
+    (`vision_tower.vision_model.*`), which vLLM loads: transformers 5 saves the tower without `vision_model`."""
+    source = tiny_checkpoint(family, cache_dir)
+
+    def build(staging: Path) -> None:
+        from safetensors.torch import load_file, save_file
+
+        shutil.copytree(source, staging)
+        weights = load_file(staging / "model.safetensors")
+        prefix = "vision_tower."
+        renamed = {
+            (prefix + "vision_model." + name[len(prefix) :] if name.startswith(prefix) else name): tensor
+            for name, tensor in weights.items()
+        }
+        save_file(renamed, staging / "model.safetensors", metadata={"format": "pt"})
+
+    return _cached(source.with_name(source.name + "-hub"), build)
 
 
 def load_tiny(family: str = "llava_next", dtype: torch.dtype = torch.float32):
@@ -258,15 +283,7 @@ def build_tiny_clip(path: str | os.PathLike, seed: int = 0) -> Path:
 
 def tiny_clip_checkpoint(cache_dir: str | os.PathLike | None = None) -> Path:
     """Path of the cached tiny CLIP checkpoint, built on first use."""
-    path = Path(cache_dir or cache_folder()) / f"tiny-clip-v{TINY_VERSION}"
-    if not (path / "config.json").exists():
-        staging = path.with_name(path.name + f".tmp{os.getpid()}")
-        build_tiny_clip(staging)
-        try:  # built apart and renamed, as tiny_checkpoint does
-            staging.replace(path)
-        except OSError:
-            shutil.rmtree(staging, ignore_errors=True)
-    return path
+    return _cached(Path(cache_dir or cache_folder()) / f"tiny-clip-v{TINY_VERSION}", build_tiny_clip)
 
 
 # -- a tiny LLaVA-OneVision: SigLIP 384/14 (27x27 patches, no CLS), its anyres pinpoints, a Qwen2 LM ----

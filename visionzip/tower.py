@@ -2,7 +2,7 @@
 
 Two hooks sit on the feature layer for the life of a handle: a pre-hook on its self-attention
 (whose input is already layer-normed) computes the CLS attention row and head-mean keys with the
-layer's own q/k projections, and a forward hook keeps the layer's output.  They act only while a
+layer's own q/k projections (transformers' separate ones, or vLLM's fused qkv projection), and a forward hook keeps the layer's output.  They act only while a
 `TowerSignals` sink is active in the calling context, so concurrent stock calls see plain hooks
 that return at once.
 """
@@ -56,10 +56,12 @@ def encoder_layers(vision_tower: nn.Module) -> nn.ModuleList:
     for module in vision_tower.modules():
         if isinstance(module, nn.ModuleList) and len(module) > 0:
             attention = getattr(module[0], "self_attn", None)
-            if attention is not None and hasattr(attention, "q_proj") and hasattr(attention, "k_proj"):
+            if attention is not None and (
+                hasattr(attention, "qkv_proj") or (hasattr(attention, "q_proj") and hasattr(attention, "k_proj"))
+            ):
                 return module
     raise ValueError(
-        f"VisionZip found no ViT encoder layers (with self_attn.q_proj/k_proj) in {type(vision_tower).__name__}"
+        f"VisionZip found no ViT encoder layers (with self_attn.q_proj/k_proj or qkv_proj) in {type(vision_tower).__name__}"
     )
 
 
@@ -79,6 +81,23 @@ def feature_layer_index(vision_feature_layer: int | list[int], num_layers: int) 
             f"{num_layers}-layer tower (VisionZip needs that layer's attention)"
         )
     return position - 1
+
+
+def queries_and_keys(attention: nn.Module, normed: torch.Tensor, cls_only: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Queries (T, H, Q, d) and every token's keys (T, H, S, d) of one attention layer, from its layer-normed
+    input normed (T, S, C), with the layer's own projections: transformers' q_proj/k_proj, or vLLM's fused
+    qkv_proj (which returns (output, bias) and holds this rank's heads only). cls_only: the CLS query alone
+    (Q = 1), else every token's (Q = S)."""
+    num_tiles, seq_len, _ = normed.shape
+    heads, head_dim = getattr(attention, "num_heads_per_partition", attention.num_heads), attention.head_dim
+    if hasattr(attention, "qkv_proj"):
+        qkv, _ = attention.qkv_proj(normed)  # (T, S, 3 * H * d)
+        queries, keys, _ = qkv.chunk(3, dim=-1)
+        queries = queries[:, :1] if cls_only else queries
+    else:
+        queries, keys = attention.q_proj(normed[:, :1] if cls_only else normed), attention.k_proj(normed)
+    queries = queries.reshape(num_tiles, queries.shape[1], heads, head_dim).transpose(1, 2)
+    return queries, keys.reshape(num_tiles, seq_len, heads, head_dim).transpose(1, 2)
 
 
 class SignalHooks:
@@ -111,14 +130,12 @@ class SignalHooks:
         if signals is None or not signals.want_attention:
             return
         normed = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]  # (T, S, C)
-        num_tiles, seq_len, _ = normed.shape
-        heads, head_dim = attention.num_heads, attention.head_dim
-        keys = attention.k_proj(normed).view(num_tiles, seq_len, heads, head_dim).transpose(1, 2)  # (T, H, S, d)
+        queries, keys = queries_and_keys(
+            attention, normed, cls_only=bool(self.cls_tokens)
+        )  # (T, H, 1|S, d), (T, H, S, d)
         if self.cls_tokens:
-            query_cls = attention.q_proj(normed[:, :1]).view(num_tiles, heads, head_dim)  # (T, H, d)
-            signals.cls_attn = cls_attention(query_cls, keys, attention.scale)
+            signals.cls_attn = cls_attention(queries[:, :, 0], keys, attention.scale)
         else:  # no CLS token: every query's row, a chunk of queries at a time (never the whole map)
-            queries = attention.q_proj(normed).view(num_tiles, seq_len, heads, head_dim).transpose(1, 2)
             signals.cls_attn = received_attention(queries, keys, attention.scale)
         signals.keys_mean = keys.mean(dim=1)  # (T, S, d)
 

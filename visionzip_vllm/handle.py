@@ -1,0 +1,108 @@
+"""The library's handle (`visionzip.settings.Handle`) over a vLLM LLaVA-NeXT model, so the library's own
+family code (`visionzip.patch.llava_next`) runs the method on vLLM's vision tower and projector."""
+
+from __future__ import annotations
+
+import contextlib
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+from torch import nn
+from transformers.models.llava_next.modeling_llava_next import LlavaNextModel
+
+from visionzip.core import checked_settings
+from visionzip.selection import ImageSelection
+from visionzip.settings import Call, Settings
+from visionzip.tower import SignalHooks, encoder_layers, feature_layer_index
+
+
+def patches_per_side(config: Any) -> int:
+    return config.vision_config.image_size // config.vision_config.patch_size
+
+
+class LlavaNextParts:
+    """vLLM's LLaVA-NeXT parts under the names the family code reads of transformers' `LlavaNextModel`;
+    the per-image methods pack with transformers' own `pack_image_features` (config and newline only)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self._model = model
+        self.config = model.config
+        self.vision_tower = model.vision_tower  # called without select_layers: the feature layer's output, CLS kept
+        self.multi_modal_projector = model.multi_modal_projector
+
+    @property
+    def image_newline(self) -> nn.Parameter:
+        return self._model.image_newline
+
+    def pack_image_features(self, *args: Any, **kwargs: Any):
+        return LlavaNextModel.pack_image_features(self, *args, **kwargs)
+
+
+class CountingHandle:
+    """What `reduced_count` reads: the config, the tile side and the HF processor (for stock counts)."""
+
+    def __init__(self, config: Any, processor: Any) -> None:
+        self.base = SimpleNamespace(config=config)
+        self.processor = processor
+        self.side = patches_per_side(config)
+
+
+class VllmHandle:
+    """One server-wide `Settings` on one vLLM model: signal hooks on its tower's feature layer (vLLM builds
+    the tower only up to that layer), what the last images chose, no per-call settings."""
+
+    def __init__(self, model: nn.Module, settings: Settings) -> None:
+        config = model.config
+        self.model, self.processor, self.base = model, None, LlavaNextParts(model)
+        self.side, self.cls_tokens = patches_per_side(config), 1  # CLIP: one CLS token a tile
+        layers = encoder_layers(model.vision_tower)
+        self.layer_index = feature_layer_index(config.vision_feature_layer, config.vision_config.num_hidden_layers)
+        if self.layer_index != len(layers) - 1:
+            raise ValueError(
+                f"expected vLLM's tower to end at the feature layer {self.layer_index}, it has {len(layers)} layers"
+            )
+        attention = layers[self.layer_index].self_attn
+        if getattr(attention, "num_heads_per_partition", attention.num_heads) != attention.num_heads:
+            raise ValueError("VisionZip needs all heads of the tower's attention on one rank: no tensor-parallel tower")
+        self._settings = checked_settings(settings, self)
+        self._hooks = SignalHooks(layers[self.layer_index])
+        self.last_selection: list[ImageSelection] | None = None
+
+    @property
+    def settings(self) -> Settings:
+        return self._settings
+
+    def capture(self, attention: bool = True):
+        return self._hooks.capture(attention)
+
+    def current_call(self) -> Call | None:
+        return None  # the server's settings serve every request
+
+    def record(self, selection: list[ImageSelection]) -> None:
+        self.last_selection = selection
+
+    def remove(self) -> None:
+        self._hooks.remove()
+
+    @contextlib.contextmanager
+    def use(self, *args: Any, **kwargs: Any):
+        raise TypeError("a vLLM server's reduction is chosen when it starts (--hf-overrides), not per call")
+        yield
+
+
+def last_image_tokens(model: nn.Module) -> list[int] | None:
+    """The features the plugin produced per image of the model's last image batch, None for a stock model;
+    for `LLM.apply_model`, which runs it where the model is (an importable function, so it pickles)."""
+    handle = getattr(model, "visionzip", None)
+    if handle is None or handle.last_selection is None:
+        return None
+    return [image.num_tokens for image in handle.last_selection]
+
+
+def tower_signals(model: nn.Module, tiles: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The feature layer's signals (CLS attention, head-mean keys, output) of (T, 3, H, W) tiles as the
+    plugin reads them on vLLM's tower; for `LLM.apply_model` (comparing them with transformers')."""
+    with torch.inference_mode(), model.visionzip.capture(attention=True) as signals:
+        model.vision_tower(tiles.to(model.image_newline.dtype))
+    return {"cls_attn": signals.cls_attn, "keys_mean": signals.keys_mean, "hidden": signals.hidden}
