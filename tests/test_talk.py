@@ -137,3 +137,17 @@ def test_the_budget_keys_step_presets_and_the_slider_follows(talk, picture):
         drawn(shown["right_overlay"]), drawn(overlay.draw_overlay(load_media(conversation), expected))
     )
     assert "VisionZip 27+5/tile" in shown["right_chosen"] and set(SIDE_VIEWS) <= set(shown)
+
+
+def test_a_replayed_turn_is_captioned_by_what_chose_it(talk, cdpruner_turn, tmp_path):
+    """A recording saved after the side moved on (CDPruner 320's turn, then VisionZip 160): replayed with
+    no model, its overlay is the turn's choice, named after CDPruner, not after the side's new settings."""
+    from app import recording
+
+    moved = set_right(talk, cdpruner_turn, "VisionZip", "VisionZip 160")
+    path = recording.save(moved, tmp_path / "moved.vzrec.json", cdpruner_turn.turns[-1].measured_on)
+    replayed = talk.load_recording(str(path), new_conversation(talk.registry))
+    assert replayed["state"].sides["right"].mode.label == "VisionZip 27+5/tile"
+    caption = replayed["right_chosen"]
+    assert f"Chosen on turn 1 for **this question**: “{QUESTION}”" in caption and "CDPruner 64/tile." in caption
+    assert "27+5" not in caption and not replayed["right_scrub"].visible
