@@ -17,6 +17,7 @@ from types import SimpleNamespace
 
 import gradio as gr
 import torch
+from PIL import Image
 
 from app import charts, overlay, race, recording, render, scrub
 from app.choices import choice_of
@@ -184,7 +185,7 @@ class TalkHandlers:
             results.update(self.scrub_slider(conversation, side))
         return {**self.views(conversation), **results}
 
-    def side_overlay(self, conversation: Conversation, side: str, picture) -> Results:
+    def side_overlay(self, conversation: Conversation, side: str, picture: Image.Image) -> Results:
         """One side's overlay and caption from the record of what chose it, or why there is none."""
         config = conversation.sides[side]
         if not config.mode.enabled:
