@@ -511,6 +511,18 @@ class Handlers:
         side = render.vision_side(conversation)
         if side is None or conversation.media_kind != "image" or not scrub.can_scrub(conversation.sides[side].mode):
             return {}
+        result, shown = self.scrub_choice(conversation, side, value)
+        view = chosen if chosen in overlay.view_choices(result.selection) else "all"
+        return {
+            "selection_state": shown,
+            "legend": shown.header() + "\n\n" + overlay.legend_markdown(result.selection, view),
+            "overlay": overlay.draw_overlay(result.picture, result.selection, view),
+            "scrub_info": scrub.scrub_markdown(result),
+        }
+
+    def scrub_choice(self, conversation: Conversation, side: str, value: float) -> tuple[scrub.Scrubbed, ShownChoice]:
+        """`side`'s text-agnostic method at budget `value` on the image, from the tower's cache, with its
+        record: a preview at that budget, said not to be what the side runs."""
         config = conversation.sides[side]
         loaded = self.registry.get(config.model)
         last = last_turn_ran(conversation, side)
@@ -522,14 +534,7 @@ class Handlers:
         note = (
             f"Preview at {result.mode.label}: the {side} side still runs {config.mode.label} until its Budget is set."
         )
-        shown = ShownChoice([result.selection], side, config.model, result.mode, note=note)
-        view = chosen if chosen in overlay.view_choices(result.selection) else "all"
-        return {
-            "selection_state": shown,
-            "legend": shown.header() + "\n\n" + overlay.legend_markdown(result.selection, view),
-            "overlay": overlay.draw_overlay(result.picture, result.selection, view),
-            "scrub_info": scrub.scrub_markdown(result),
-        }
+        return result, ShownChoice([result.selection], side, config.model, result.mode, note=note)
 
     @staticmethod
     def scrub_chart(shown: ShownChoice | None, chosen: str) -> Results:

@@ -39,6 +39,7 @@ TALK_CSS = """
 #talk-view input, #talk-view textarea { font-size: 24px !important; }
 #talk-view label span, #talk-view .label-wrap span { font-size: 20px !important; }
 #talk-view #talk-keys p { font-size: 24px !important; }
+#talk-view .talk-note p { font-size: 24px !important; }
 #talk-view #talk-banner { background: #fff4d6; border: 2px solid #e0a800; border-radius: 8px; padding: 4px 12px; }
 #talk-view #talk-banner p { font-size: 24px !important; }
 """
@@ -133,9 +134,12 @@ class TalkPage(Page):
                 budgets = budget_choices(family, mode)
                 budget = gr.Dropdown(budgets, value=mode.name, label="Budget", scale=3, elem_id=f"talk-{side}-budget")
                 self.add(f"{side}_budget", budget)
-                # a slider over every budget the method allows (issue 19, item 4) belongs beside these
                 self.add(f"{side}_down", gr.Button("−", scale=1, min_width=56, elem_id=f"talk-{side}-down"))
                 self.add(f"{side}_up", gr.Button("+", scale=1, min_width=56, elem_id=f"talk-{side}-up"))
+            # every budget the method allows on this image (issue 19, item 4): a preview, drawn on release
+            slider = gr.Slider(1, 576, value=64, step=1, label="Budget", visible=False, elem_id=f"talk-{side}-scrub")
+            self.add(f"{side}_scrub", slider)
+            self.add(f"{side}_scrub_info", gr.Markdown("", elem_id=f"talk-{side}-scrub-info", elem_classes="talk-note"))
             self.add(f"{side}_figures", gr.HTML(figures_html(None, None), elem_id=f"talk-{side}-figures"))
             self.add(
                 f"{side}_answer",
@@ -143,11 +147,13 @@ class TalkPage(Page):
             )
             picture = dict(show_label=False, type="pil", interactive=False, height=380)
             self.add(f"{side}_overlay", gr.Image(label=f"{side} kept", elem_id=f"talk-{side}-overlay", **picture))
+            self.add(f"{side}_chosen", gr.Markdown("", elem_id=f"talk-{side}-chosen", elem_classes="talk-note"))
 
 
 SIDE_VIEWS = [f"{side}_{part}" for side in SIDES for part in ("title", "figures", "answer")]
 VIEWS = ["state", "speedup", "status", *SIDE_VIEWS]
-OVERLAYS = [f"{side}_overlay" for side in SIDES]
+OVERLAYS = [f"{side}_{part}" for side in SIDES for part in ("overlay", "chosen")]
+SLIDERS = [f"{side}_{part}" for side in SIDES for part in ("scrub", "scrub_info")]
 CONTROLS = [f"{side}_{part}" for side in SIDES for part in ("method", "budget")]
 
 
@@ -164,7 +170,9 @@ def wire_talk(wiring: Wiring, talk: TalkHandlers) -> None:
     views = [*VIEWS, *OVERLAYS]
 
     def then_preview(event) -> None:  # what the methods keep, from the vision tower, before anything is asked
-        wiring.follow(event.success, talk.preview, ["state"], views, show_progress="hidden", **private, **gpu)
+        wiring.follow(
+            event.success, talk.preview, ["state"], [*views, *SLIDERS], show_progress="hidden", **private, **gpu
+        )
 
     media = wiring.on(
         [page["media"].upload], talk.set_media, ["media", "state"], views, preprocess=False, **private, **gpu
@@ -178,13 +186,15 @@ def wire_talk(wiring: Wiring, talk: TalkHandlers) -> None:
         wiring.on([page["next"].click], talk.next_example, ["example_index", "state"], picked, **private, **gpu)
     )
     asking = dict(show_progress="minimal", **private, **gpu)
-    asked = wiring.on([page["ask"].click, page["question"].submit], talk.ask, ["question", "state"], views, **asking)
+    asked = wiring.on(
+        [page["ask"].click, page["question"].submit], talk.ask, ["question", "state"], [*views, *SLIDERS], **asking
+    )
     after = dict(show_progress="hidden", **private)
     wiring.follow(asked.success, talk.recording_after_turn, ["state"], ["export_recording"], **after)
     race = (talk.play_race, ["state", "slowdown"], ["status", *(f"{side}_answer" for side in SIDES)])
     wiring.on([page["race"].click], *race, **after)
     wiring.follow(asked.success, *race, **after)  # after a turn, and on a loaded recording, the race plays itself
-    loaded = [*views, *CONTROLS, "media", "question"]
+    loaded = [*views, *CONTROLS, *SLIDERS, "media", "question"]
     for trigger, handler, source in (
         (page["load"].upload, talk.load_recording, "load"),
         (page["shipped"].input, talk.load_shipped, "shipped"),
@@ -196,7 +206,17 @@ def wire_talk(wiring: Wiring, talk: TalkHandlers) -> None:
         triggers, talk.set_mode, modes, [*VIEWS, *CONTROLS], trigger_mode="always_last", **private, **gpu
     )
     then_preview(changed)
-    for side in SIDES:
+    scrubbing = dict(trigger_mode="always_last", show_progress="hidden", **private, **gpu)
+    for side in SIDES:  # the slider redraws on release (not every step of a drag), from the tower's cache
+        redrawn = [f"{side}_overlay", f"{side}_chosen", f"{side}_scrub_info"]
+        wiring.on(
+            [page[f"{side}_scrub"].release],
+            getattr(talk, f"scrub_{side}"),
+            ["state", f"{side}_scrub"],
+            redrawn,
+            **scrubbing,
+        )
+    for side in SIDES:  # the keys step presets (what runs); the preview after moves the slider to match
         for step, name in ((-1, "up"), (1, "down")):  # up: more tokens (presets go from most to fewest)
             stepper = _stepper(talk, side, step)
             then_preview(

@@ -19,7 +19,9 @@ The file (UTF-8 JSON, at most MAX_FILE_BYTES):
                                          tokens: [[ms since that side's start, text], ...] (one per new token;
                                                  the texts join to the answer; the first ms is the TTFT),
                                          stats: app.stats.TurnStats as a dict, or null,
-                                         kept: [ImageSelection, ...] or null}}}]
+                                         kept: [ImageSelection, ...] or null,
+                                         chosen_by: {model, mode} that chose `kept`, or null; optional (files
+                                                    written before it: the turn's stats name what ran)}}}]
     ImageSelection  {image_size: [H, W], grid: [rows, cols], num_tokens, method, budget,
                      tiles: [{side, kept, targets, merged, merged_into: [int], cls_attention: [float] | null}]}
 
@@ -157,6 +159,7 @@ def _turn_document(turn: Turn, where: dict) -> dict:
             "tokens": [[round(ms, 3), text] for ms, text in turn.tokens.get(side, [])],
             "stats": asdict(stats) if stats is not None else None,
             "kept": [_selection_document(s) for s in selections] if selections else None,
+            "chosen_by": _side_document(turn.chosen_by[side]) if side in turn.chosen_by else None,
         }
     return {
         "question": turn.question,
@@ -337,6 +340,9 @@ def _read_turn(document: Any, where: str) -> Turn:
             if not 0 < len(kept) <= MAX_SELECTIONS:
                 raise RecordingError(f"The recording is damaged: {here}.kept holds {len(kept)} images.")
             turn.selections[side] = [_read_selection(s, f"{here}.kept") for s in kept]
+        chosen_by = _get(record, "chosen_by", (dict, None), here) if "chosen_by" in record else None
+        if chosen_by is not None:  # what chose `kept` (app.choices labels the overlay by it)
+            turn.chosen_by[side] = _read_side(chosen_by, f"{here}.chosen_by")
     return turn
 
 

@@ -17,8 +17,10 @@ from types import SimpleNamespace
 
 import gradio as gr
 import torch
+from PIL import Image
 
-from app import charts, overlay, race, recording, render
+from app import charts, overlay, race, recording, render, scrub
+from app.choices import choice_of
 from app.conversation import SIDES, Conversation, SideConfig, Turn, load_media
 from app.handlers import Handlers, same_file, uploaded_path
 from app.hosting import machine_description, timing_method
@@ -36,9 +38,12 @@ RECORDING_NAME = "visionzip_recording.vzrec.json"
 DOWNLOAD = "Download recording"
 SLOWDOWNS = {"measured pace": 1.0, "10x slower": 10.0}
 SHORTCUTS = (
-    "**Keys:** `N` next example · `A` ask (or Enter in the question) · `↑` / `↓` right side's budget up / down · "
-    "`Shift+↑` / `Shift+↓` left side's · `R` play the race"
+    "**Keys:** `N` next example · `A` ask (or Enter in the question) · `↑` / `↓` right side's budget up / down "
+    "one preset (what the next question runs; its slider follows) · `Shift+↑` / `Shift+↓` left side's · "
+    "`R` play the race. **Slider:** previews any budget on release (overlay, count, predicted prefill), "
+    "without changing what runs"
 )
+EVERY_TOKEN = "Full model: every visual token."
 Results = dict[str, object]
 
 
@@ -152,40 +157,86 @@ class TalkHandlers:
 
     @staticmethod
     def overlays(conversation: Conversation) -> Results:
-        """Each reducing side's choice on the latest turn, drawn large on the picture from the turn's record."""
-        results: Results = {f"{side}_overlay": None for side in SIDES}
+        """Each reducing side's choice on the latest turn, drawn large on the picture from the turn's record
+        and captioned by what chose it (the turn's model, method and budget: app.choices)."""
+        results: Results = {f"{side}_{part}": None for side in SIDES for part in ("overlay", "chosen")}
         if not conversation.turns or conversation.media_kind != "image" or conversation.media_path is None:
             return results
         picture, turn = load_media(conversation), conversation.turns[-1]
         for side in SIDES:
             if side in turn.selections:
-                results[f"{side}_overlay"] = overlay.draw_overlay(picture, turn.selections[side][0], "all")
+                shown = choice_of(conversation, side, turn.selections[side][0])
+                results[f"{side}_overlay"] = overlay.draw_overlay(picture, shown.selection, "all")
+                results[f"{side}_chosen"] = shown.header()
             elif not conversation.sides[side].mode.enabled:  # the full model keeps every token: the picture as it is
-                results[f"{side}_overlay"] = picture
+                results[f"{side}_overlay"], results[f"{side}_chosen"] = picture, EVERY_TOKEN
         return results
 
     def preview(self, conversation: Conversation) -> Results:
-        """After a change of media or mode: what each side's method keeps on the picture, from the vision
-        tower alone (a text-dependent method shows its latest turn's choice), and the sides' counts."""
+        """After a change of media or mode: what each side's method keeps on the picture, captioned by
+        what chose it (the page's `side_choice`: a text-agnostic method chooses now, from the tower; a
+        text-dependent one shows a turn's choice only while the side runs the settings that made it),
+        each side's budget slider at its budget, and the sides' counts."""
         if conversation.media_kind != "image" or conversation.media_path is None:
             return {}
         picture, results = load_media(conversation), {}
         for side in SIDES:
-            config = conversation.sides[side]
-            latest = conversation.latest_choice(side)
-            if not config.mode.enabled:
-                results[f"{side}_overlay"] = picture
-            elif config.mode.reads_text:
-                selection = latest.selections[side][0] if latest is not None else None
-                results[f"{side}_overlay"] = overlay.draw_overlay(picture, selection, "all") if selection else None
-            else:
-                try:
-                    self.registry.get(config.model)
-                except ModelLoadError as error:
-                    raise gr.Error(f"{SIDE_NAMES[side]} side: {error}") from None
-                selection = self.page.select_tokens(config.model, config.mode, (picture,), False)[0]
-                results[f"{side}_overlay"] = overlay.draw_overlay(picture, selection, "all")
+            results.update(self.side_overlay(conversation, side, picture))
+            results.update(self.scrub_slider(conversation, side))
         return {**self.views(conversation), **results}
+
+    def side_overlay(self, conversation: Conversation, side: str, picture: Image.Image) -> Results:
+        """One side's overlay and caption from the record of what chose it, or why there is none."""
+        config = conversation.sides[side]
+        if not config.mode.enabled:
+            return {f"{side}_overlay": picture, f"{side}_chosen": EVERY_TOKEN}
+        try:
+            self.registry.get(config.model)
+        except ModelLoadError as error:
+            raise gr.Error(f"{SIDE_NAMES[side]} side: {error}") from None
+        shown = self.page.side_choice(conversation, side, picture)
+        if isinstance(shown, str):  # nothing it can truthfully draw (FastV before a question): say why
+            return {f"{side}_overlay": None, f"{side}_chosen": shown}
+        return {
+            f"{side}_overlay": overlay.draw_overlay(picture, shown.selection, "all"),
+            f"{side}_chosen": shown.header(),
+        }
+
+    # -- budget scrubbing ----------------------------------------------------------------------------
+    def scrub_slider(self, conversation: Conversation, side: str) -> Results:
+        """The side's budget slider (the page's, per side) at its budget; hidden for the full model."""
+        if not conversation.sides[side].mode.enabled:
+            return {f"{side}_scrub": gr.Slider(visible=False), f"{side}_scrub_info": ""}
+        results = self.page.scrub_slider(conversation, side)
+        return {f"{side}_scrub": results["scrub"], f"{side}_scrub_info": results["scrub_info"]}
+
+    @staticmethod
+    def hidden_sliders() -> Results:
+        """A replayed recording has no tower to scrub (no model is loaded): the sliders go."""
+        return {
+            f"{side}_{part}": gr.Slider(visible=False) if part == "scrub" else ""
+            for side in SIDES
+            for part in ("scrub", "scrub_info")
+        }
+
+    def scrub_side(self, conversation: Conversation, side: str, value: float) -> Results:
+        """The side's overlay, count and predicted prefill at the slider's budget, from the image's one
+        tower run: no chat, no tower.  A preview: the side runs its preset until its Budget changes."""
+        config = conversation.sides[side]
+        if conversation.media_kind != "image" or conversation.media_path is None or not scrub.can_scrub(config.mode):
+            return {}
+        result, shown = self.page.scrub_choice(conversation, side, value)
+        return {
+            f"{side}_overlay": overlay.draw_overlay(result.picture, result.selection, "all"),
+            f"{side}_chosen": shown.header(),
+            f"{side}_scrub_info": scrub.scrub_markdown(result),
+        }
+
+    def scrub_left(self, conversation: Conversation, value: float) -> Results:
+        return self.scrub_side(conversation, "left", value)
+
+    def scrub_right(self, conversation: Conversation, value: float) -> Results:
+        return self.scrub_side(conversation, "right", value)
 
     def controls(self, conversation: Conversation, family: Callable[[str], str] | None = None) -> Results:
         """Each side's method and budget dropdowns as the conversation's modes (presets only)."""
@@ -243,7 +294,8 @@ class TalkHandlers:
             yield self.views(current, live_counts=False)
         if current.turns and current.turns[-1].measured_on is None:
             current.turns[-1].measured_on = self.live_measured_on(current, current.turns[-1])
-        yield {**self.views(current, live_counts=False), **self.overlays(current)}
+        sliders = {name: value for side in SIDES for name, value in self.scrub_slider(current, side).items()}
+        yield {**self.views(current, live_counts=False), **self.overlays(current), **sliders}  # back at the budgets
 
     def live_measured_on(self, conversation: Conversation, turn: Turn) -> dict:
         """Where a live turn ran: this machine, its clock, and whether each side's model is the tiny one."""
@@ -281,6 +333,7 @@ class TalkHandlers:
             replay_note(first) + " The race plays; **R** plays it again." if first else "No turns."
         )
         results = {**self.views(replayed, live_counts=False), **overlays, **self.controls(replayed), "status": note}
+        results.update(self.hidden_sliders())
         media = replayed.media_path if replayed.media_kind == "image" else None
         return {**results, "media": media, "question": first.question if first else ""}
 

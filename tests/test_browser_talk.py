@@ -78,6 +78,23 @@ def play_race(page) -> None:
     page.locator("body").click(position={"x": 5, "y": 5})  # keys act outside form fields
 
 
+def move_the_slider(page) -> None:
+    """The right side's slider follows the key's preset (VisionZip 160: 27 + 5 a tile); released at 100
+    it previews that budget: the overlay's caption and the count, while the side keeps its preset."""
+    slider = page.locator("#talk-right-scrub input[type=range]")
+    page.wait_for_function("document.querySelector('#talk-right-scrub input[type=range]')?.value === '32'")
+    slider.evaluate(
+        """el => { el.value = 100; el.dispatchEvent(new Event('input', {bubbles: true}));
+                   el.dispatchEvent(new PointerEvent('pointerup', {bubbles: true})); }"""
+    )
+    page.wait_for_function(
+        "document.querySelector('#talk-right-chosen').innerText.includes('Preview at VisionZip 84+16')"
+    )
+    page.wait_for_function("document.querySelector('#talk-right-scrub-info').innerText.includes('visual tokens')")
+    assert page.locator("#talk-right-budget input").input_value() == "VisionZip 160"  # what the next turn runs
+    page.locator("body").click(position={"x": 5, "y": 5})  # keys act outside form fields
+
+
 @pytest.mark.parametrize(("width", "height", "scale", "name"), [(1920, 1080, 1, "1080p"), (1280, 720, 1.5, "zoom150")])
 def test_presenter_view(app_url, width, height, scale, name):
     ARTIFACTS.mkdir(exist_ok=True)
@@ -105,6 +122,7 @@ def test_presenter_view(app_url, width, height, scale, name):
         page.wait_for_function("document.querySelector('#talk-right-budget input').value === 'VisionZip 160'")
         page.keyboard.press("Shift+ArrowUp")  # the left side runs the full model: refused with a message
         page.get_by_text("runs the full model").first.wait_for()
+        move_the_slider(page)
 
         page.locator("#talk-shipped input").click()
         page.get_by_role("option", name="tiny-house_and_car.vzrec.json").click()

@@ -19,6 +19,18 @@ from app.modes import mode_choices, use_mode
 METHODS = list(visionzip.METHODS.values())
 LEFT = ("VisionZip 320", 54, 10)  # the left side reduces too, so the difference view has two choices
 QUESTION = "What colour is the car?"
+ONEVISION = "Tiny LLaVA-OneVision (random weights)"  # SigLIP tiles: 27x27 patches, no CLS token
+# (before, after) on two OneVision sides: the issue's switch (a text-dependent method away and back; CDPruner
+# refuses SigLIP towers, so FastV), a method kept, each budget rule (per tile, pooled, per image)
+ONEVISION_PAIRS = [
+    ("fastv", "visionzip"),
+    ("visionzip", "fastv"),
+    ("fastv", "fastv"),
+    ("fastv", "divprune"),
+    ("visionzip", "pool"),
+    ("divprune", "vispruner"),
+    ("visionzip", "divprune"),
+]
 
 
 @pytest.fixture(scope="module")
@@ -35,26 +47,38 @@ def picture(tmp_path_factory):
     return str(path)
 
 
-def switch(handlers: Handlers, conversation, method: visionzip.Method):
-    """The right side to `method`'s middle preset (320 on LLaVA-NeXT), as the page's dropdowns send it."""
-    preset = mode_choices("llava_next", method.name)[1]
+def switch(handlers: Handlers, conversation, method: visionzip.Method, family: str = "llava_next"):
+    """The right side to `method`'s second preset (320 on LLaVA-NeXT), as the page's dropdowns send it."""
+    preset = mode_choices(family, method.name)[1]
     return handlers.set_mode(conversation, *LEFT, preset, 54, 10, False, False, "VisionZip", method.title)
 
 
-@pytest.fixture(scope="module")
-def after_a_turn(handlers, picture):
-    """The conversation after one turn with the right side on each method (made on first use)."""
+def turns_by_method(handlers: Handlers, picture: str, model: str | None = None, family: str = "llava_next"):
+    """The conversation after one turn with the right side on each method (made on first use), both sides
+    on `model` (None: the default model)."""
     made = {}
 
     def conversation_for(method: visionzip.Method):
         if method.name not in made:
             start = handlers.set_media({"path": picture}, new_conversation(handlers.registry))["state"]
-            start = switch(handlers, start, method)["state"]
+            if model is not None:
+                start = handlers.set_model(start, model, model, progress=lambda *a, **k: None)["state"]
+            start = switch(handlers, start, method, family)["state"]
             made[method.name] = list(handlers.ask(QUESTION, start))[-1]["state"]
             assert not any(stats.error for stats in made[method.name].turns[-1].stats.values())
         return made[method.name]
 
     return conversation_for
+
+
+@pytest.fixture(scope="module")
+def after_a_turn(handlers, picture):
+    return turns_by_method(handlers, picture)
+
+
+@pytest.fixture(scope="module")
+def after_a_onevision_turn(handlers, picture):
+    return turns_by_method(handlers, picture, ONEVISION, "llava_onevision")
 
 
 def fresh_selection(handlers: Handlers, conversation, side: str, text: str | None) -> visionzip.ImageSelection:
@@ -86,8 +110,21 @@ def overlap_rows(left: visionzip.ImageSelection, right: visionzip.ImageSelection
 @pytest.mark.parametrize("after", METHODS, ids=[m.name for m in METHODS])
 @pytest.mark.parametrize("before", METHODS, ids=[m.name for m in METHODS])
 def test_overlay_and_difference_name_the_method_that_chose(handlers, after_a_turn, before, after):
-    turned = after_a_turn(before)
-    switched = switch(handlers, turned, after)
+    assert_named_by_what_chose(handlers, after_a_turn(before), before, after, "llava_next")
+
+
+@pytest.mark.parametrize(("before", "after"), ONEVISION_PAIRS, ids=["-".join(pair) for pair in ONEVISION_PAIRS])
+def test_a_onevision_side_is_named_by_the_method_that_chose(handlers, after_a_onevision_turn, before, after):
+    before, after = visionzip.get_method(before), visionzip.get_method(after)
+    turned = after_a_onevision_turn(before)
+    assert turned.sides["right"].model == ONEVISION and turned.turns[-1].selections["right"][0].tiles[0].side == 27
+    assert_named_by_what_chose(handlers, turned, before, after, "llava_onevision")
+
+
+def assert_named_by_what_chose(handlers: Handlers, turned, before: visionzip.Method, after: visionzip.Method, family):
+    """Switch the right side from `before` (its turn) to `after`, open the overlay and the difference view,
+    and check that every label names one method and budget, and the counts are that method's."""
+    switched = switch(handlers, turned, after, family)
     conversation, mode = switched["state"], switched["state"].sides["right"].mode
     assert mode.method == after.name and mode.label in switched["right_header"]
     shown = handlers.refresh_overlay(conversation, "all")

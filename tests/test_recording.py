@@ -80,6 +80,7 @@ def test_a_recording_reads_back_as_it_was_saved(live, tmp_path):
         for side in original.tokens:
             assert turn.tokens[side] == [(pytest.approx(ms, abs=1e-3), text) for ms, text in original.tokens[side]]
         assert turn.selections.keys() == original.selections.keys() == {"right"}
+        assert turn.chosen_by == original.chosen_by and set(turn.chosen_by) == {"right"}  # what chose `kept`
         for got, want in zip(turn.selections["right"], original.selections["right"], strict=True):
             assert (got.image_size, got.grid, got.num_tokens, got.method) == (
                 tuple(want.image_size),

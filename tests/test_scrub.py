@@ -13,6 +13,7 @@ from app.ui import OVERLAY, SCRUB
 from visionzip.cost import prefill_flops
 
 AGNOSTIC = [method for method in visionzip.METHODS.values() if not method.reads_text]
+ONEVISION = "Tiny LLaVA-OneVision (random weights)"  # SigLIP tiles of 27x27 patches, no CLS token
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +61,7 @@ def same_choice(one: visionzip.ImageSelection, other: visionzip.ImageSelection) 
     )
 
 
-@pytest.mark.parametrize("label", [TINY_LABEL, TINY_15_LABEL])
+@pytest.mark.parametrize("label", [TINY_LABEL, TINY_15_LABEL, ONEVISION])
 @pytest.mark.parametrize("method", AGNOSTIC, ids=[m.name for m in AGNOSTIC])
 def test_each_budget_keeps_what_a_full_run_keeps_and_the_tower_runs_once(registry, image, label, method):
     loaded = registry.get(label)
@@ -90,6 +91,18 @@ def test_pool_offers_only_the_window_sizes(registry, image):
     mode = default_mode("pool", loaded.family)
     assert scrub.budget_values(loaded, mode, (image.height, image.width)) == [1, 4, 9, 16, 36, 64, 144, 576]
     assert scrub.mode_at(loaded, mode, (image.height, image.width), 55).tokens == 64  # the nearest it allows
+
+
+def test_a_siglip_tile_offers_every_budget_up_to_its_729_patches(registry, image):
+    """No CLS token on a SigLIP tile: a per-tile budget runs 1..729 patches, pooling every window that
+    divides 27, and a per-image one every row of the stock packed image."""
+    loaded = registry.get(ONEVISION)
+    size = (image.height, image.width)
+    assert scrub.budget_values(loaded, default_mode("visionzip", loaded.family), size) == list(range(1, 730))
+    assert scrub.budget_values(loaded, default_mode("pool", loaded.family), size) == [1, 9, 81, 729]
+    with loaded.handle.use(enabled=False):
+        stock = loaded.handle.num_image_tokens(size)
+    assert scrub.budget_values(loaded, default_mode("divprune", loaded.family), size)[-1] == stock
 
 
 def test_slider_redraws_through_the_handler_with_one_tower_run(handlers, tmp_path):
