@@ -9,6 +9,8 @@ PRESETS: dict[str, dict[int, tuple[int, int]]] = {
     "llava": {192: (162, 30), 128: (108, 20), 64: (54, 10)},
     # LLaVA-NeXT names are the paper's totals for a 2x2 grid (5 tiles); other grids differ.
     "llava_next": {640: (108, 20), 320: (54, 10), 160: (27, 5)},
+    # Qwen2.5-VL: per image, no paper budgets (the authors did not run it); the 54:10 split at three sizes.
+    "qwen2_5_vl": {256: (216, 40), 128: (108, 20), 64: (54, 10)},
 }
 
 

@@ -35,22 +35,18 @@ class VisionZip:
         base = model.model if hasattr(model, "model") and type(model.model).__name__ in FAMILIES else model
         family = FAMILIES.get(type(base).__name__)
         if family is None:
-            raise TypeError(f"VisionZip supports LLaVA-NeXT and LLaVA-1.5 models, got {type(model).__name__}")
-        self.model, self.processor, self.base, self.family = model, processor, base, family
-        vision_config = base.config.vision_config
-        if not any(name.endswith("class_embedding") for name, _ in base.vision_tower.named_parameters()):
-            raise ValueError(
-                f"VisionZip ranks tokens by the CLS token's attention; {type(base.vision_tower).__name__} has no CLS token"
+            raise TypeError(
+                f"VisionZip supports LLaVA-NeXT and LLaVA-1.5 models and Qwen2.5-VL, got {type(model).__name__}"
             )
-        self.side = vision_config.image_size // vision_config.patch_size
-        self.tokens_per_tile = self.side * self.side + 1  # CLS + patches
-        layers = encoder_layers(base.vision_tower)
-        self.layer_index = feature_layer_index(base.config.vision_feature_layer, len(layers))
+        self.model, self.processor, self.base, self.family = model, processor, base, family
+        # A family whose tower is no CLIP-like ViT says how to read it (visionzip.patch.qwen2_5_vl.tower)
+        tower = getattr(family, "tower", _clip_tower)
+        self.side, self.tokens_per_tile, self.layer_index, make_hooks = tower(self)
         self._default = self._checked(Settings(enabled, budget, merge))
         self._current: ContextVar[Call | None] = ContextVar(f"visionzip_call_{id(self)}", default=None)
         self._last_selection: list[ImageSelection] | None = None
         self._unpatch = family.patch(self)
-        self._hooks = SignalHooks(layers[self.layer_index])
+        self._hooks = make_hooks()
         self._detach = [detach for method in METHODS.values() if (detach := method.attach(self)) is not None]
 
     # -- settings -------------------------------------------------------------------------------
@@ -166,7 +162,9 @@ class VisionZip:
 
     def _checked(self, settings: Settings) -> Settings:
         """`settings` if every part of them can run on this model, else a ValueError stating the limits."""
-        settings.budget.check(self.tokens_per_tile)
+        family_check = getattr(self.family, "check_settings", None)  # a family with budget rules of its own
+        if family_check is None:
+            settings.budget.check(self.tokens_per_tile)
         if settings.merge not in MERGE_MODES:
             raise ValueError(f"merge must be one of {MERGE_MODES}, got {settings.merge!r}")
         if isinstance(settings.seed, bool) or not isinstance(settings.seed, int):
@@ -174,9 +172,27 @@ class VisionZip:
         method = get_method(settings.method)
         if method.budget_kind == "tokens" and settings.tokens is None:
             raise ValueError(f"{method.title} needs a budget: tokens=N ({method.budget_rule})")
-        method.check(settings, self.side)
+        if family_check is None:
+            method.check(settings, self.side)
+        else:
+            family_check(self, settings)
         method.check_model(settings, self)
         return settings
+
+
+def _clip_tower(handle: VisionZip) -> tuple[int, int, int, Any]:
+    """A CLIP-like tower's geometry (patches per tile side, tokens per tile with the CLS token), its
+    feature layer and the hooks that read its signals there (made after the family's patch)."""
+    base = handle.base
+    vision_config = base.config.vision_config
+    if not any(name.endswith("class_embedding") for name, _ in base.vision_tower.named_parameters()):
+        raise ValueError(
+            f"VisionZip ranks tokens by the CLS token's attention; {type(base.vision_tower).__name__} has no CLS token"
+        )
+    side = vision_config.image_size // vision_config.patch_size
+    layers = encoder_layers(base.vision_tower)
+    layer_index = feature_layer_index(base.config.vision_feature_layer, len(layers))
+    return side, side * side + 1, layer_index, lambda: SignalHooks(layers[layer_index])  # CLS + patches
 
 
 def apply(

@@ -188,7 +188,7 @@ def tiny_checkpoint(family: str = "llava_next", cache_dir: str | os.PathLike | N
     path = Path(cache_dir or cache_folder()) / f"tiny-{family}-v{TINY_VERSION}"
     if not (path / "config.json").exists():
         staging = path.with_name(path.name + f".tmp{os.getpid()}")
-        build_tiny(staging, family)
+        (build_tiny_qwen if family == QWEN_FAMILY else build_tiny)(staging, family)
         try:  # built apart and renamed, so a reader never sees half a checkpoint
             staging.replace(path)
         except OSError:  # another process finished first: keep its copy
@@ -199,6 +199,8 @@ def tiny_checkpoint(family: str = "llava_next", cache_dir: str | os.PathLike | N
 def load_tiny(family: str = "llava_next", dtype: torch.dtype = torch.float32):
     """(model, processor) of the tiny checkpoint, loaded with `from_pretrained` like any other."""
     path = tiny_checkpoint(family)
+    if family == QWEN_FAMILY:
+        return load_tiny_qwen(path, dtype)
     model_class = LlavaNextForConditionalGeneration if family == "llava_next" else LlavaForConditionalGeneration
     model = model_class.from_pretrained(path, dtype=dtype).eval()
     return model, AutoProcessor.from_pretrained(path)
@@ -260,3 +262,134 @@ def tiny_clip_checkpoint(cache_dir: str | os.PathLike | None = None) -> Path:
         except OSError:
             shutil.rmtree(staging, ignore_errors=True)
     return path
+
+
+# -- a tiny Qwen2.5-VL ------------------------------------------------------------------------------
+QWEN_FAMILY = "qwen2_5_vl"
+QWEN_SPECIAL_TOKENS = [
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+]
+QWEN_MEAN = [0.48145466, 0.4578275, 0.40821073]  # Qwen2.5-VL's preprocessor_config.json: CLIP's
+QWEN_STD = [0.26862954, 0.26130258, 0.27577711]
+QWEN_MIN_PIXELS = 56 * 56  # the processor's default
+QWEN_MAX_PIXELS = 1280 * 28 * 28  # the bound Qwen's model card recommends (the default allows 16384 tokens)
+# Qwen2.5-VL's chat template (its images and videos as vision_start, a pad, vision_end), without the
+# "Picture k:" labels it adds only when asked.
+QWEN_CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{%- if loop.first and message['role'] != 'system' -%}"
+    "{{- '<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n' -}}"
+    "{%- endif -%}"
+    "{{- '<|im_start|>' + message['role'] + '\n' -}}"
+    "{%- if message['content'] is string -%}{{- message['content'] -}}"
+    "{%- else -%}{%- for block in message['content'] -%}"
+    "{%- if block['type'] == 'image' -%}{{- '<|vision_start|><|image_pad|><|vision_end|>' -}}"
+    "{%- elif block['type'] == 'video' -%}{{- '<|vision_start|><|video_pad|><|vision_end|>' -}}"
+    "{%- elif block['type'] == 'text' -%}{{- block['text'] -}}{%- endif -%}"
+    "{%- endfor -%}{%- endif -%}"
+    "{{- '<|im_end|>\n' -}}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\n' -}}{%- endif -%}"
+)
+
+
+def build_qwen_tokenizer() -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer with Qwen2.5-VL's special tokens (no BOS, as Qwen's), trained in memory."""
+    rng = random.Random(0)
+    corpus = [" ".join(rng.choice(_WORDS) for _ in range(24)) + "." for _ in range(4000)]
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=1024,
+        special_tokens=QWEN_SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(corpus, trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, eos_token="<|im_end|>", pad_token="<|endoftext|>", padding_side="left"
+    )
+
+
+def build_tiny_qwen(path: str | os.PathLike, family: str = QWEN_FAMILY, seed: int = 0) -> Path:
+    """Write a tiny Qwen2.5-VL checkpoint to `path`: Qwen2.5-VL's vision geometry (14-px patches, temporal
+    patch 2, 2x2 merge, 112-px windows, full attention in some blocks, the last one among them) and
+    processor (dynamic resolution in multiples of 28 px), a narrow 4-block tower and a 4-layer Qwen2 LM."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    from .patch.qwen2_5_vl import Qwen2_5_VLImageOnlyProcessor
+
+    path = Path(path)
+    tokenizer = build_qwen_tokenizer()
+    ids = {token: tokenizer.convert_tokens_to_ids(token) for token in QWEN_SPECIAL_TOKENS}
+    vision = dict(
+        depth=4,
+        hidden_size=64,
+        intermediate_size=128,
+        num_heads=4,
+        out_hidden_size=128,
+        patch_size=14,
+        spatial_merge_size=2,
+        temporal_patch_size=2,
+        window_size=112,
+        fullatt_block_indexes=[1, 3],  # the 7B's are [7, 15, 23, 31] of 32: the last block is a full one
+    )
+    text = dict(
+        vocab_size=len(tokenizer),
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=LM_LAYERS,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=4096,
+        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [4, 6, 6]},
+        bos_token_id=None,
+        eos_token_id=ids["<|im_end|>"],
+        pad_token_id=ids["<|endoftext|>"],
+    )
+    config = Qwen2_5_VLConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+    )
+    image_processor = Qwen2VLImageProcessorPil(
+        image_mean=QWEN_MEAN,
+        image_std=QWEN_STD,
+        size={"shortest_edge": QWEN_MIN_PIXELS, "longest_edge": QWEN_MAX_PIXELS},
+        patch_size=14,
+        temporal_patch_size=2,
+        merge_size=2,
+    )
+    # saved under the stock class's name, so AutoProcessor loads the stock processor where torchvision is
+    processor = Qwen2_5_VLImageOnlyProcessor(
+        image_processor=image_processor, tokenizer=tokenizer, chat_template=QWEN_CHAT_TEMPLATE
+    )
+    torch.manual_seed(seed)
+    model = Qwen2_5_VLForConditionalGeneration(config)
+    model.generation_config.eos_token_id = ids["<|im_end|>"]
+    model.generation_config.pad_token_id = ids["<|endoftext|>"]
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
+    settings = path / "tokenizer_config.json"  # the tokenizer records its processor's class too
+    settings.write_text(settings.read_text().replace(type(processor).__name__, "Qwen2_5_VLProcessor"))
+    return path
+
+
+def load_tiny_qwen(path: Path, dtype: torch.dtype = torch.float32):
+    """(model, processor) of a tiny Qwen2.5-VL checkpoint."""
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    from .patch.qwen2_5_vl import load_processor
+
+    return Qwen2_5_VLForConditionalGeneration.from_pretrained(path, dtype=dtype).eval(), load_processor(path)

@@ -15,6 +15,6 @@ A family module provides:
 Adding a family is that file plus its line in `FAMILIES` below.
 """
 
-from . import llava, llava_next
+from . import llava, llava_next, qwen2_5_vl
 
-FAMILIES = {family.MODEL: family for family in (llava, llava_next)}
+FAMILIES = {family.MODEL: family for family in (llava, llava_next, qwen2_5_vl)}
