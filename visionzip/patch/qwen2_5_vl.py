@@ -357,11 +357,22 @@ def patch(handle: Handle) -> Callable[[], None]:
     return unpatch
 
 
+@dataclass
+class CellFeatures(BaseModelOutputWithPooling):
+    """`get_image_features`' output under reduction, with each image's anchor cells: generate() encodes the
+    images before the prefill's forward, which puts the tokens at those cells' positions."""
+
+    anchors: tuple[torch.Tensor, ...] | None = None
+    grid_thw: torch.Tensor | None = None  # generate() drops image_grid_thw from the forward's inputs
+
+
 def reduced_image_features(handle: Handle, pixel_values, image_grid_thw, settings: Settings, **kwargs: Any):
     """What `get_image_features` returns under reduction (the family protocol's entry point)."""
     chosen, grids = encode_images(handle, pixel_values, image_grid_thw, settings)
     _record(handle, chosen, grids, settings)
-    return BaseModelOutputWithPooling(pooler_output=tuple(tokens for tokens, _ in chosen)), chosen
+    tokens = tuple(tokens for tokens, _ in chosen)
+    anchors = tuple(choice.anchors for _, choice in chosen)
+    return CellFeatures(pooler_output=tokens, anchors=anchors, grid_thw=image_grid_thw)
 
 
 def _image_features(handle: Handle, stock: Callable) -> Callable:
@@ -369,7 +380,7 @@ def _image_features(handle: Handle, stock: Callable) -> Callable:
         settings = handle.settings
         if not settings.enabled:
             return stock(pixel_values, image_grid_thw, **kwargs)
-        return reduced_image_features(handle, pixel_values, image_grid_thw, settings)[0]
+        return reduced_image_features(handle, pixel_values, image_grid_thw, settings)
 
     get_image_features.__signature__ = inspect.signature(stock)
     return get_image_features
@@ -402,29 +413,27 @@ def _forward(handle: Handle, stock: Callable) -> Callable:
         arguments.update(arguments.pop("kwargs", {}))
         if arguments.get("pixel_values_videos") is not None:
             raise ValueError(VIDEO_REFUSED)
-        pixels = arguments.get("pixel_values")
-        if pixels is None:
+        pixels, encoded = arguments.get("pixel_values"), dict(arguments.get("mm_encoder_outputs") or {})
+        if pixels is None and encoded.get("image") is None:
             return stock(**arguments)
         cache = arguments.get("cache", arguments.get("past_key_values"))
         if cache is not None and cache.get_seq_length() > 0:
             raise ValueError("Qwen2.5-VL under reduction takes images at the prefill only, not on a filled cache")
-        grid, input_ids = arguments["image_grid_thw"], arguments.get("input_ids")
+        if pixels is not None:
+            encoded["image"] = reduced_image_features(handle, pixels, arguments.get("image_grid_thw"), settings)
+        anchors, grid = (getattr(encoded["image"], name, None) for name in ("anchors", "grid_thw"))
+        if anchors is None:
+            raise ValueError("these image features were not encoded under the reduction: encode them in the same call")
+        input_ids = arguments.get("input_ids")
         if input_ids is None or arguments.get("mm_token_type_ids") is None:
             raise ValueError("Qwen2.5-VL under reduction needs input_ids and mm_token_type_ids (the processor's)")
-        features, chosen = reduced_image_features(handle, pixels, grid, settings)
-        positions, deltas = rope_index(
-            handle.base,
-            input_ids,
-            arguments["mm_token_type_ids"],
-            grid,
-            arguments.get("attention_mask"),
-            [choice.anchors for _, choice in chosen],
-        )
+        mask = arguments.get("attention_mask")
+        positions, deltas = rope_index(handle.base, input_ids, arguments["mm_token_type_ids"], grid, mask, anchors)
         given = arguments.get("position_ids")
         if given is not None and given.shape[0] == 4:  # generate's: the text positions row, then M-RoPE's
             positions = torch.cat([given[:1], positions.to(given.device)])
         handle.base.rope_deltas = deltas
-        arguments.update(pixel_values=None, position_ids=positions, mm_encoder_outputs={"image": features})
+        arguments.update(pixel_values=None, position_ids=positions, mm_encoder_outputs=encoded)
         return stock(**arguments)
 
     return forward
