@@ -304,3 +304,38 @@ def test_cdpruner_and_video_are_refused_with_a_reason(applied):
             pass
     with handle.use(method="random", tokens=30), pytest.raises(ValueError, match="images only, not video"):
         model.model(input_ids=torch.zeros(1, 3, dtype=torch.long), pixel_values_videos=torch.zeros(8, 1176))
+
+
+# -- FastV: the oracle of tests/test_methods_fastv.py on Qwen2.5-VL's M-RoPE -------------------------------
+def test_fastv_matches_the_eager_oracle(applied, make_image):
+    """Kept set = layer K-1's eager attention (head mean, last query) top T over the image span; logits = a
+    stock full-length run whose layers K.. hide the dropped keys, at every token's stock M-RoPE position;
+    and a continuation on FastV's cache."""
+    from test_methods_fastv import masked_forward
+
+    handle, model, _, processor = applied
+    oracle, _ = load_tiny(QWEN, dtype=torch.float64)
+    oracle.set_attn_implementation("eager")
+    layer, tokens = 2, 30
+    with handle.use(enabled=False):
+        inputs = inputs_for(processor, [make_image(200, 300, seed=7)])
+    with torch.no_grad():
+        row = oracle(**inputs, output_attentions=True).attentions[layer - 1][0].mean(dim=0)[-1]
+    span = (inputs.input_ids[0] == model.config.image_token_id).nonzero().squeeze(1)
+    dropped = sorted(set(span.tolist()) - set(span[row[span].topk(tokens).indices].tolist()))
+    with handle.use(method="fastv", tokens=tokens, fastv_layer=layer) as call, torch.no_grad():
+        assert int((inputs.input_ids == model.config.image_token_id).sum()) == handle.num_image_tokens((200, 300))
+        out = model(**inputs)
+        more = torch.tensor([[100, 101, 102]])  # ordinary text tokens (Qwen's special ones come first)
+        continued = model(input_ids=more, cache=out.cache).logits
+    [image] = call.selection
+    assert sorted(span[image.tiles.choice.rows].tolist()) == sorted(set(span.tolist()) - set(dropped))
+    assert call.layer_tokens == [len(span)] * layer + [tokens] * (len(handle.base.language_model.layers) - layer)
+    expected = masked_forward(handle, layer, dropped, **inputs)
+    torch.testing.assert_close(out.logits[0, -1], expected[0, -1], rtol=1e-9, atol=1e-9)
+    full = {**inputs, "input_ids": torch.cat([inputs.input_ids, more], dim=1)}
+    full["attention_mask"] = torch.ones_like(full["input_ids"])
+    full["mm_token_type_ids"] = torch.cat([inputs.mm_token_type_ids, torch.zeros_like(more)], dim=1)
+    torch.testing.assert_close(
+        continued[0], masked_forward(handle, layer, dropped, **full)[0, -3:], rtol=1e-9, atol=1e-9
+    )
