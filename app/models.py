@@ -15,11 +15,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoProcessor, LlavaForConditionalGeneration, LlavaNextForConditionalGeneration
+from transformers import (
+    AutoConfig,
+    AutoProcessor,
+    LlavaForConditionalGeneration,
+    LlavaNextForConditionalGeneration,
+    Qwen2_5_VLForConditionalGeneration,
+)
 
 import visionzip
 from app.hosting import ON_ZEROGPU
 from app.tuned import ProjectorError, ProjectorFile, check_fits, read_projector_file
+from visionzip.patch import qwen2_5_vl
 from visionzip.projector import TunedProjector, load_projector
 from visionzip.tiny import tiny_checkpoint
 from visionzip.workarounds import dense_lm_head_input, needs_dense_lm_head_input
@@ -29,16 +36,25 @@ log = logging.getLogger(__name__)
 TINY = "tiny:"  # source prefix of the offline random-weight checkpoints, built on first use
 TINY_LABEL = "Tiny LLaVA-NeXT (random weights)"
 TINY_15_LABEL = "Tiny LLaVA-1.5 (random weights)"
+TINY_QWEN_LABEL = "Tiny Qwen2.5-VL (random weights)"
 DEFAULT_CHOICES: dict[str, str] = {
     TINY_LABEL: TINY + "llava_next",
     TINY_15_LABEL: TINY + "llava",
+    TINY_QWEN_LABEL: TINY + "qwen2_5_vl",
     "LLaVA-NeXT Vicuna 7B": "llava-hf/llava-v1.6-vicuna-7b-hf",
     "LLaVA-NeXT Vicuna 13B": "llava-hf/llava-v1.6-vicuna-13b-hf",
     "LLaVA-NeXT Mistral 7B": "llava-hf/llava-v1.6-mistral-7b-hf",
     "LLaVA-1.5 7B": "llava-hf/llava-1.5-7b-hf",
+    "Qwen2.5-VL 7B": "Qwen/Qwen2.5-VL-7B-Instruct",
 }
 FOUR_BIT = " (4-bit)"  # label suffix: 4-bit weights change latency, so the UI says so
-MODEL_CLASSES = {"llava_next": LlavaNextForConditionalGeneration, "llava": LlavaForConditionalGeneration}
+MODEL_CLASSES = {
+    "llava_next": LlavaNextForConditionalGeneration,
+    "llava": LlavaForConditionalGeneration,
+    "qwen2_5_vl": Qwen2_5_VLForConditionalGeneration,
+}
+# a family whose stock processor needs more than AutoProcessor here (Qwen2.5-VL's video processor needs torchvision)
+PROCESSOR_LOADERS = {"qwen2_5_vl": qwen2_5_vl.load_processor}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -267,7 +283,10 @@ class ModelRegistry:
         model.eval()
         if needs_dense_lm_head_input(device, dtype):  # a torch CPU bf16 slowdown that would swamp both sides
             dense_lm_head_input(model)
-        processor = AutoProcessor.from_pretrained(path, trust_remote_code=False)
+        load_processor = PROCESSOR_LOADERS.get(config.model_type)
+        processor = (
+            load_processor(path) if load_processor else AutoProcessor.from_pretrained(path, trust_remote_code=False)
+        )
         handle = visionzip.apply(model, processor, enabled=False)  # each call states its own mode
         weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
         log.info("loaded %s from %s", label, path)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, replace
 
 import visionzip
@@ -230,5 +230,7 @@ def use_mode(loaded: LoadedModel, mode: Mode, text: str | None = None) -> Iterat
     projector = loaded.tuned_projector() if mode.tuned else None
     if projector is not None and mode.enabled:
         budget["merge"] = projector.info.merge  # a projector runs under the merge it was trained with
-    with loaded.handle.use(enabled=mode.enabled, **budget) as call, use_projector(loaded.model, projector):
+    # a model without LLaVA's projector (Qwen2.5-VL's merger) has no tuned projector to route
+    routed = use_projector(loaded.model, projector) if hasattr(loaded.model.model, "multi_modal_projector") else None
+    with loaded.handle.use(enabled=mode.enabled, **budget) as call, routed or nullcontext():
         yield call

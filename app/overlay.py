@@ -20,6 +20,7 @@ import visionzip
 from app.models import LoadedModel
 from app.modes import Mode, use_mode
 from visionzip import ImageSelection, TileSelection
+from visionzip.merged_grid import GridTile
 from visionzip.video import frame_features, frame_pixel_values
 
 TILE_PX = 336  # CLIP-L/14-336 tile; a patch cell is TILE_PX / side pixels of the tile
@@ -89,6 +90,14 @@ def tile_cell_boxes(
     return boxes
 
 
+def grid_cell_boxes(image_size: tuple[int, int], rows: int, cols: int) -> np.ndarray:
+    """(rows*cols, 4) boxes of a merged grid that covers the whole (H, W) picture evenly (Qwen2.5-VL resizes
+    the picture whole to rows x cols cells of 28 px, no crop, no padding), in raster order."""
+    height, width = image_size
+    r, c = np.divmod(np.arange(rows * cols), cols)
+    return np.stack([c * width / cols, r * height / rows, (c + 1) * width / cols, (r + 1) * height / rows], axis=1)
+
+
 def view_choices(selection: ImageSelection) -> list[str]:
     """Views of one image: "all", and for a LLaVA-NeXT grid also "base" and "crop 1".. "crop n"."""
     return ["all"] if len(selection.tiles) == 1 else ["all"] + tile_names(selection)
@@ -117,6 +126,8 @@ def tiles_in_view(selection: ImageSelection, view: str) -> list[list[int]]:
 
 def _panel_title(selection: ImageSelection, tiles: list[int]) -> str:
     rows, cols = selection.grid
+    if isinstance(selection.tiles[0], GridTile):
+        return f"{rows}x{cols} merged cells (each 2x2 patches of 14 px), the whole picture resized"
     if rows * cols == 0:
         return "the one 336x336 tile (shortest edge resized, centre crop)"
     if tiles == [0]:
@@ -155,7 +166,11 @@ def _pixel_boxes(
     selection: ImageSelection, image_size: tuple[int, int], tile: int, canvas_shape: tuple[int, ...]
 ) -> np.ndarray:
     """Whole-pixel (side*side, 4) boxes on a canvas of (height, width, ...); padding rows stay NaN."""
-    boxes = tile_cell_boxes(image_size, selection.grid, tile, selection.tiles[tile].side)
+    chosen = selection.tiles[tile]
+    if isinstance(chosen, GridTile):  # Qwen2.5-VL: merged cells spread evenly over the whole picture
+        boxes = grid_cell_boxes(image_size, chosen.rows, chosen.side)
+    else:
+        boxes = tile_cell_boxes(image_size, selection.grid, tile, chosen.side)
     scale = np.array([canvas_shape[1] / image_size[1], canvas_shape[0] / image_size[0]] * 2)
     return np.round(boxes * scale)
 
@@ -439,9 +454,11 @@ def image_selection(loaded: LoadedModel, image: Image.Image, mode: Mode) -> visi
     method, the projector) alone, no language model, so the overlay follows the budget without
     re-running the chat."""
     pixels = loaded.processor.image_processor(images=[image], return_tensors="pt")
-    sizes = torch.tensor([[image.height, image.width]])
+    geometry = {"image_sizes": torch.tensor([[image.height, image.width]])}
+    if "image_grid_thw" in pixels:  # Qwen2.5-VL: the processor's grid
+        geometry = {"image_grid_thw": pixels["image_grid_thw"].to(loaded.device)}
     with torch.inference_mode(), use_mode(loaded, mode) as call:
         loaded.model.model.get_image_features(
-            pixel_values=pixels["pixel_values"].to(loaded.device, loaded.dtype), image_sizes=sizes
+            pixel_values=pixels["pixel_values"].to(loaded.device, loaded.dtype), **geometry
         )
     return call.selection[0]

@@ -34,6 +34,13 @@ from visionzip.video import (
 )
 
 
+def image_geometry(inputs) -> dict:
+    """What `get_image_features` takes besides the pixels: LLaVA's image sizes, or Qwen2.5-VL's grids."""
+    if "image_grid_thw" in inputs:
+        return {"image_grid_thw": inputs["image_grid_thw"]}
+    return {"image_sizes": inputs.get("image_sizes")}
+
+
 class ContextTooLong(ValueError):
     """The conversation would not fit the model's context window; nothing was run."""
 
@@ -84,9 +91,7 @@ class Prepared:
         if self.reuse is not None:
             return None
         inputs = self.inputs
-        return self.loaded.model.model.get_image_features(
-            pixel_values=inputs["pixel_values"], image_sizes=inputs.get("image_sizes")
-        )
+        return self.loaded.model.model.get_image_features(pixel_values=inputs["pixel_values"], **image_geometry(inputs))
 
     def generate_inputs(self, features) -> dict:
         """The keyword arguments `generate` takes for this turn: the image's features already computed,

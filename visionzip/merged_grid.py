@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from .merge import choose_tokens, merge_tokens
+from .selection import TileSelection
 
 QUERY_CHUNK = 1024  # queries per softmax block: H x 1024 x S floats at a time
 
@@ -134,3 +135,20 @@ def rope_positions(full: torch.Tensor, anchors: torch.Tensor) -> torch.Tensor:
     """(3, N) an image's stock M-RoPE (t, h, w) positions, (k,) anchor cells -> (3, k): the kept
     tokens keep their own cells' positions, not renumbered."""
     return full[:, anchors.to(full.device)]
+
+
+@dataclass
+class GridTile(TileSelection):
+    """A `TileSelection` over a rows x `side` merged grid (Qwen2.5-VL's cells need not form a square):
+    raster indices run over `rows` rows of `side` cells; the cells map onto the whole picture evenly
+    (the processor resizes it whole, with no crop and no padding)."""
+
+    rows: int = 0
+
+    def groups(self) -> torch.Tensor:
+        """(rows, side) map: -1 kept, k for a cell of merged group k (its target included), -2 dropped."""
+        cells = torch.full((self.rows * self.side,), -2, dtype=torch.long)
+        cells[self.kept] = -1
+        cells[self.targets] = torch.arange(len(self.targets))
+        cells[self.merged] = self.merged_into
+        return cells.view(self.rows, self.side)

@@ -18,6 +18,7 @@ import contextlib
 import inspect
 import itertools
 import math
+import weakref
 from collections.abc import Callable, Iterator
 from contextvars import ContextVar
 from dataclasses import dataclass, field
@@ -33,6 +34,7 @@ from transformers.vision_utils import get_vision_window_index
 
 from ..merged_grid import (
     CellChoice,
+    GridTile,
     attention_received,
     cells_from_window_order,
     kept_choice,
@@ -44,6 +46,7 @@ from ..merged_grid import (
 )
 from ..methods import get_method
 from ..methods.divprune import divprune_select
+from ..methods.fastv import FastVTiles, ImageChoice
 from ..methods.random_patches import draw_patches
 from ..methods.vispruner import vispruner_select
 from ..selection import ImageSelection, LazyTiles, TileSelection
@@ -267,21 +270,32 @@ def _record(handle: Handle, chosen: list, grids: list[tuple[int, int]], settings
     describe = settings.describe()
     images = []
     for (tokens, choice), (rows, cols) in zip(chosen, grids):
-        size = (rows * 28, cols * 28)  # the size the processor resized the image to
-        if settings.method == "fastv":
-            everything = torch.arange(rows * cols)
-            tiles = method.image_record(everything, everything, 1, handle.side)
+        if settings.method == "fastv":  # chosen inside the language model, recorded there
+            tiles = FastVTiles(CellChoiceInLM(torch.arange(rows * cols), 1, handle.side, grid=(rows, cols)))
         else:
-            tiles = LazyTiles(1, lambda choice=choice, cols=cols: [_tile(choice, cols)])
-        images.append(ImageSelection(size, (rows, cols), tiles, tokens.shape[0], method.name, describe))
+            tiles = LazyTiles(1, lambda choice=choice, rows=rows, cols=cols: [_tile(choice, rows, cols)])
+        # the image's own size is unknown here; the cells cover the whole picture evenly
+        images.append(ImageSelection(None, (rows, cols), tiles, tokens.shape[0], method.name, describe))
     handle.record(images)
 
 
-def _tile(choice: CellChoice, cols: int) -> TileSelection:
-    """The choice as a `TileSelection` over the merged grid (side = cells per row), on the CPU."""
+def _tile(choice: CellChoice, rows: int, cols: int) -> GridTile:
+    """The choice as a `GridTile` over the merged grid, on the CPU."""
     parts = [part.detach().cpu() for part in (choice.kept, choice.targets, choice.merged, choice.merged_into)]
     scores = None if choice.scores is None else choice.scores.detach().float().cpu()
-    return TileSelection(cols, *parts, scores)
+    return GridTile(cols, *parts, scores, rows=rows)
+
+
+@dataclass
+class CellChoiceInLM(ImageChoice):
+    """FastV's record of one image's cells (it chooses inside the language model), as a `GridTile`."""
+
+    grid: tuple[int, int] = (0, 0)  # rows, cols; `side` only bounds the raster indices (side^2 >= cells)
+
+    def tiles(self) -> list[TileSelection]:
+        [tile] = super().tiles()
+        rows, cols = self.grid
+        return [GridTile(cols, tile.kept, tile.targets, tile.merged, tile.merged_into, None, rows=rows)]
 
 
 # -- positions ------------------------------------------------------------------------------------
@@ -402,41 +416,77 @@ def _rope_index(handle: Handle, stock: Callable) -> Callable:
 
 def _forward(handle: Handle, stock: Callable) -> Callable:
     """A prefill with images under reduction: encode them first, put each kept token at its anchor
-    cell's position, then run the stock forward on those features and positions."""
+    cell's position, then run the stock forward on those features and positions.
+
+    Every call (reduced or not) also keeps its prefill's M-RoPE delta with its cache: transformers keeps
+    one `rope_deltas` on the model, so two chats on one model (the app's two sides) would continue each
+    other's caches at the wrong positions."""
     signature = inspect.signature(stock)
+    deltas: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # cache -> its prefill's (B, 1) deltas
 
     def forward(*args: Any, **kwargs: Any):
-        settings = handle.settings
-        if not settings.enabled:
-            return stock(*args, **kwargs)
         arguments = signature.bind(*args, **kwargs).arguments
         arguments.update(arguments.pop("kwargs", {}))
-        if arguments.get("pixel_values_videos") is not None:
-            raise ValueError(VIDEO_REFUSED)
-        pixels, encoded = arguments.get("pixel_values"), dict(arguments.get("mm_encoder_outputs") or {})
-        if pixels is None and encoded.get("image") is None:
-            return stock(**arguments)
         cache = arguments.get("cache", arguments.get("past_key_values"))
-        if cache is not None and cache.get_seq_length() > 0:
-            raise ValueError("Qwen2.5-VL under reduction takes images at the prefill only, not on a filled cache")
-        if pixels is not None:
-            encoded["image"] = reduced_image_features(handle, pixels, arguments.get("image_grid_thw"), settings)
-        anchors, grid = (getattr(encoded["image"], name, None) for name in ("anchors", "grid_thw"))
-        if anchors is None:
-            raise ValueError("these image features were not encoded under the reduction: encode them in the same call")
-        input_ids = arguments.get("input_ids")
-        if input_ids is None or arguments.get("mm_token_type_ids") is None:
-            raise ValueError("Qwen2.5-VL under reduction needs input_ids and mm_token_type_ids (the processor's)")
-        mask = arguments.get("attention_mask")
-        positions, deltas = rope_index(handle.base, input_ids, arguments["mm_token_type_ids"], grid, mask, anchors)
-        given = arguments.get("position_ids")
-        if given is not None and given.shape[0] == 4:  # generate's: the text positions row, then M-RoPE's
-            positions = torch.cat([given[:1], positions.to(given.device)])
-        handle.base.rope_deltas = deltas
-        arguments.update(pixel_values=None, position_ids=positions, mm_encoder_outputs=encoded)
-        return stock(**arguments)
+        filled = cache is not None and cache.get_seq_length() > 0
+        if filled and cache in deltas:
+            _continue_at(handle.base, arguments, cache, deltas[cache])
+        if handle.settings.enabled:
+            if filled and (arguments.get("pixel_values") is not None or arguments.get("mm_encoder_outputs")):
+                raise ValueError("Qwen2.5-VL under reduction takes images at the prefill only, not on a filled cache")
+            _reduce_for_prefill(handle, arguments)
+        output = stock(**arguments)
+        if cache is not None and not filled and handle.base.rope_deltas is not None:
+            deltas[cache] = handle.base.rope_deltas
+        return output
 
     return forward
+
+
+def _continue_at(base: nn.Module, arguments: dict, cache: Any, deltas: torch.Tensor) -> None:
+    """A forward on a filled cache continues at the positions of that cache's prefill: the text position
+    (as transformers counts it) plus that prefill's delta, in the shape the caller gave (generate() adds
+    the model's last delta, which another chat may have set)."""
+    base.rope_deltas = deltas
+    given = arguments.get("position_ids")
+    if given is None:
+        return  # the stock forward adds base.rope_deltas
+    reference = arguments.get("input_ids")
+    if reference is None:
+        reference = arguments["inputs_embeds"][..., 0]
+    batch, length = reference.shape
+    past, mask = cache.get_seq_length(), arguments.get("attention_mask")
+    if isinstance(mask, torch.Tensor) and mask.dim() == 2 and mask.shape[1] == past + length:
+        text = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)[:, -length:]
+    else:
+        text = torch.arange(past, past + length, device=given.device).expand(batch, -1)
+    text = text.to(given.device)[None]  # (1, B, n)
+    rope = (text + deltas.to(given.device)).expand(3, -1, -1)
+    arguments["position_ids"] = torch.cat([text, rope]) if given.shape[0] == 4 else rope[: given.shape[0]]
+
+
+def _reduce_for_prefill(handle: Handle, arguments: dict) -> None:
+    """Encode the prefill's images under the reduction (unless generate() did) and place their tokens."""
+    if arguments.get("pixel_values_videos") is not None:
+        raise ValueError(VIDEO_REFUSED)
+    pixels, encoded = arguments.get("pixel_values"), dict(arguments.get("mm_encoder_outputs") or {})
+    if pixels is None and encoded.get("image") is None:
+        return
+    if pixels is not None:
+        encoded["image"] = reduced_image_features(handle, pixels, arguments.get("image_grid_thw"), handle.settings)
+    anchors, grid = (getattr(encoded["image"], name, None) for name in ("anchors", "grid_thw"))
+    if anchors is None:
+        raise ValueError("these image features were not encoded under the reduction: encode them in the same call")
+    input_ids = arguments.get("input_ids")
+    if input_ids is None or arguments.get("mm_token_type_ids") is None:
+        raise ValueError("Qwen2.5-VL under reduction needs input_ids and mm_token_type_ids (the processor's)")
+    mask = arguments.get("attention_mask")
+    positions, deltas = rope_index(handle.base, input_ids, arguments["mm_token_type_ids"], grid, mask, anchors)
+    given = arguments.get("position_ids")
+    if given is not None and given.shape[0] == 4:  # generate's: the text positions row, then M-RoPE's
+        positions = torch.cat([given[:1], positions.to(given.device)])
+    handle.base.rope_deltas = deltas
+    arguments.update(pixel_values=None, position_ids=positions, mm_encoder_outputs=encoded)
 
 
 def _replace_image_token(handle: Handle, stock: Callable) -> Callable:
