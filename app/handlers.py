@@ -29,12 +29,14 @@ from app.modes import (
     CUSTOM_TOKENS,
     FULL,
     Mode,
+    checked_on,
     default_mode,
     make_mode,
     matched_mode,
     method_by_title,
     method_titles,
     mode_choices,
+    tile_limit,
     translate_mode,
     tuned_mode,
     use_mode,
@@ -305,9 +307,9 @@ class Handlers:
                 if trigger == f"{side}-method":
                     mode = default_mode(method, loaded.family, like=sides[side].mode)
                 else:
-                    mode = make_mode(
-                        name, loaded.family, dominant, contextual, loaded.handle.tokens_per_tile, tokens, method
-                    )
+                    limit = tile_limit(loaded)
+                    mode = make_mode(name, loaded.family, dominant, contextual, limit, tokens, method)
+                    mode = mode if limit is not None else checked_on(loaded, mode)
                 mode = tuned_mode(mode, loaded, bool(tuned))
             except (ValueError, ModelLoadError) as error:
                 raise gr.Error(f"{render.SIDE_NAMES[side]} side: {error}") from None

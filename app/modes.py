@@ -102,7 +102,7 @@ def make_mode(
     family: str,
     dominant: float | None = None,
     contextual: float | None = None,
-    tokens_per_tile: int = 577,
+    tokens_per_tile: int | None = 577,
     tokens: float | None = None,
     method: str | None = None,
 ) -> Mode:
@@ -112,7 +112,9 @@ def make_mode(
     if name == FULL:
         return FULL_MODE
     if name == CUSTOM:
-        budget = visionzip.Budget(_whole(dominant, "dominant"), _whole(contextual, "contextual")).check(tokens_per_tile)
+        budget = visionzip.Budget(_whole(dominant, "dominant"), _whole(contextual, "contextual"))
+        if tokens_per_tile is not None:
+            budget.check(tokens_per_tile)
         return Mode(name, True, budget.dominant, budget.contextual)
     if name == CUSTOM_TOKENS:
         if method in (None, FULL, "visionzip"):
@@ -133,9 +135,22 @@ def make_mode(
     return _checked(Mode(name, True, method=reducer.name, tokens=size), tokens_per_tile)
 
 
-def _checked(mode: Mode, tokens_per_tile: int) -> Mode:
-    mode.reducer.check(mode.settings(), math.isqrt(tokens_per_tile - 1))
+def _checked(mode: Mode, tokens_per_tile: int | None) -> Mode:
+    if tokens_per_tile is not None:  # None: a model with budget rules of its own checks it (`checked_on`)
+        mode.reducer.check(mode.settings(), math.isqrt(tokens_per_tile - 1))
     return mode
+
+
+def tile_limit(loaded: LoadedModel) -> int | None:
+    """The tokens per tile `make_mode` checks a budget against; None for a family whose budgets count an
+    image's tokens (Qwen2.5-VL), which its handle checks instead (`checked_on`)."""
+    return None if getattr(loaded.handle.family, "BUDGET_PER_IMAGE", False) else loaded.handle.tokens_per_tile
+
+
+def checked_on(loaded: LoadedModel, mode: Mode) -> Mode:
+    """`mode` if the model's handle can run it, else its ValueError stating the limits."""
+    with use_mode(loaded, mode):
+        return mode
 
 
 def default_mode(method: str, family: str, like: Mode | None = None) -> Mode:
@@ -168,6 +183,8 @@ def matched_mode(loaded: LoadedModel, mode: Mode, image_size: tuple[int, int], t
     if not mode.enabled:
         raise ValueError("Full uses every visual token: pick a method to match the other side's count")
     handle, method = loaded.handle, mode.reducer
+    if getattr(handle.family, "BUDGET_PER_IMAGE", False):  # Qwen2.5-VL: every budget counts one image's tokens
+        return _matched_per_image(loaded, mode, target)
     if method.budget_rule == "per image":
         return _checked(Mode(CUSTOM_TOKENS, True, method=method.name, tokens=target), handle.tokens_per_tile)
     tiles = handle.family.num_tiles(handle.base.config, image_size)
@@ -180,6 +197,16 @@ def matched_mode(loaded: LoadedModel, mode: Mode, image_size: tuple[int, int], t
     return make_mode(
         CUSTOM_TOKENS, loaded.family, tokens=nearest, tokens_per_tile=handle.tokens_per_tile, method=method.name
     )
+
+
+def _matched_per_image(loaded: LoadedModel, mode: Mode, target: int) -> Mode:
+    """`target` tokens as a per-image budget (pooling: the largest pooled grid within it), checked by the handle."""
+    if mode.method == "visionzip":  # the paper's 54:10 split
+        dominant = min(target, max(1, round(target * 54 / 64)))
+        matched = make_mode(CUSTOM, loaded.family, dominant, target - dominant, loaded.handle.tokens_per_tile)
+    else:
+        matched = Mode(CUSTOM_TOKENS, True, method=mode.method, tokens=target)
+    return checked_on(loaded, matched)
 
 
 def _allows(method: visionzip.Method, tokens: int, side: int) -> bool:

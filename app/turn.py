@@ -33,6 +33,8 @@ from visionzip.video import (
     video_prompt,
 )
 
+FRAME_TILE_FAMILIES = ("llava_next", "llava")  # video as frames of one 336x336 tile each (visionzip.video)
+
 
 def image_geometry(inputs) -> dict:
     """What `get_image_features` takes besides the pixels: LLaVA's image sizes, or Qwen2.5-VL's grids."""
@@ -430,6 +432,11 @@ def prepare_video(
     loaded: LoadedModel, mode: Mode, conversation: Conversation, messages: list[dict], max_new_tokens: int
 ) -> VideoPrepared:
     """Tokenise the conversation over this side's frames; raise ContextTooLong before anything runs."""
+    if loaded.family not in FRAME_TILE_FAMILIES:
+        raise ValueError(
+            f"{loaded.label} takes video its own way (frames paired in time, its own grid); this demo reduces its "
+            "images only. Send an image, or pick a LLaVA model for video."
+        )
     if mode.inside_llm:
         raise ValueError(
             f"{mode.method_title} prunes inside the language model by the prompt's image placeholders; a video's "

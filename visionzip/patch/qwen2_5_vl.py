@@ -57,6 +57,7 @@ if TYPE_CHECKING:
 
 MODEL = "Qwen2_5_VLModel"
 PRESETS_KEY = "qwen2_5_vl"
+BUDGET_PER_IMAGE = True  # every method's budget counts one image's merged tokens (no tiles)
 DEFAULT_MAX_PIXELS = 12845056  # Qwen2VLImageProcessor's default longest_edge (16384 cells)
 REFUSED = {
     "cdpruner": "CDPruner scores the question with CLIP's text tower, and Qwen2.5-VL's vision tower does not share "
