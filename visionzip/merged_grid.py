@@ -4,13 +4,13 @@ Qwen2.5-VL's tower has no CLS token and ends in a 2x2 patch merger: an image of 
 becomes N = (gh/2) x (gw/2) merged tokens of the language model's width, in raster order over the
 merged grid ("cells").  Every method here chooses among those cells (per image, never per tile).
 
-The signal the attention-reading methods use in place of a CLS row (nobody published one for this
-tower: the VisionZip authors' code covers CLIP, SigLIP-free LLaVA and DINO towers only, and their
-tracker's Qwen2-VL request is open): the attention each patch RECEIVES at the tower's last
-full-attention block (`fullatt_block_indexes[-1]`, the last block on the released checkpoints),
-averaged over every query of its image and over heads, then over the 4 patches of each merged cell.
-The windowed blocks are not used: there a patch competes only inside its 112-px window, so the
-scores of two windows are not comparable.  It is computed from the block's own fused qkv projection
+The signal the attention-reading methods use in place of a CLS row: the VisionZip authors' official
+code (github.com/dvlab-research/VisionZip, read for this port) covers LLaVA's CLIP tower only, and no
+published port for this tower that we could read states a rule, so this one is ours: the attention each
+patch RECEIVES at the tower's last full-attention block (`fullatt_block_indexes[-1]`, the last block on
+the released checkpoints), averaged over every query of its image and over heads, then over the 4
+patches of each merged cell.  The windowed blocks are not used: there a patch competes only inside
+its 112-px window, so the scores of two windows are not comparable.  It is computed from the block's own fused qkv projection
 and RoPE, one chunk of queries at a time, so the tower keeps SDPA and no S x S map exists.
 
 Shapes: S patches of one image (window order where said), H heads, d head width, N cells, E width.

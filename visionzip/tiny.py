@@ -300,21 +300,12 @@ QWEN_CHAT_TEMPLATE = (
 
 
 def build_qwen_tokenizer() -> PreTrainedTokenizerFast:
-    """A byte-level BPE tokenizer with Qwen2.5-VL's special tokens (no BOS, as Qwen's), trained in memory."""
-    rng = random.Random(0)
-    corpus = [" ".join(rng.choice(_WORDS) for _ in range(24)) + "." for _ in range(4000)]
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=1024,
-        special_tokens=QWEN_SPECIAL_TOKENS,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tokenizer.train_from_iterator(corpus, trainer=trainer)
+    """The tiny tokenizer's vocabulary with Qwen2.5-VL's special tokens and no BOS (Qwen adds none)."""
+    backend = Tokenizer.from_str(build_tokenizer().backend_tokenizer.to_str())
+    backend.add_special_tokens(QWEN_SPECIAL_TOKENS)
+    backend.post_processor = processors.TemplateProcessing(single="$A", pair="$A $B", special_tokens=[])
     return PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer, eos_token="<|im_end|>", pad_token="<|endoftext|>", padding_side="left"
+        tokenizer_object=backend, eos_token="<|im_end|>", pad_token="<|endoftext|>", padding_side="left"
     )
 
 

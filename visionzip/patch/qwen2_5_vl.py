@@ -14,28 +14,24 @@ does not share), and so is video under reduction (images only, for now).
 
 from __future__ import annotations
 
-import contextlib
 import inspect
 import itertools
 import math
 import weakref
-from collections.abc import Callable, Iterator
-from contextvars import ContextVar
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 from transformers import Qwen2_5_VLProcessor
 from transformers.modeling_outputs import BaseModelOutputWithPooling
-from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import apply_rotary_pos_emb_vision
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
 from transformers.vision_utils import get_vision_window_index
 
 from ..merged_grid import (
     CellChoice,
     GridTile,
-    attention_received,
     cells_from_window_order,
     kept_choice,
     pool_cells,
@@ -49,6 +45,7 @@ from ..methods.divprune import divprune_select
 from ..methods.fastv import FastVTiles, ImageChoice
 from ..methods.random_patches import draw_patches
 from ..methods.vispruner import vispruner_select
+from ..qwen_tower import ReceivedAttention
 from ..selection import ImageSelection, LazyTiles, TileSelection
 from .common import _as_size, _Override
 
@@ -167,55 +164,6 @@ def check_settings(handle: Handle, settings: Settings) -> None:
         method.check(settings, handle.side)
 
 
-# -- the tower's signal ---------------------------------------------------------------------------
-@dataclass
-class CellSignals:
-    """What the signal block saw in one tower call (every image together, the tower's window order)."""
-
-    want_attention: bool = True
-    received: list[torch.Tensor] = field(default_factory=list)  # per image, (S_i,) attention received
-    keys: torch.Tensor | None = None  # (S, d) head-mean keys before RoPE
-
-
-class ReceivedAttention:
-    """A pre-hook on the last full-attention block's attention, for a handle's life; it acts only while
-    `capture()` is active in the calling context, and computes `merged_grid.attention_received` per
-    image with the block's own qkv projection and RoPE (the tower keeps SDPA)."""
-
-    def __init__(self, visual: nn.Module) -> None:
-        attention = visual.blocks[visual.config.fullatt_block_indexes[-1]].attn
-        self._sink: ContextVar[CellSignals | None] = ContextVar(f"visionzip_qwen_{id(self)}", default=None)
-        self._handle = attention.register_forward_pre_hook(self._read, with_kwargs=True)
-
-    @contextlib.contextmanager
-    def capture(self, attention: bool = True) -> Iterator[CellSignals]:
-        signals = CellSignals(want_attention=attention)
-        token = self._sink.set(signals)
-        try:
-            yield signals
-        finally:
-            self._sink.reset(token)
-
-    def remove(self) -> None:
-        self._handle.remove()
-
-    def _read(self, attention: nn.Module, args: tuple, kwargs: dict) -> None:
-        signals = self._sink.get()
-        if signals is None or not signals.want_attention:
-            return
-        normed = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]  # (S, C), window order
-        length = normed.shape[0]
-        query, keys, _ = attention.qkv(normed).reshape(length, 3, attention.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
-        signals.keys = keys.mean(dim=1)  # (S, d): the content, before the rotation
-        cos, sin = kwargs["position_embeddings"]
-        query, keys = apply_rotary_pos_emb_vision(query, keys, cos, sin)  # (S, H, d) each
-        bounds = kwargs["cu_seqlens"].tolist()  # one segment per image in a full-attention block
-        for start, end in itertools.pairwise(bounds):
-            signals.received.append(
-                attention_received(query[start:end].transpose(0, 1), keys[start:end].transpose(0, 1), attention.scaling)
-            )
-
-
 # -- the methods on one image's cells ---------------------------------------------------------------
 def _choose(features: torch.Tensor, scores, keys, grid: tuple[int, int], settings: Settings):
     """(N, E) one image's merger outputs -> (k, E) tokens in anchor order and their `CellChoice`."""
@@ -246,8 +194,7 @@ def encode_images(handle: Handle, pixel_values: torch.Tensor, grid_thw: torch.Te
     """The tower on every image, then the method per image: per image the (k, E) tokens and the
     `CellChoice` (its anchors, the cells whose positions the tokens keep)."""
     visual = handle.base.visual
-    needs_attention = get_method(settings.method).needs_attention or settings.method == "visionzip"
-    with handle.capture(attention=needs_attention) as signals:
+    with handle.capture(attention=get_method(settings.method).needs_attention) as signals:
         merged = visual(pixel_values.type(visual.dtype), grid_thw=grid_thw).pooler_output  # (N total, E)
     config = visual.config
     sizes = (grid_thw.prod(-1) // config.spatial_merge_size**2).tolist()
