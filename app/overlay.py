@@ -105,6 +105,9 @@ def view_choices(selection: ImageSelection) -> list[str]:
 
 def tile_names(selection: ImageSelection) -> list[str]:
     """Display name of each tile: "base", "crop 1", ... ("tile" for a lone LLaVA-1.5 tile)."""
+    if isinstance(selection.tiles[0], GridTile):  # Qwen2.5-VL: one grid of merged cells over the whole picture
+        rows, cols = selection.grid
+        return [f"{rows}x{cols} merged cells"]
     if len(selection.tiles) == 1:
         return ["tile"]
     return ["base"] + [f"crop {k}" for k in range(1, len(selection.tiles))]
@@ -335,7 +338,7 @@ def legend_markdown(selection: ImageSelection, view: str) -> str:
     lone = len(selection.tiles) == 1
     names = tile_names(selection)
     method = visionzip.get_method(selection.method)
-    cls = 1 if method.keeps_cls else 0
+    cls = 1 if method.keeps_cls and not isinstance(selection.tiles[0], GridTile) else 0  # Qwen2.5-VL has no CLS
     rows = [
         f"| tile | kept patches{' (+CLS)' if cls else ''} | {method.merged_as} tokens | patches merged into them "
         "| dropped | padding cells (kept) | tokens |",
