@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 from app_helpers import ARTIFACTS
-from test_browser_methods import choose, wait_for_text
+from test_browser_methods import ask_turns, choose, wait_for_text
 
 from app.models import TINY_QWEN_LABEL
 
@@ -26,14 +26,7 @@ def test_two_qwen_sides_two_methods_two_turns(page):
     wait_for_text(page, "right-header", "With VisionZip\n")
     wait_for_text(page, "right-header", "128 visual tokens")
     page.locator("#keep-cache input").check()
-    for turn, question in enumerate(["Is there a car in this picture?", "What is in the top-left corner?"], 1):
-        page.fill("#message textarea", question)
-        page.keyboard.press("Enter")
-        page.wait_for_function(
-            """n => ['left', 'right'].every(side => [...document.querySelectorAll(`#${side}-chat [data-testid='bot']`)]
-                  .filter(m => m.innerText.includes(' visual + ')).length >= n)""",
-            arg=turn,
-        )
+    ask_turns(page, ["Is there a car in this picture?", "What is in the top-left corner?"])
     for side in ("left", "right"):
         later = page.locator(f"#{side}-chat [data-testid='bot']").all_inner_texts()[-1]
         prefilled = int(re.search(r"prefilled ([\d,]+) tokens, ([\d,]+) reused", later).group(1).replace(",", ""))

@@ -12,6 +12,10 @@ A family module provides:
   per-image ones through `encode.reduce_packed`), recording one `ImageSelection` per image;
 - `patch(handle)`: installs both (`common.install`) and returns the function that undoes it.
 
+Optional, for a tower that is no CLIP-like ViT with a CLS token (Qwen2.5-VL): `tower(handle)` returning
+(side, tokens_per_tile, signal layer index, a function that makes its signal hooks), `check_settings(handle,
+settings)` for budget rules of its own, and `BUDGET_PER_IMAGE = True` when it has no tiles.
+
 Adding a family is that file plus its line in `FAMILIES` below.
 """
 

@@ -303,9 +303,11 @@ def patch(handle: Handle) -> Callable[[], None]:
         "get_rope_index": _rope_index(handle, base.get_rope_index),
         "forward": _forward(handle, base.forward),
     }
+    # accelerate's device hooks may already sit on the instance's forward: put them back on removal
+    previous = {name: base.__dict__.get(name) for name in overrides}
     for name, function in overrides.items():
         setattr(base, name, function)
-    undo = [lambda name=name: base.__dict__.pop(name, None) for name in overrides]
+    undo = [lambda name=name: _restore(base, name, previous[name]) for name in overrides]
     if processor is not None:
         names = ("replace_image_token", "_get_num_multimodal_tokens")
         processor.replace_image_token = _Override(_replace_image_token(handle, processor.replace_image_token))
@@ -326,6 +328,13 @@ class CellFeatures(BaseModelOutputWithPooling):
 
     anchors: tuple[torch.Tensor, ...] | None = None
     grid_thw: torch.Tensor | None = None  # generate() drops image_grid_thw from the forward's inputs
+
+
+def _restore(owner: Any, name: str, previous: Any) -> None:
+    if previous is None:
+        owner.__dict__.pop(name, None)
+    else:
+        setattr(owner, name, previous)
 
 
 def reduced_image_features(handle: Handle, pixel_values, image_grid_thw, settings: Settings, **kwargs: Any):
