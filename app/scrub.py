@@ -23,7 +23,6 @@ from app.hosting import ON_ZEROGPU, clock
 from app.models import LoadedModel
 from app.modes import Mode, _allows, matched_mode, use_mode
 from visionzip.cost import prefill_flops
-from visionzip.layout import packed_patch_map
 from visionzip.tower import TowerSignals
 
 MAX_CACHED_IMAGES = 4  # (model, image) pairs whose tower signals are kept; the least recently used go first
@@ -86,7 +85,7 @@ def run_tower(loaded: LoadedModel, image: Image.Image) -> TowerCache:
         handle.base.vision_tower(tiles)
         tower_ms = (clock(loaded.device) - start) * 1000
     # plain data, no handle (on ZeroGPU it is pickled back): the methods it serves read only the signals
-    kept = TowerSignals(signals.hidden, signals.cls_attn, signals.keys_mean)
+    kept = TowerSignals(signals.hidden, signals.cls_attn, signals.keys_mean, cls_tokens=signals.cls_tokens)
     cache = TowerCache(loaded.label, size, grid, kept, tower_ms, image)
     if ON_ZEROGPU:  # made in a worker process: only CPU tensors come back, and the projector stays behind
         with torch.inference_mode():
@@ -108,12 +107,12 @@ def _stock_rows(loaded: LoadedModel, cache: TowerCache) -> tuple[torch.Tensor, t
     if not hasattr(base, "pack_image_features"):  # LLaVA-1.5: one tile, its rows as they are
         rows = features[0]
         return rows, torch.arange(rows.shape[0]) - (rows.shape[0] - side * side)  # CLS -> -1
-    size = torch.tensor(cache.image_size)
+    size, packing = torch.tensor(cache.image_size), loaded.handle.family.STOCK_PACKING  # LLaVA-NeXT's, OneVision's
 
     def pack(tile_features: torch.Tensor, newline: torch.Tensor) -> torch.Tensor:
-        return base.pack_image_features([tile_features], [size], strategy, image_newline=newline)[0][0]
+        return packing.pack(base, tile_features, size, newline)
 
-    return pack(features, base.image_newline), packed_patch_map(pack, cache.num_tiles, side)
+    return pack(features, base.image_newline), packing.patch_map(pack, cache.num_tiles, side, cache.grid)
 
 
 def cached_selection(loaded: LoadedModel, cache: TowerCache, mode: Mode) -> visionzip.ImageSelection:

@@ -63,7 +63,7 @@ def test_a_onevision_side_against_a_next_side_with_overlay_match_and_quality(han
     assert stats["right"].kl_to_full is not None  # the quality signal, against the full prefill of its own model
 
     overlay = handlers.refresh_overlay(final["state"], "all")
-    selection = overlay["selection_state"]
+    selection = overlay["selection_state"].selection
     assert [tile.side for tile in selection.tiles] == [27] * 5 and selection.grid == (2, 2)
     assert overlay["overlay"] is not None and overlay["heatmap"] is not None  # received attention drawn
     assert "attention received" in overlay["attention_plot"].layout.title.text  # SigLIP has no CLS to name
