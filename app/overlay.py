@@ -422,6 +422,7 @@ def legend_markdown(selection: ImageSelection, view: str) -> str:
     names = tile_names(selection)
     method = visionzip.get_method(selection.method)
     cls = 1 if keeps_cls(selection.method, selection.tiles[0]) else 0
+    kept_as = method.kept_as.replace("CLS attention", signal_name(selection.tiles[0]))  # SigLIP, Qwen: no CLS
     rows = [
         f"| tile | kept patches{' (+CLS)' if cls else ''} | {method.merged_as} tokens | patches merged into them "
         "| dropped | padding cells (kept) | tokens |",
@@ -445,7 +446,7 @@ def legend_markdown(selection: ImageSelection, view: str) -> str:
             )
     swatches = " ".join(_swatch(c) for c in group_colours(groups)[:12]) + (" ..." if groups > 12 else "")
     legend = [
-        f"{_swatch(KEPT_RGB)} **kept** ({method.kept_as}; {KEPT_NAME.lower()} tint, outlined)",
+        f"{_swatch(KEPT_RGB)} **kept** ({kept_as}; {KEPT_NAME.lower()} tint, outlined)",
         f"{swatches} **merged**: one colour per {method.merged_as}, ⚪ on its anchor patch" if groups else "",
         "dark: **dropped** (feeds no token)" if dropped else "",
         "dimmed outside the tile: cropped away by the processor"

@@ -68,10 +68,12 @@ def test_a_qwen_side_against_a_onevision_side_for_two_turns(page):
     wait_for_text(page, "overlay-legend", "24x24 merged cells")
     page.locator("#overlay img").wait_for()
     page.screenshot(path=str(ARTIFACTS / "browser_qwen_vs_onevision_qwen_overlay.png"), full_page=True)
+    assert "highest attention received" in page.locator("#overlay-legend").inner_text()  # no CLS to name
+    drawn = page.locator("#overlay img").get_attribute("src")
     choose(page, "right-method", "Full")  # the overlay then draws the left side's choice on SigLIP's tiles
     wait_for_text(page, "overlay-legend", f"Left side: {ONEVISION}")
     wait_for_text(page, "overlay-legend", "crop 1")
-    page.locator("#overlay img").wait_for()
+    page.wait_for_function("old => document.querySelector('#overlay img')?.src !== old", arg=drawn)
     page.screenshot(path=str(ARTIFACTS / "browser_qwen_vs_onevision_onevision_overlay.png"), full_page=True)
     errors = page.locator(".toast-body").all_inner_texts()
     assert not errors, errors
