@@ -3,10 +3,7 @@ why): a pre-hook on the last full-attention block's attention, for a handle's li
 
 from __future__ import annotations
 
-import contextlib
 import itertools
-from collections.abc import Iterator
-from contextvars import ContextVar
 from dataclasses import dataclass, field
 
 import torch
@@ -14,6 +11,7 @@ from torch import nn
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import apply_rotary_pos_emb_vision
 
 from .merged_grid import attention_received
+from .tower import ScopedHooks
 
 
 @dataclass
@@ -25,27 +23,18 @@ class CellSignals:
     keys: torch.Tensor | None = None  # (S, d) head-mean keys before RoPE
 
 
-class ReceivedAttention:
+class ReceivedAttention(ScopedHooks):
     """A pre-hook on the last full-attention block's attention, for a handle's life; it acts only while
     `capture()` is active in the calling context, and computes `merged_grid.attention_received` per
     image with the block's own qkv projection and RoPE (the tower keeps SDPA)."""
 
     def __init__(self, visual: nn.Module) -> None:
+        super().__init__()
         attention = visual.blocks[visual.config.fullatt_block_indexes[-1]].attn
-        self._sink: ContextVar[CellSignals | None] = ContextVar(f"visionzip_qwen_{id(self)}", default=None)
-        self._handle = attention.register_forward_pre_hook(self._read, with_kwargs=True)
+        self._handles = [attention.register_forward_pre_hook(self._read, with_kwargs=True)]
 
-    @contextlib.contextmanager
-    def capture(self, attention: bool = True) -> Iterator[CellSignals]:
-        signals = CellSignals(want_attention=attention)
-        token = self._sink.set(signals)
-        try:
-            yield signals
-        finally:
-            self._sink.reset(token)
-
-    def remove(self) -> None:
-        self._handle.remove()
+    def new_signals(self, attention: bool) -> CellSignals:
+        return CellSignals(want_attention=attention)
 
     def _read(self, attention: nn.Module, args: tuple, kwargs: dict) -> None:
         signals = self._sink.get()
