@@ -245,7 +245,7 @@ def attention_chart(selection: ImageSelection, cut: int, view: str = "base") -> 
         annotation_text=f"budget: top {cut} patches kept",
         annotation_position="top right",
     )
-    signal = signal_name(selection.tiles[0].side)  # SigLIP has no CLS: the attention each patch receives
+    signal = signal_name(selection.tiles[0])  # SigLIP has no CLS: the attention each patch receives
     title = f"How concentrated is the {signal}? (feature layer)"
     subtitle = f"share held by the top {cut} patches of {count}: " + ", ".join(notes)
     if len(tiles) == 1:

@@ -30,12 +30,14 @@ from app.modes import (
     CUSTOM_TOKENS,
     FULL,
     Mode,
+    checked_on,
     default_mode,
     make_mode,
     matched_mode,
     method_by_title,
     method_titles,
     mode_choices,
+    tile_limit,
     translate_mode,
     tuned_mode,
     use_mode,
@@ -308,9 +310,9 @@ class Handlers:
                 if trigger == f"{side}-method":
                     mode = default_mode(method, loaded.family, like=sides[side].mode)
                 else:
-                    mode = make_mode(
-                        name, loaded.family, dominant, contextual, loaded.handle.tokens_per_tile, tokens, method
-                    )
+                    limit = tile_limit(loaded)
+                    mode = make_mode(name, loaded.family, dominant, contextual, limit, tokens, method)
+                    mode = mode if limit is not None else checked_on(loaded, mode)
                 mode = tuned_mode(mode, loaded, bool(tuned))
             except (ValueError, ModelLoadError) as error:
                 raise gr.Error(f"{render.SIDE_NAMES[side]} side: {error}") from None
@@ -484,14 +486,22 @@ class Handlers:
             cache = self.towers.put(key, self.run_tower(label, self._picture(conversation, side)))
         return cache
 
+    def can_scrub(self, config: SideConfig) -> bool:
+        """Whether the budget slider previews this side: its mode chooses from the tower's signals alone, and
+        its model's tower is a tiled one (`scrub.run_tower`; Qwen2.5-VL's, with no tiles, is not covered)."""
+        family = self.registry.get(config.model).handle.family
+        return scrub.can_scrub(config.mode) and not getattr(family, "BUDGET_PER_IMAGE", False)
+
     def scrub_slider(self, conversation: Conversation, side: str | None) -> Results:
         """The budget slider over every budget the side's method allows on this image, at its budget now;
         hidden, with the reason, when the method needs a question (or a tuned projector) to choose."""
         if side is None or conversation.media_kind != "image" or conversation.media_path is None:
             return {"scrub": gr.Slider(visible=False), "scrub_info": ""}
         config = conversation.sides[side]
-        if not scrub.can_scrub(config.mode):
-            if config.mode.reads_text:
+        if not self.can_scrub(config):
+            if scrub.can_scrub(config.mode):  # the mode could, the model's tower cannot
+                note = "Budget scrubbing reads a tiled tower's signals: Qwen2.5-VL's merged cells are not covered yet."
+            elif config.mode.reads_text:
                 note = f"Budget scrubbing: {config.mode.method_title} needs a question; ask one to see its choice."
             else:
                 note = "Budget scrubbing previews the model's own projector: untick the tuned projector to use it."
@@ -509,7 +519,7 @@ class Handlers:
         the count and the predicted prefill redrawn without the chat or the tower.  A preview: the side
         keeps its budget (its Budget control sets what the next turn runs)."""
         side = render.vision_side(conversation)
-        if side is None or conversation.media_kind != "image" or not scrub.can_scrub(conversation.sides[side].mode):
+        if side is None or conversation.media_kind != "image" or not self.can_scrub(conversation.sides[side]):
             return {}
         result, shown = self.scrub_choice(conversation, side, value)
         view = chosen if chosen in overlay.view_choices(result.selection) else "all"
@@ -552,7 +562,7 @@ class Handlers:
         language model, cannot: it asks for a question)."""
         config = conversation.sides[side]
         note = changed_note(conversation, side)
-        if scrub.can_scrub(config.mode):  # from the image's one tower run, as the budget slider draws it
+        if self.can_scrub(config):  # from the image's one tower run, as the budget slider draws it
             selection = scrub.cached_selection(
                 self.registry.get(config.model), self.tower_cache(conversation, side), config.mode
             )

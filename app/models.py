@@ -20,6 +20,7 @@ from transformers import (
     LlavaForConditionalGeneration,
     LlavaNextForConditionalGeneration,
     LlavaOnevisionForConditionalGeneration,
+    Qwen2_5_VLForConditionalGeneration,
 )
 
 import visionzip
@@ -34,19 +35,26 @@ log = logging.getLogger(__name__)
 TINY = "tiny:"  # source prefix of the offline random-weight checkpoints, built on first use
 TINY_LABEL = "Tiny LLaVA-NeXT (random weights)"
 TINY_15_LABEL = "Tiny LLaVA-1.5 (random weights)"
+TINY_QWEN_LABEL = "Tiny Qwen2.5-VL (random weights)"
 DEFAULT_CHOICES: dict[str, str] = {
     TINY_LABEL: TINY + "llava_next",
     TINY_15_LABEL: TINY + "llava",
+    TINY_QWEN_LABEL: TINY + "qwen2_5_vl",
     "LLaVA-NeXT Vicuna 7B": "llava-hf/llava-v1.6-vicuna-7b-hf",
     "LLaVA-NeXT Vicuna 13B": "llava-hf/llava-v1.6-vicuna-13b-hf",
     "LLaVA-NeXT Mistral 7B": "llava-hf/llava-v1.6-mistral-7b-hf",
     "LLaVA-1.5 7B": "llava-hf/llava-1.5-7b-hf",
+    "Qwen2.5-VL 7B": "Qwen/Qwen2.5-VL-7B-Instruct",
 }
 DEFAULT_CHOICES["Tiny LLaVA-OneVision (random weights)"] = TINY + "llava_onevision"
 DEFAULT_CHOICES["LLaVA-OneVision Qwen2 7B"] = "llava-hf/llava-onevision-qwen2-7b-ov-hf"
 FOUR_BIT = " (4-bit)"  # label suffix: 4-bit weights change latency, so the UI says so
-MODEL_CLASSES = {"llava_next": LlavaNextForConditionalGeneration, "llava": LlavaForConditionalGeneration}
-MODEL_CLASSES["llava_onevision"] = LlavaOnevisionForConditionalGeneration
+MODEL_CLASSES = {
+    "llava_next": LlavaNextForConditionalGeneration,
+    "llava": LlavaForConditionalGeneration,
+    "llava_onevision": LlavaOnevisionForConditionalGeneration,
+    "qwen2_5_vl": Qwen2_5_VLForConditionalGeneration,
+}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -275,7 +283,7 @@ class ModelRegistry:
         model.eval()
         if needs_dense_lm_head_input(device, dtype):  # a torch CPU bf16 slowdown that would swamp both sides
             dense_lm_head_input(model)
-        processor = load_processor(path, trust_remote_code=False)  # OneVision's, without torchvision too
+        processor = load_processor(path, trust_remote_code=False)  # OneVision's and Qwen's, without torchvision too
         handle = visionzip.apply(model, processor, enabled=False)  # each call states its own mode
         weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
         log.info("loaded %s from %s", label, path)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, replace
 
 import visionzip
@@ -97,7 +97,9 @@ def mode_choices(family: str, method: str = "visionzip") -> list[str]:
     return [f"{reducer.title} {name}" for name in reducer.presets(family)] + [custom]
 
 
-TILE_TOKENS = {"llava_onevision": 27 * 27}  # a tile's tokens where it is not CLIP-L/14-336's 577
+# A tile's tokens where it is not CLIP-L/14-336's 577; None where budgets count an image's tokens (Qwen2.5-VL),
+# which the model's handle checks (`checked_on`).
+TILE_TOKENS: dict[str, int | None] = {"llava_onevision": 27 * 27, "qwen2_5_vl": None}
 
 
 def make_mode(
@@ -111,15 +113,17 @@ def make_mode(
 ) -> Mode:
     """The Mode a UI choice names (`method`, a registry name, is needed only for CUSTOM_TOKENS);
     raises ValueError (with the limits) for a budget that a tile of `tokens_per_tile` tokens
-    (CLS + patches; 577 for CLIP-L/14-336, 729 for SigLIP-384/14, which has no CLS) cannot meet."""
+    (CLS + patches; 577 for CLIP-L/14-336, 729 for SigLIP-384/14, which has no CLS) cannot meet; None:
+    the family's (`TILE_TOKENS`), unchecked where it has no tiles."""
     if name == FULL:
         return FULL_MODE
     if tokens_per_tile is None:
         tokens_per_tile = TILE_TOKENS.get(family, 577)
     if name == CUSTOM:
-        cls_tokens = int(math.isqrt(tokens_per_tile) ** 2 != tokens_per_tile)  # 577 = 24^2 + CLS; 729 = 27^2
         budget = visionzip.Budget(_whole(dominant, "dominant"), _whole(contextual, "contextual"))
-        budget = budget.check(tokens_per_tile, cls_tokens)
+        if tokens_per_tile is not None:
+            cls_tokens = int(math.isqrt(tokens_per_tile) ** 2 != tokens_per_tile)  # 577 = 24^2 + CLS; 729 = 27^2
+            budget = budget.check(tokens_per_tile, cls_tokens)
         return Mode(name, True, budget.dominant, budget.contextual)
     if name == CUSTOM_TOKENS:
         if method in (None, FULL, "visionzip"):
@@ -140,9 +144,22 @@ def make_mode(
     return _checked(Mode(name, True, method=reducer.name, tokens=size), tokens_per_tile)
 
 
-def _checked(mode: Mode, tokens_per_tile: int) -> Mode:
-    mode.reducer.check(mode.settings(), math.isqrt(tokens_per_tile))  # side x side patches, + 1 CLS or not
+def _checked(mode: Mode, tokens_per_tile: int | None) -> Mode:
+    if tokens_per_tile is not None:  # None: a model with budget rules of its own checks it (`checked_on`)
+        mode.reducer.check(mode.settings(), math.isqrt(tokens_per_tile))  # side x side patches, + 1 CLS or not
     return mode
+
+
+def tile_limit(loaded: LoadedModel) -> int | None:
+    """The tokens per tile `make_mode` checks a budget against; None for a family whose budgets count an
+    image's tokens (Qwen2.5-VL), which its handle checks instead (`checked_on`)."""
+    return None if getattr(loaded.handle.family, "BUDGET_PER_IMAGE", False) else loaded.handle.tokens_per_tile
+
+
+def checked_on(loaded: LoadedModel, mode: Mode) -> Mode:
+    """`mode` if the model's handle can run it, else its ValueError stating the limits."""
+    with use_mode(loaded, mode):
+        return mode
 
 
 def default_mode(method: str, family: str, like: Mode | None = None) -> Mode:
@@ -175,6 +192,8 @@ def matched_mode(loaded: LoadedModel, mode: Mode, image_size: tuple[int, int], t
     if not mode.enabled:
         raise ValueError("Full uses every visual token: pick a method to match the other side's count")
     handle, method = loaded.handle, mode.reducer
+    if getattr(handle.family, "BUDGET_PER_IMAGE", False):  # Qwen2.5-VL: every budget counts one image's tokens
+        return _matched_per_image(loaded, mode, target)
     if method.budget_rule == "per image":
         return _checked(Mode(CUSTOM_TOKENS, True, method=method.name, tokens=target), handle.tokens_per_tile)
     tiles = handle.family.num_tiles(handle.base.config, image_size)
@@ -187,6 +206,16 @@ def matched_mode(loaded: LoadedModel, mode: Mode, image_size: tuple[int, int], t
     return make_mode(
         CUSTOM_TOKENS, loaded.family, tokens=nearest, tokens_per_tile=handle.tokens_per_tile, method=method.name
     )
+
+
+def _matched_per_image(loaded: LoadedModel, mode: Mode, target: int) -> Mode:
+    """`target` tokens as a per-image budget (pooling: the largest pooled grid within it), checked by the handle."""
+    if mode.method == "visionzip":  # the paper's 54:10 split
+        dominant = min(target, max(1, round(target * 54 / 64)))
+        matched = make_mode(CUSTOM, loaded.family, dominant, target - dominant, loaded.handle.tokens_per_tile)
+    else:
+        matched = Mode(CUSTOM_TOKENS, True, method=mode.method, tokens=target)
+    return checked_on(loaded, matched)
 
 
 def _allows(method: visionzip.Method, tokens: int, side: int) -> bool:
@@ -237,5 +266,7 @@ def use_mode(loaded: LoadedModel, mode: Mode, text: str | None = None) -> Iterat
     projector = loaded.tuned_projector() if mode.tuned else None
     if projector is not None and mode.enabled:
         budget["merge"] = projector.info.merge  # a projector runs under the merge it was trained with
-    with loaded.handle.use(enabled=mode.enabled, **budget) as call, use_projector(loaded.model, projector):
+    # a model without LLaVA's projector (Qwen2.5-VL's merger) has no tuned projector to route
+    routed = use_projector(loaded.model, projector) if hasattr(loaded.model.model, "multi_modal_projector") else None
+    with loaded.handle.use(enabled=mode.enabled, **budget) as call, routed or nullcontext():
         yield call

@@ -24,6 +24,7 @@ import visionzip
 from app.models import LoadedModel
 from app.modes import Mode, use_mode
 from visionzip import ImageSelection, TileSelection
+from visionzip.merged_grid import GridTile
 from visionzip.video import frame_features, frame_pixel_values
 
 TILE_PX = 336  # CLIP-L/14-336 tile; a patch cell is TILE_PX / side pixels of the tile
@@ -33,14 +34,19 @@ TILE_GEOMETRY = {24: (336, 14), 27: (384, 14)}
 CLS_FREE_SIDES = {27}  # patch grids of towers without a CLS token (SigLIP): no method keeps one there
 
 
-def signal_name(side: int) -> str:
-    """What the attention-reading methods rank patches by on a tile of side x side patches."""
-    return "attention received" if side in CLS_FREE_SIDES else "CLS attention"
+def _cls_free(tile: TileSelection) -> bool:
+    """Whether the tower behind `tile` has no CLS token: SigLIP's patch grid, Qwen2.5-VL's merged cells."""
+    return isinstance(tile, GridTile) or tile.side in CLS_FREE_SIDES
 
 
-def keeps_cls(method_name: str, side: int) -> bool:
-    """Whether `method_name`'s tokens include a CLS token on a tile of side x side patches."""
-    return visionzip.get_method(method_name).keeps_cls and side not in CLS_FREE_SIDES
+def signal_name(tile: TileSelection) -> str:
+    """What the attention-reading methods rank patches by on `tile`."""
+    return "attention received" if _cls_free(tile) else "CLS attention"
+
+
+def keeps_cls(method_name: str, tile: TileSelection) -> bool:
+    """Whether `method_name`'s tokens include a CLS token on `tile`."""
+    return visionzip.get_method(method_name).keeps_cls and not _cls_free(tile)
 
 
 PANEL_LONG_SIDE = 1024  # drawn size of each picture: big enough for a projector, small enough to be quick
@@ -112,6 +118,14 @@ def tile_cell_boxes(
     return boxes
 
 
+def grid_cell_boxes(image_size: tuple[int, int], rows: int, cols: int) -> np.ndarray:
+    """(rows*cols, 4) boxes of a merged grid that covers the whole (H, W) picture evenly (Qwen2.5-VL resizes
+    the picture whole to rows x cols cells of 28 px, no crop, no padding), in raster order."""
+    height, width = image_size
+    r, c = np.divmod(np.arange(rows * cols), cols)
+    return np.stack([c * width / cols, r * height / rows, (c + 1) * width / cols, (r + 1) * height / rows], axis=1)
+
+
 def view_choices(selection: ImageSelection) -> list[str]:
     """Views of one image: "all", and for a LLaVA-NeXT grid also "base" and "crop 1".. "crop n"."""
     return ["all"] if len(selection.tiles) == 1 else ["all"] + tile_names(selection)
@@ -119,6 +133,9 @@ def view_choices(selection: ImageSelection) -> list[str]:
 
 def tile_names(selection: ImageSelection) -> list[str]:
     """Display name of each tile: "base", "crop 1", ... ("tile" for a lone LLaVA-1.5 tile)."""
+    if isinstance(selection.tiles[0], GridTile):  # Qwen2.5-VL: one grid of merged cells over the whole picture
+        rows, cols = selection.grid
+        return [f"{rows}x{cols} merged cells"]
     if len(selection.tiles) == 1:
         return ["tile"]
     return ["base"] + [f"crop {k}" for k in range(1, len(selection.tiles))]
@@ -140,6 +157,8 @@ def tiles_in_view(selection: ImageSelection, view: str) -> list[list[int]]:
 
 def _panel_title(selection: ImageSelection, tiles: list[int]) -> str:
     rows, cols = selection.grid
+    if isinstance(selection.tiles[0], GridTile):
+        return f"{rows}x{cols} merged cells (each 2x2 patches of 14 px), the whole picture resized"
     px = TILE_GEOMETRY.get(selection.tiles[0].side, (TILE_PX,))[0]
     if rows * cols == 0:
         return f"the one {px}x{px} tile (shortest edge resized, centre crop)"
@@ -195,13 +214,22 @@ def _pixel_boxes(
     selection: ImageSelection, image_size: tuple[int, int], tile: int, canvas_shape: tuple[int, ...]
 ) -> np.ndarray:
     """Whole-pixel (side*side, 4) boxes on a canvas of (height, width, ...); padding rows stay NaN."""
-    return _scaled_boxes(image_size, selection.grid, tile, selection.tiles[tile].side, canvas_shape)
+    chosen = selection.tiles[tile]
+    return _scaled_boxes(image_size, selection.grid, tile, chosen.side, canvas_shape, grid_rows(chosen))
+
+
+def grid_rows(tile: TileSelection) -> int:
+    """A merged grid's rows (Qwen2.5-VL's `GridTile`: rows x side cells); 0 for a square tile of patches."""
+    return tile.rows if isinstance(tile, GridTile) else 0
 
 
 def _scaled_boxes(
-    image_size: tuple[int, int], grid: tuple[int, int], tile: int, side: int, canvas_shape: tuple[int, ...]
+    image_size: tuple[int, int], grid: tuple[int, int], tile: int, side: int, canvas_shape: tuple[int, ...], rows: int
 ) -> np.ndarray:
-    boxes = tile_cell_boxes(image_size, grid, tile, side)
+    if rows:  # Qwen2.5-VL: merged cells spread evenly over the whole picture
+        boxes = grid_cell_boxes(image_size, rows, side)
+    else:
+        boxes = tile_cell_boxes(image_size, grid, tile, side)
     scale = np.array([canvas_shape[1] / image_size[1], canvas_shape[0] / image_size[0]] * 2)
     return np.round(boxes * scale)
 
@@ -237,18 +265,20 @@ def _cell_map(
     """(H, W) the cell behind each canvas pixel, as tile * side^2 + cell (-1: none), and each drawn
     cell's box: the geometry of one view, made once per image size, grid and canvas (a budget slider
     redraws the same cells with other colours)."""
-    side = selection.tiles[tiles[0]].side
-    return _cached_cell_map(tuple(image_size), tuple(selection.grid), tuple(tiles), tuple(canvas_shape[:2]), side)
+    first = selection.tiles[tiles[0]]
+    key = (tuple(image_size), tuple(selection.grid), tuple(tiles), tuple(canvas_shape[:2]), first.side)
+    return _cached_cell_map(*key, grid_rows(first))
 
 
 @functools.lru_cache(maxsize=16)
-def _cached_cell_map(image_size, grid, tiles, canvas_shape, side):
+def _cached_cell_map(image_size, grid, tiles, canvas_shape, side, rows):
     cells = np.full(canvas_shape, -1, dtype=np.int32)
     boxes = {}
+    per_tile = (rows or side) * side
     for tile in tiles:
-        for index, region, box in _cells(_scaled_boxes(image_size, grid, tile, side, canvas_shape)):
-            cells[region] = tile * side * side + index
-            boxes[tile * side * side + index] = box
+        for index, region, box in _cells(_scaled_boxes(image_size, grid, tile, side, canvas_shape, rows)):
+            cells[region] = tile * per_tile + index
+            boxes[tile * per_tile + index] = box
     cells.setflags(write=False)
     return cells, boxes
 
@@ -257,15 +287,16 @@ def _draw_tokens(
     canvas: np.ndarray, selection: ImageSelection, image_size: tuple[int, int], tiles: list[int]
 ) -> Image.Image:
     cells, boxes = _cell_map(selection, image_size, tiles, canvas.shape)
-    side = selection.tiles[tiles[0]].side
+    first = selection.tiles[tiles[0]]
+    per_tile = (grid_rows(first) or first.side) * first.side  # cells of one tile (a merged grid need not be square)
     # Each pixel becomes scale * picture + shift by its cell's role; entry 0 is "no cell": dimmed.
-    scale = np.full(len(selection.tiles) * side * side + 1, BACKGROUND_DIM, dtype=np.float32)
+    scale = np.full(len(selection.tiles) * per_tile + 1, BACKGROUND_DIM, dtype=np.float32)
     shift = np.zeros((len(scale), 3), dtype=np.float32)
     outlines, targets = [], []
     for tile in tiles:
         chosen: TileSelection = selection.tiles[tile]
         roles = chosen.groups().flatten().numpy()
-        cell = tile * side * side + np.arange(side * side)  # global cell ids of this tile
+        cell = tile * per_tile + np.arange(per_tile)  # global cell ids of this tile
         palette = np.array(group_colours(len(chosen.targets)) or [(0, 0, 0)], dtype=np.float32)
         kept, dropped, grouped = roles == -1, roles == -2, roles >= 0
         scale[1 + cell[kept]], shift[1 + cell[kept]] = 1 - KEPT_TINT, KEPT_TINT * np.array(KEPT_RGB)
@@ -273,7 +304,7 @@ def _draw_tokens(
         scale[1 + cell[grouped]] = (1 - GROUP_TINT) * BACKGROUND_DIM
         shift[1 + cell[grouped]] = GROUP_TINT * palette[roles[grouped]]
         outlines += [boxes[c] for c in cell[kept].tolist() if c in boxes]
-        targets += [boxes[c] for c in (tile * side * side + chosen.targets).tolist() if c in boxes]
+        targets += [boxes[c] for c in (tile * per_tile + chosen.targets).tolist() if c in boxes]
     lookup = cells + 1  # (H, W); in place below: the canvas is this call's own copy
     canvas *= scale[lookup][..., None]
     canvas += shift[lookup]
@@ -375,7 +406,7 @@ def draw_attention_heatmap(image: Image.Image, selection: ImageSelection, view: 
         for tiles in tiles_in_view(selection, view)
     ]
     width = sum(p.width for _, p in panels) if len(panels) > 1 else panels[0][1].width
-    return _compose(panels, footer=_colourbar(min(width, PANEL_LONG_SIDE), signal_name(selection.tiles[0].side)))
+    return _compose(panels, footer=_colourbar(min(width, PANEL_LONG_SIDE), signal_name(selection.tiles[0])))
 
 
 # -- legend ---------------------------------------------------------------------------------------
@@ -390,7 +421,8 @@ def legend_markdown(selection: ImageSelection, view: str) -> str:
     lone = len(selection.tiles) == 1
     names = tile_names(selection)
     method = visionzip.get_method(selection.method)
-    cls = 1 if keeps_cls(selection.method, selection.tiles[0].side) else 0
+    cls = 1 if keeps_cls(selection.method, selection.tiles[0]) else 0
+    kept_as = method.kept_as.replace("CLS attention", signal_name(selection.tiles[0]))  # SigLIP, Qwen: no CLS
     rows = [
         f"| tile | kept patches{' (+CLS)' if cls else ''} | {method.merged_as} tokens | patches merged into them "
         "| dropped | padding cells (kept) | tokens |",
@@ -414,7 +446,7 @@ def legend_markdown(selection: ImageSelection, view: str) -> str:
             )
     swatches = " ".join(_swatch(c) for c in group_colours(groups)[:12]) + (" ..." if groups > 12 else "")
     legend = [
-        f"{_swatch(KEPT_RGB)} **kept** ({method.kept_as}; {KEPT_NAME.lower()} tint, outlined)",
+        f"{_swatch(KEPT_RGB)} **kept** ({kept_as}; {KEPT_NAME.lower()} tint, outlined)",
         f"{swatches} **merged**: one colour per {method.merged_as}, ⚪ on its anchor patch" if groups else "",
         "dark: **dropped** (feeds no token)" if dropped else "",
         "dimmed outside the tile: cropped away by the processor"
@@ -511,9 +543,11 @@ def image_selection(
     method, the projector) alone, no language model, so the overlay follows the budget without
     re-running the chat.  `text`: the question a text-dependent method (CDPruner) chooses by."""
     pixels = loaded.processor.image_processor(images=[image], return_tensors="pt")
-    sizes = torch.tensor([[image.height, image.width]])
+    geometry = {"image_sizes": torch.tensor([[image.height, image.width]])}
+    if "image_grid_thw" in pixels:  # Qwen2.5-VL: the processor's grid
+        geometry = {"image_grid_thw": pixels["image_grid_thw"].to(loaded.device)}
     with torch.inference_mode(), use_mode(loaded, mode, text) as call:
         loaded.model.model.get_image_features(
-            pixel_values=pixels["pixel_values"].to(loaded.device, loaded.dtype), image_sizes=sizes
+            pixel_values=pixels["pixel_values"].to(loaded.device, loaded.dtype), **geometry
         )
     return call.selection[0]

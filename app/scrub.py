@@ -23,12 +23,8 @@ from app.hosting import ON_ZEROGPU, clock
 from app.models import LoadedModel
 from app.modes import Mode, _allows, matched_mode, use_mode
 from visionzip.cost import prefill_flops
-from visionzip.patch.llava_next import StockPacking
-from visionzip.patch.llava_onevision import OnevisionPacking
 from visionzip.tower import TowerSignals
 
-# each anyres family's stock packing of one image (the rows a per-image method chooses from), as its patch packs it
-PACKINGS = {"llava_next": StockPacking(), "llava_onevision": OnevisionPacking()}
 MAX_CACHED_IMAGES = 4  # (model, image) pairs whose tower signals are kept; the least recently used go first
 
 
@@ -111,7 +107,7 @@ def _stock_rows(loaded: LoadedModel, cache: TowerCache) -> tuple[torch.Tensor, t
     if not hasattr(base, "pack_image_features"):  # LLaVA-1.5: one tile, its rows as they are
         rows = features[0]
         return rows, torch.arange(rows.shape[0]) - (rows.shape[0] - side * side)  # CLS -> -1
-    size, packing = torch.tensor(cache.image_size), PACKINGS[loaded.family]
+    size, packing = torch.tensor(cache.image_size), loaded.handle.family.STOCK_PACKING  # LLaVA-NeXT's, OneVision's
 
     def pack(tile_features: torch.Tensor, newline: torch.Tensor) -> torch.Tensor:
         return packing.pack(base, tile_features, size, newline)

@@ -33,6 +33,15 @@ from visionzip.video import (
     video_prompt,
 )
 
+FRAME_TILE_FAMILIES = ("llava_next", "llava", "llava_onevision")  # video as frames of one tile each (visionzip.video)
+
+
+def image_geometry(inputs) -> dict:
+    """What `get_image_features` takes besides the pixels: LLaVA's image sizes, or Qwen2.5-VL's grids."""
+    if "image_grid_thw" in inputs:
+        return {"image_grid_thw": inputs["image_grid_thw"]}
+    return {"image_sizes": inputs.get("image_sizes")}
+
 
 class ContextTooLong(ValueError):
     """The conversation would not fit the model's context window; nothing was run."""
@@ -85,9 +94,7 @@ class Prepared:
         if self.reuse is not None:
             return None
         inputs = self.inputs
-        return self.loaded.model.model.get_image_features(
-            pixel_values=inputs["pixel_values"], image_sizes=inputs.get("image_sizes")
-        )
+        return self.loaded.model.model.get_image_features(pixel_values=inputs["pixel_values"], **image_geometry(inputs))
 
     def generate_inputs(self, features) -> dict:
         """The keyword arguments `generate` takes for this turn: the image's features already computed,
@@ -438,6 +445,11 @@ def prepare_video(
     loaded: LoadedModel, mode: Mode, conversation: Conversation, messages: list[dict], max_new_tokens: int
 ) -> VideoPrepared:
     """Tokenise the conversation over this side's frames; raise ContextTooLong before anything runs."""
+    if loaded.family not in FRAME_TILE_FAMILIES:
+        raise ValueError(
+            f"{loaded.label} takes video its own way (frames paired in time, its own grid); this demo reduces its "
+            "images only. Send an image, or pick a LLaVA model for video."
+        )
     if mode.inside_llm:
         raise ValueError(
             f"{mode.method_title} prunes inside the language model by the prompt's image placeholders; a video's "

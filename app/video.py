@@ -55,7 +55,7 @@ def filmstrip(
         else:
             chosen = selections[k].tiles[0]
             picture = overlay.draw_overlay(tile, selections[k])
-            cls = 1 if overlay.keeps_cls(selections[k].method, chosen.side) else 0
+            cls = 1 if overlay.keeps_cls(selections[k].method, chosen) else 0
             tokens = f"{len(chosen.kept) + cls} kept + {len(chosen.targets)} merged tokens"
         picture = picture.resize((FILMSTRIP_PX, FILMSTRIP_PX), Image.Resampling.BICUBIC)
         strip.append((picture, f"frame {k + 1} · {seconds:.1f} s · {tokens}"))

@@ -38,6 +38,18 @@ def wait_for_text(page, element_id: str, text: str) -> None:
     )
 
 
+def ask_turns(page, questions: list[str]) -> None:
+    """Ask each question in turn, waiting until both sides have answered it (their stats are shown)."""
+    for turn, question in enumerate(questions, start=1):
+        page.fill("#message textarea", question)
+        page.keyboard.press("Enter")
+        page.wait_for_function(
+            """n => ['left', 'right'].every(side => [...document.querySelectorAll(`#${side}-chat [data-testid='bot']`)]
+                  .filter(m => m.innerText.includes(' visual + ')).length >= n)""",
+            arg=turn,
+        )
+
+
 def test_each_methods_overlay_and_where_two_methods_differ(page):
     page.set_input_files("#media input[type=file]", str(IMAGE))
     wait_for_text(page, "left-header", "2,928 visual tokens")
@@ -74,14 +86,7 @@ def test_three_cached_turns_freeze_cdpruners_choice_on_the_page(page):
     wait_for_text(page, "right-header", "With CDPruner\n")
     page.locator("#keep-cache input").check()
     questions = ["Is there a car in this picture?", "What is in the top-left corner?", "And the bottom right?"]
-    for turn, question in enumerate(questions, start=1):
-        page.fill("#message textarea", question)
-        page.keyboard.press("Enter")
-        page.wait_for_function(
-            """n => ['left', 'right'].every(side => [...document.querySelectorAll(`#${side}-chat [data-testid='bot']`)]
-                  .filter(m => m.innerText.includes(' visual + ')).length >= n)""",
-            arg=turn,
-        )
+    ask_turns(page, questions)
     for side in ("left", "right"):
         answers = page.locator(f"#{side}-chat [data-testid='bot']").all_inner_texts()
         assert "reused from the KV cache" not in answers[-3]

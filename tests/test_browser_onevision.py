@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 from app_helpers import ARTIFACTS
-from test_browser_methods import choose, wait_for_text
+from test_browser_methods import ask_turns, choose, wait_for_text
 
 pytestmark = pytest.mark.browser
 IMAGE = Path(__file__).resolve().parents[1] / "assets" / "house_and_car.png"  # 672x672: 5 tiles on either family
@@ -21,14 +21,7 @@ def test_a_onevision_side_against_a_next_side_for_two_turns(page):
     wait_for_text(page, "right-header", "320 visual tokens")  # 5 SigLIP tiles x (54 + 10)
     choose(page, "left-method", "DivPrune")
     wait_for_text(page, "left-header", "320 visual tokens")
-    for turn, question in enumerate(["Is there a car in this picture?", "What is in the top-left corner?"], 1):
-        page.fill("#message textarea", question)
-        page.keyboard.press("Enter")
-        page.wait_for_function(
-            """n => ['left', 'right'].every(side => [...document.querySelectorAll(`#${side}-chat [data-testid='bot']`)]
-                  .filter(m => m.innerText.includes(' visual + ')).length >= n)""",
-            arg=turn,
-        )
+    ask_turns(page, ["Is there a car in this picture?", "What is in the top-left corner?"])
     page.get_by_role("tab", name="What the method keeps").click()  # the right side (VisionZip) is drawn
     wait_for_text(page, "overlay-legend", f"Right side: {ONEVISION}")
     wait_for_text(page, "overlay-legend", "under VisionZip")

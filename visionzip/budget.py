@@ -12,6 +12,8 @@ PRESETS: dict[str, dict[int, tuple[int, int]]] = {
     # LLaVA-OneVision: no paper budgets; LLaVA-NeXT's, so both families compare at equal counts (5 tiles,
     # a 2x2 grid); no CLS token, so `dominant` counts patches only.
     "llava_onevision": {640: (108, 20), 320: (54, 10), 160: (27, 5)},
+    # Qwen2.5-VL: per image, no paper budgets (the authors did not run it); the 54:10 split at three sizes.
+    "qwen2_5_vl": {256: (216, 40), 128: (108, 20), 64: (54, 10)},
 }
 
 

@@ -6,7 +6,7 @@ budget with `handle.use(...)`, so two chats can compare methods on one copy of t
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextvars import ContextVar
 from dataclasses import replace
 from typing import Any
@@ -40,15 +40,14 @@ class VisionZip:
                 f"(base models {sorted(FAMILIES)}), got {type(model).__name__}"
             )
         self.model, self.processor, self.base, self.family = model, processor, base, family
-        self.side, self.cls_tokens = tower_geometry(family, base)
+        # A family whose tower is no plain ViT says how to read it (visionzip.patch.qwen2_5_vl.tower)
+        self.side, self.cls_tokens, self.layer_index, make_hooks = getattr(family, "tower", vit_tower)(self)
         self.tokens_per_tile = self.side * self.side + self.cls_tokens  # CLS (if any) + patches
-        layers = encoder_layers(base.vision_tower)
-        self.layer_index = feature_layer_index(base.config.vision_feature_layer, len(layers))
         self._default = self._checked(Settings(enabled, budget, merge))
         self._current: ContextVar[Call | None] = ContextVar(f"visionzip_call_{id(self)}", default=None)
         self._last_selection: list[ImageSelection] | None = None
         self._unpatch = family.patch(self)
-        self._hooks = SignalHooks(layers[self.layer_index], self.cls_tokens)
+        self._hooks = make_hooks()  # after the family's patch
         self._detach = [detach for method in METHODS.values() if (detach := method.attach(self)) is not None]
 
     # -- settings -------------------------------------------------------------------------------
@@ -167,8 +166,11 @@ class VisionZip:
 
 
 def checked_settings(settings: Settings, handle: Handle) -> Settings:
-    """`settings` if every part of them can run on the handle's model, else a ValueError stating the limits."""
-    settings.budget.check(handle.side * handle.side + handle.cls_tokens, handle.cls_tokens)  # (CLS +) patches
+    """`settings` if every part of them can run on the handle's model, else a ValueError stating the limits.
+    A family with budget rules of its own (no tiles: Qwen2.5-VL) checks the budget by its `check_settings`."""
+    family_check = getattr(handle.family, "check_settings", None)
+    if family_check is None:
+        settings.budget.check(handle.side * handle.side + handle.cls_tokens, handle.cls_tokens)  # (CLS +) patches
     if settings.merge not in MERGE_MODES:
         raise ValueError(f"merge must be one of {MERGE_MODES}, got {settings.merge!r}")
     if isinstance(settings.seed, bool) or not isinstance(settings.seed, int):
@@ -176,21 +178,26 @@ def checked_settings(settings: Settings, handle: Handle) -> Settings:
     method = get_method(settings.method)
     if method.budget_kind == "tokens" and settings.tokens is None:
         raise ValueError(f"{method.title} needs a budget: tokens=N ({method.budget_rule})")
-    method.check(settings, handle.side)
+    if family_check is None:
+        method.check(settings, handle.side)
+    else:
+        family_check(handle, settings)
     method.check_model(settings, handle)
     return settings
 
 
-def tower_geometry(family: Any, base: nn.Module) -> tuple[int, int]:
-    """(patches per tile side, CLS tokens per tile) of the family's vision tower: the family module's
-    own `geometry(base)` if it has one, else a ViT's (CLIP, SigLIP): image_size // patch_size, and one
-    CLS token where the tower has a class embedding (CLIP), none where it has not (SigLIP)."""
-    geometry = getattr(family, "geometry", None)
-    if geometry is not None:
-        return geometry(base)
+def vit_tower(handle: Handle) -> tuple[int, int, int, Callable[[], SignalHooks]]:
+    """A ViT tower's reading (CLIP, SigLIP), the default of a family's optional `tower(handle)`: patches
+    per tile side (image_size // patch_size), CLS tokens per tile (one where the tower has a class
+    embedding, CLIP; none where it has not, SigLIP), the feature layer's index among its encoder layers,
+    and the function that makes the signal hooks there (called after the family's patch)."""
+    base = handle.base
     vision_config = base.config.vision_config
-    has_cls = any(name.endswith("class_embedding") for name, _ in base.vision_tower.named_parameters())
-    return vision_config.image_size // vision_config.patch_size, int(has_cls)
+    cls_tokens = int(any(name.endswith("class_embedding") for name, _ in base.vision_tower.named_parameters()))
+    layers = encoder_layers(base.vision_tower)
+    layer_index = feature_layer_index(base.config.vision_feature_layer, len(layers))
+    side = vision_config.image_size // vision_config.patch_size
+    return side, cls_tokens, layer_index, lambda: SignalHooks(layers[layer_index], cls_tokens)
 
 
 def apply(

@@ -55,6 +55,7 @@ class Handle(Protocol):
 
     model: nn.Module  # as passed to apply()
     base: nn.Module  # the family's base model (model.model), which owns the vision tower
+    family: Any  # the family's module in `visionzip.patch` (its optional functions: see there)
     processor: Any
     side: int  # patches per tile side (24 for CLIP-L/14-336)
     cls_tokens: int  # CLS tokens per tile before its patches: 1 (CLIP), 0 (SigLIP)

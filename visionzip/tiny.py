@@ -12,6 +12,7 @@ import os
 import random
 import shutil
 from pathlib import Path
+from typing import Any
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
@@ -137,9 +138,12 @@ def _text_config(vocab_size: int, tokenizer: PreTrainedTokenizerFast) -> LlamaCo
 
 
 def build_tiny(path: str | os.PathLike, family: str = "llava_next", seed: int = 0, vision_layers: int = 4) -> Path:
-    """Write a tiny LLaVA-NeXT (`family="llava_next"`) or LLaVA-1.5 (`"llava"`) checkpoint to `path`."""
+    """Write a tiny LLaVA-NeXT (`family="llava_next"`), LLaVA-1.5 (`"llava"`), LLaVA-OneVision or Qwen2.5-VL
+    checkpoint to `path`."""
     if family == ONEVISION_FAMILY:
         return build_tiny_onevision(path, seed, vision_layers)
+    if family == QWEN_FAMILY:
+        return build_tiny_qwen(path, seed=seed)
     path = Path(path)
     tokenizer = build_tokenizer()
     image_token_id = tokenizer.convert_tokens_to_ids("<image>")
@@ -229,6 +233,8 @@ def hub_layout_checkpoint(family: str = "llava_next", cache_dir: str | os.PathLi
 def load_tiny(family: str = "llava_next", dtype: torch.dtype = torch.float32):
     """(model, processor) of the tiny checkpoint, loaded with `from_pretrained` like any other."""
     path = tiny_checkpoint(family)
+    if family == QWEN_FAMILY:
+        return load_tiny_qwen(path, dtype)
     model_class = LlavaNextForConditionalGeneration if family == "llava_next" else LlavaForConditionalGeneration
     if family == ONEVISION_FAMILY:
         model_class = LlavaOnevisionForConditionalGeneration
@@ -384,12 +390,132 @@ def build_tiny_onevision(path: str | os.PathLike, seed: int = 0, vision_layers: 
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.save_pretrained(path)
-    # save_pretrained cannot write a processor without its video processor: its parts and its own
-    # settings, which `workarounds.load_processor` builds it from again
-    tokenizer.chat_template = CHATML_CHAT_TEMPLATE
+    settings = {key: getattr(processor, key) for key in ("num_image_tokens", "vision_feature_select_strategy")}
+    settings.update(vision_aspect_ratio=processor.vision_aspect_ratio)
+    save_image_processor_parts(
+        path, "LlavaOnevisionProcessor", image_processor, tokenizer, CHATML_CHAT_TEMPLATE, settings
+    )
+    return path
+
+
+def save_image_processor_parts(
+    path: Path, processor_class: str, image_processor: Any, tokenizer: Any, chat_template: str, settings: dict
+) -> None:
+    """Write a processor that has no video processor: save_pretrained cannot, so its parts and its own
+    `settings` under `processor_class`, which `workarounds.load_processor` builds it from again."""
+    tokenizer.chat_template = chat_template
     tokenizer.save_pretrained(path)
     image_processor.save_pretrained(path)
-    settings = {key: getattr(processor, key) for key in ("num_image_tokens", "vision_feature_select_strategy")}
-    settings.update(processor_class=type(processor).__name__, vision_aspect_ratio=processor.vision_aspect_ratio)
-    (path / "processor_config.json").write_text(json.dumps(settings, indent=2))
+    (path / "processor_config.json").write_text(json.dumps({**settings, "processor_class": processor_class}, indent=2))
+
+
+# -- a tiny Qwen2.5-VL ------------------------------------------------------------------------------
+QWEN_FAMILY = "qwen2_5_vl"
+QWEN_SPECIAL_TOKENS = [
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+]
+QWEN_MEAN = [0.48145466, 0.4578275, 0.40821073]  # Qwen2.5-VL's preprocessor_config.json: CLIP's
+QWEN_STD = [0.26862954, 0.26130258, 0.27577711]
+QWEN_MIN_PIXELS = 56 * 56  # the processor's default
+QWEN_MAX_PIXELS = 1280 * 28 * 28  # the bound Qwen's model card recommends (the default allows 16384 tokens)
+# Qwen2.5-VL's chat template (its images and videos as vision_start, a pad, vision_end), without the
+# "Picture k:" labels it adds only when asked.
+QWEN_CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{%- if loop.first and message['role'] != 'system' -%}"
+    "{{- '<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n' -}}"
+    "{%- endif -%}"
+    "{{- '<|im_start|>' + message['role'] + '\n' -}}"
+    "{%- if message['content'] is string -%}{{- message['content'] -}}"
+    "{%- else -%}{%- for block in message['content'] -%}"
+    "{%- if block['type'] == 'image' -%}{{- '<|vision_start|><|image_pad|><|vision_end|>' -}}"
+    "{%- elif block['type'] == 'video' -%}{{- '<|vision_start|><|video_pad|><|vision_end|>' -}}"
+    "{%- elif block['type'] == 'text' -%}{{- block['text'] -}}{%- endif -%}"
+    "{%- endfor -%}{%- endif -%}"
+    "{{- '<|im_end|>\n' -}}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\n' -}}{%- endif -%}"
+)
+
+
+def build_qwen_tokenizer() -> PreTrainedTokenizerFast:
+    """The tiny tokenizer's vocabulary with Qwen2.5-VL's special tokens and no BOS (Qwen adds none)."""
+    backend = Tokenizer.from_str(build_tokenizer().backend_tokenizer.to_str())
+    backend.add_special_tokens(QWEN_SPECIAL_TOKENS)
+    backend.post_processor = processors.TemplateProcessing(single="$A", pair="$A $B", special_tokens=[])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, eos_token="<|im_end|>", pad_token="<|endoftext|>", padding_side="left"
+    )
+
+
+def build_tiny_qwen(path: str | os.PathLike, seed: int = 0) -> Path:
+    """Write a tiny Qwen2.5-VL checkpoint to `path`: Qwen2.5-VL's vision geometry (14-px patches, temporal
+    patch 2, 2x2 merge, 112-px windows, full attention in some blocks, the last one among them) and
+    processor (dynamic resolution in multiples of 28 px), a narrow 4-block tower and a 4-layer Qwen2 LM."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    path = Path(path)
+    tokenizer = build_qwen_tokenizer()
+    ids = {token: tokenizer.convert_tokens_to_ids(token) for token in QWEN_SPECIAL_TOKENS}
+    vision = dict(
+        depth=4,
+        hidden_size=64,
+        intermediate_size=128,
+        num_heads=4,
+        out_hidden_size=128,
+        patch_size=14,
+        spatial_merge_size=2,
+        temporal_patch_size=2,
+        window_size=112,
+        fullatt_block_indexes=[1, 3],  # the 7B's are [7, 15, 23, 31] of 32: the last block is a full one
+    )
+    text = dict(
+        vocab_size=len(tokenizer),
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=LM_LAYERS,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=4096,
+        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [4, 6, 6]},
+        bos_token_id=None,
+        eos_token_id=ids["<|im_end|>"],
+        pad_token_id=ids["<|endoftext|>"],
+    )
+    config = Qwen2_5_VLConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+    )
+    image_processor = Qwen2VLImageProcessorPil(
+        image_mean=QWEN_MEAN,
+        image_std=QWEN_STD,
+        size={"shortest_edge": QWEN_MIN_PIXELS, "longest_edge": QWEN_MAX_PIXELS},
+        patch_size=14,
+        temporal_patch_size=2,
+        merge_size=2,
+    )
+    torch.manual_seed(seed)
+    model = Qwen2_5_VLForConditionalGeneration(config)
+    model.generation_config.eos_token_id = ids["<|im_end|>"]
+    model.generation_config.pad_token_id = ids["<|endoftext|>"]
+    model.save_pretrained(path)
+    save_image_processor_parts(path, "Qwen2_5_VLProcessor", image_processor, tokenizer, QWEN_CHAT_TEMPLATE, {})
     return path
+
+
+def load_tiny_qwen(path: Path, dtype: torch.dtype = torch.float32):
+    """(model, processor) of a tiny Qwen2.5-VL checkpoint."""
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    return Qwen2_5_VLForConditionalGeneration.from_pretrained(path, dtype=dtype).eval(), load_processor(path)

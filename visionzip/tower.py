@@ -100,21 +100,22 @@ def queries_and_keys(attention: nn.Module, normed: torch.Tensor, cls_only: bool)
     return queries, keys.reshape(num_tiles, seq_len, heads, head_dim).transpose(1, 2)
 
 
-class SignalHooks:
-    """The two hooks on one feature layer, and the context that turns them on."""
+class ScopedHooks:
+    """Hooks kept for a handle's life that record only while `capture()` is active in the calling context
+    (a ContextVar, so concurrent stock calls on the same model see hooks that return at once).  A
+    subclass registers its hooks in `_handles` and says what one capture records (`new_signals`)."""
 
-    def __init__(self, layer: nn.Module, cls_tokens: int = 1) -> None:
-        self.layer, self.cls_tokens = layer, cls_tokens
-        self._sink: ContextVar[TowerSignals | None] = ContextVar(f"visionzip_sink_{id(self)}", default=None)
-        self._handles = [
-            layer.self_attn.register_forward_pre_hook(self._read_attention_input, with_kwargs=True),
-            layer.register_forward_hook(self._read_output),
-        ]
+    def __init__(self) -> None:
+        self._sink: ContextVar[Any] = ContextVar(f"visionzip_sink_{id(self)}", default=None)
+        self._handles: list[Any] = []
+
+    def new_signals(self, attention: bool) -> Any:
+        raise NotImplementedError
 
     @contextlib.contextmanager
-    def capture(self, attention: bool = True) -> Iterator[TowerSignals]:
-        """Signals of the calls made inside the block; attention=False keeps only the layer output."""
-        signals = TowerSignals(want_attention=attention, cls_tokens=self.cls_tokens)
+    def capture(self, attention: bool = True) -> Iterator[Any]:
+        """Signals of the calls made inside the block; attention=False keeps only what needs no attention."""
+        signals = self.new_signals(attention)
         token = self._sink.set(signals)
         try:
             yield signals
@@ -124,6 +125,21 @@ class SignalHooks:
     def remove(self) -> None:
         for handle in self._handles:
             handle.remove()
+
+
+class SignalHooks(ScopedHooks):
+    """The two hooks on one feature layer, and the context that turns them on."""
+
+    def __init__(self, layer: nn.Module, cls_tokens: int = 1) -> None:
+        super().__init__()
+        self.layer, self.cls_tokens = layer, cls_tokens
+        self._handles = [
+            layer.self_attn.register_forward_pre_hook(self._read_attention_input, with_kwargs=True),
+            layer.register_forward_hook(self._read_output),
+        ]
+
+    def new_signals(self, attention: bool) -> TowerSignals:
+        return TowerSignals(want_attention=attention, cls_tokens=self.cls_tokens)
 
     def _read_attention_input(self, attention: nn.Module, args: tuple, kwargs: dict) -> None:
         signals = self._sink.get()

@@ -52,21 +52,23 @@ def processors_without_torchvision() -> Iterator[None]:
 
 def load_processor(source: str, **kwargs: Any) -> Any:
     """`AutoProcessor.from_pretrained(source)`; where that fails only for want of torchvision (a
-    processor with a video processor, such as LLaVA-OneVision's), the same processor class built from
-    the checkpoint's image processor, tokenizer and settings, with no video processor."""
+    processor with a video processor, such as LLaVA-OneVision's or Qwen2.5-VL's: an ImportError, or an
+    OSError for a checkpoint saved without one), the same processor class built from the checkpoint's
+    image processor, tokenizer and settings, with no video processor."""
     from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer
     from transformers.processing_utils import ProcessorMixin
 
     try:
         return AutoProcessor.from_pretrained(source, **kwargs)
-    except ImportError:
+    except (ImportError, OSError):
         if importlib.util.find_spec("torchvision") is not None:
             raise
     settings, _ = ProcessorMixin.get_processor_dict(source, **kwargs)
     processor_class = getattr(transformers, settings["processor_class"])
     accepted = inspect.signature(processor_class.__init__).parameters
     tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
-    arguments = {key: value for key, value in settings.items() if key in accepted and key != "chat_template"}
+    parts = ("image_processor", "tokenizer", "video_processor", "chat_template")  # built here, not settings
+    arguments = {key: value for key, value in settings.items() if key in accepted and key not in parts}
     with processors_without_torchvision():
         return processor_class(
             image_processor=AutoImageProcessor.from_pretrained(source, **kwargs),

@@ -12,6 +12,7 @@ from torch import nn
 from transformers.models.llava_next.modeling_llava_next import LlavaNextModel
 
 from visionzip.core import checked_settings
+from visionzip.patch import llava_next
 from visionzip.selection import ImageSelection
 from visionzip.settings import Call, Settings
 from visionzip.tower import SignalHooks, encoder_layers, feature_layer_index
@@ -54,7 +55,7 @@ class VllmHandle:
 
     def __init__(self, model: nn.Module, settings: Settings) -> None:
         config = model.config
-        self.model, self.processor, self.base = model, None, LlavaNextParts(model)
+        self.model, self.processor, self.base, self.family = model, None, LlavaNextParts(model), llava_next
         self.side, self.cls_tokens = patches_per_side(config), 1  # CLIP: one CLS token a tile
         layers = encoder_layers(model.vision_tower)
         self.layer_index = feature_layer_index(config.vision_feature_layer, config.vision_config.num_hidden_layers)

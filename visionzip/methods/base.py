@@ -28,8 +28,8 @@ if TYPE_CHECKING:
 
 # The paper's budget names (total visual tokens) per model family, and the tiles they assume: LLaVA-NeXT's
 # totals are for a 2x2 grid (5 tiles), so a per-tile method's budget is the total / 5 there.
-PAPER_TOTALS = {"llava_next": (640, 320, 160), "llava": (192, 128, 64)}
-NOMINAL_TILES = {"llava_next": 5, "llava": 1}
+PAPER_TOTALS = {"llava_next": (640, 320, 160), "llava": (192, 128, 64), "qwen2_5_vl": (256, 128, 64)}
+NOMINAL_TILES = {"llava_next": 5, "llava": 1, "qwen2_5_vl": 1}  # Qwen2.5-VL: every budget is per image
 PAPER_TOTALS["llava_onevision"], NOMINAL_TILES["llava_onevision"] = PAPER_TOTALS["llava_next"], 5  # no paper budgets
 
 # Token kinds in `TileOutput.positions`, besides a patch's raster index (>= 0).

@@ -10,14 +10,19 @@ A family module provides:
 - `reduced_image_features(handle, pixel_values, image_sizes, settings, **tower_kwargs)`: what its
   `get_image_features` returns under reduction (per-tile methods through `encode.reduce_tiles`,
   per-image ones through `encode.reduce_packed`), recording one `ImageSelection` per image;
-- `patch(handle)`: installs both (`common.install`) and returns the function that undoes it;
-- optionally `geometry(base)`: (patches per tile side, CLS tokens per tile) when the tower is not a
-  plain ViT (`core.tower_geometry` reads CLIP's and SigLIP's from the config and the tower).
+- `patch(handle)`: installs both (`common.install`) and returns the function that undoes it.
+
+Optional, for a tower that is no plain ViT (Qwen2.5-VL's windowed tower and merger):
+- `tower(handle)`: (patches per tile side, CLS tokens per tile, signal layer index, a function that makes
+  its signal hooks), in place of `core.vit_tower`, which reads CLIP's and SigLIP's from the config and
+  the tower (one CLS token where the tower has a class embedding, none on SigLIP);
+- `check_settings(handle, settings)`: budget rules of its own, in place of `Budget.check` and the
+  method's per-tile `check` (`core.checked_settings`);
+- `BUDGET_PER_IMAGE = True` when it has no tiles (every budget counts one image's tokens).
 
 Adding a family is that file plus its line in `FAMILIES` below.
 """
 
-from . import llava, llava_next, llava_onevision
+from . import llava, llava_next, llava_onevision, qwen2_5_vl
 
-FAMILIES = {family.MODEL: family for family in (llava, llava_next)}
-FAMILIES[llava_onevision.MODEL] = llava_onevision
+FAMILIES = {family.MODEL: family for family in (llava, llava_next, llava_onevision, qwen2_5_vl)}

@@ -67,7 +67,7 @@ def num_image_tokens(handle: Handle, image_size: tuple[int, int], settings: Sett
 def reduced_image_features(
     handle: Handle, pixel_values: torch.Tensor, image_sizes: Any, settings: Settings, **tower_kwargs: Any
 ) -> BaseModelOutputWithPooling:
-    return anyres_image_features(handle, pixel_values, image_sizes, settings, StockPacking(), **tower_kwargs)
+    return anyres_image_features(handle, pixel_values, image_sizes, settings, STOCK_PACKING, **tower_kwargs)
 
 
 class StockPacking:
@@ -83,6 +83,9 @@ class StockPacking:
     def patch_map(self, pack, num_tiles: int, side: int, grid: tuple[int, int]) -> torch.Tensor:
         """(N,) tile * side^2 + patch behind each packed row, -1 for a newline (`layout.packed_patch_map`)."""
         return packed_patch_map(pack, num_tiles, side)
+
+
+STOCK_PACKING = StockPacking()  # how this family packs an image's stock rows (`app.scrub` reads it too)
 
 
 def anyres_image_features(

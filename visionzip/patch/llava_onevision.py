@@ -60,6 +60,9 @@ class OnevisionPacking(StockPacking):
         return interpolated_patch_map(pack, num_tiles, side, grid)
 
 
+STOCK_PACKING = OnevisionPacking()
+
+
 def interpolated_patch_map(pack, num_tiles: int, side: int, grid: tuple[int, int]) -> torch.Tensor:
     """(N,) tile * side^2 + patch behind each row of a stock packed OneVision image, -1 for a newline.
 
@@ -83,7 +86,7 @@ def interpolated_patch_map(pack, num_tiles: int, side: int, grid: tuple[int, int
 
 
 def reduced_image_features(handle: Handle, pixel_values: torch.Tensor, image_sizes: Any, settings: Settings, **kwargs):
-    return anyres_image_features(handle, pixel_values, image_sizes, settings, OnevisionPacking(), **kwargs)
+    return anyres_image_features(handle, pixel_values, image_sizes, settings, STOCK_PACKING, **kwargs)
 
 
 def patch(handle: Handle):
