@@ -201,7 +201,7 @@ def matched_mode(loaded: LoadedModel, mode: Mode, image_size: tuple[int, int], t
     if method.budget_kind == "dominant+contextual":  # VisionZip: the paper's 54:10 split of a tile's budget
         dominant = min(per_tile, max(1, round(per_tile * 54 / 64)))
         return make_mode(CUSTOM, loaded.family, dominant, per_tile - dominant, handle.tokens_per_tile)
-    allowed = [n for n in range(1, handle.tokens_per_tile + 1) if _allows(method, n, handle.side)]
+    allowed = allowed_tile_tokens(method, handle.side, handle.tokens_per_tile)
     nearest = min(allowed, key=lambda n: (abs(n - per_tile), n))
     return make_mode(
         CUSTOM_TOKENS, loaded.family, tokens=nearest, tokens_per_tile=handle.tokens_per_tile, method=method.name
@@ -216,6 +216,11 @@ def _matched_per_image(loaded: LoadedModel, mode: Mode, target: int) -> Mode:
     else:
         matched = Mode(CUSTOM_TOKENS, True, method=mode.method, tokens=target)
     return checked_on(loaded, matched)
+
+
+def allowed_tile_tokens(method: visionzip.Method, side: int, limit: int) -> list[int]:
+    """The per-tile budgets 1..limit that `method` accepts on tiles of side x side patches, ascending."""
+    return [tokens for tokens in range(1, limit + 1) if _allows(method, tokens, side)]
 
 
 def _allows(method: visionzip.Method, tokens: int, side: int) -> bool:

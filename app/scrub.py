@@ -21,7 +21,7 @@ from PIL import Image
 import visionzip
 from app.hosting import ON_ZEROGPU, clock
 from app.models import LoadedModel
-from app.modes import Mode, _allows, matched_mode, use_mode
+from app.modes import Mode, allowed_tile_tokens, matched_mode, use_mode
 from visionzip.cost import prefill_flops
 from visionzip.tower import TowerSignals
 
@@ -169,7 +169,7 @@ def budget_values(loaded: LoadedModel, mode: Mode, image_size: tuple[int, int]) 
     patches = handle.side * handle.side  # 576 for CLIP-L/14-336 (+ CLS), 729 for SigLIP-384/14 (no CLS)
     if method.budget_kind == "dominant+contextual":
         return list(range(1, patches + 1))  # D >= 1, D + C at most the patches
-    return [n for n in range(1, patches + 1) if _allows(method, n, handle.side)]
+    return allowed_tile_tokens(method, handle.side, patches)
 
 
 def budget_value(loaded: LoadedModel, mode: Mode) -> int:

@@ -9,6 +9,7 @@ that return at once.
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import math
 from collections.abc import Iterator
@@ -100,7 +101,7 @@ def queries_and_keys(attention: nn.Module, normed: torch.Tensor, cls_only: bool)
     return queries, keys.reshape(num_tiles, seq_len, heads, head_dim).transpose(1, 2)
 
 
-class ScopedHooks:
+class ScopedHooks(abc.ABC):
     """Hooks kept for a handle's life that record only while `capture()` is active in the calling context
     (a ContextVar, so concurrent stock calls on the same model see hooks that return at once).  A
     subclass registers its hooks in `_handles` and says what one capture records (`new_signals`)."""
@@ -109,8 +110,9 @@ class ScopedHooks:
         self._sink: ContextVar[Any] = ContextVar(f"visionzip_sink_{id(self)}", default=None)
         self._handles: list[Any] = []
 
+    @abc.abstractmethod
     def new_signals(self, attention: bool) -> Any:
-        raise NotImplementedError
+        """A fresh record for one capture; attention=False: only what needs no attention."""
 
     @contextlib.contextmanager
     def capture(self, attention: bool = True) -> Iterator[Any]:
