@@ -125,6 +125,8 @@ def summary_markdown(conversation: Conversation) -> str:
             line = comparison_line(left, right)
         elif line and turn.frames:
             line += f" ({turn.frames[full.side]} -> {turn.frames[reduced.side]} frames)"
+        if line and (left.engine or right.engine) and not (left.cached_tokens or right.cached_tokens):
+            line += " (a side on a vLLM server: its TTFT is over HTTP on the server's engine, so the ratio compares engines too)"
         if line:
             lines.append(f"Turn {number}: {line}")
     if not lines:
