@@ -14,6 +14,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import re
 import threading
 import time
 from collections.abc import Iterator
@@ -134,7 +135,7 @@ def transport_problem(url: str, error: httpx.HTTPError) -> str:
 def checked_json(response: httpx.Response, where: str, what: str) -> dict:
     if response.status_code != 200:
         try:
-            detail = response.json()["error"]["message"]
+            detail = without_paths(str(response.json()["error"]["message"]))
         except (ValueError, KeyError, TypeError):
             detail = f"HTTP {response.status_code}"
         raise EngineError(f"{where} is not {what}: {detail[:300]}")
@@ -142,6 +143,11 @@ def checked_json(response: httpx.Response, where: str, what: str) -> dict:
         return response.json()
     except ValueError:
         raise EngineError(f"{where} is not {what}: it did not answer JSON") from None
+
+
+def without_paths(text: str) -> str:
+    """A server's message with its file paths (a checkpoint folder, say) left out: they are no visitor's business."""
+    return re.sub(r"(?<![\w.:/])/[^\s'\"`,;)]+", "<path>", text)
 
 
 def image_data_url(image: Image.Image) -> str:
@@ -196,7 +202,7 @@ class EngineTurn:
             with client.stream("POST", f"{self.server.url}/v1/chat/completions", json=body) as response:
                 if response.status_code != 200:
                     response.read()
-                    checked_json(response, f"{self.server.url}/v1/chat/completions", "answering")
+                    checked_json(response, f"{self.server.url}/v1/chat/completions", "able to answer")
                 for chunk in sse_chunks(response):
                     usage = chunk.get("usage") or usage
                     for choice in chunk.get("choices") or []:
@@ -261,7 +267,7 @@ def sse_chunks(response: httpx.Response) -> Iterator[dict]:
             return
         chunk = json.loads(data)
         if "error" in chunk:
-            raise EngineError(f"the vLLM server stopped answering: {str(chunk['error'].get('message'))[:300]}")
+            raise EngineError(f"the vLLM server stopped answering: {without_paths(str(chunk['error']))[:300]}")
         yield chunk
 
 

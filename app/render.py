@@ -162,8 +162,11 @@ def side_header(registry: ModelRegistry, conversation: Conversation, side: str, 
 def engine_header(server: EngineServer, config: SideConfig) -> str:
     """A side on a vLLM server: what the server last reported, or why it could not be read, and what this mode
     cannot show."""
-    title = f"With {config.mode.method_title} on vLLM" if config.mode.enabled else "Without reduction, on vLLM"
-    detail = f"{config.model} · {config.mode.label}"
+    if server.report is None:  # never reached: its method is unknown, not "full"
+        title, detail = "On a vLLM server (not reached yet)", config.model
+    else:
+        title = f"With {config.mode.method_title} on vLLM" if config.mode.enabled else "Without reduction, on vLLM"
+        detail = f"{config.model} · {config.mode.label}"
     if server.problem:
         detail += f" · ⚠️ {server.problem}"
     return f"### {title}\n{detail}<br><small>This side {ENGINE_LIMITS}.</small>"

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -490,6 +490,8 @@ def prepare_sides(
                 server, keep = registry.engines[config.model], conversation.keep_cache
                 prepared[side] = prepare_engine_turn(server, messages, image, max_new_tokens, keep)
                 prepared[side].text = question
+                if prepared[side].mode != config.mode:  # the server's settings now: the page shows them from here on
+                    conversation.sides = {**conversation.sides, side: replace(config, mode=prepared[side].mode)}
                 continue
             loaded = registry.ready(config.model)
             if image is None:

@@ -255,6 +255,19 @@ def test_an_unusable_server_is_refused_with_its_reason_and_the_other_side_keeps_
         assert str(tmp_path) not in stats["right"].error
 
 
+def test_app_py_engine_option_starts_a_side_on_the_server_or_says_why_not(app_main, vllm_server, engine_label):
+    make_registry, parse_args = app_main.make_registry, app_main.parse_args
+    down = f"http://127.0.0.1:{free_port()}"
+    registry = make_registry(parse_args(["--device", "cpu", "--engine", f"right={vllm_server.url}", "--engine", down]))
+    conversation = new_conversation(registry)
+    assert conversation.sides["right"].model == engine_label and conversation.sides["left"].model == TINY_LABEL
+    assert conversation.sides["right"].mode.label == "VisionZip 54+10/tile"
+    registry = make_registry(parse_args(["--device", "cpu", "--engine", f"left={down}"]))  # not up yet: still listed
+    handlers = Handlers(registry, max_new_tokens=4, stops=Path("/nonexistent"))
+    header = handlers.headers(new_conversation(registry))["left_header"]
+    assert "not reached yet" in header and "no vLLM server answers" in header
+
+
 def test_engine_addresses_are_checked():
     for bad in ("127.0.0.1:8000", "http://127.0.0.1:8000/some/path", "file:///srv/model"):
         with pytest.raises(ValueError, match="http"):
