@@ -63,7 +63,7 @@ class ServerReport:
     def mode(self) -> Mode:
         """The server's reduction as the app's Mode (its label is the library's description of the settings)."""
         settings = server_settings({OPTIONS_KEY: self.options}) if self.options is not None else None
-        if settings is None:
+        if settings is None or not settings.enabled:
             return FULL_MODE
         budget = settings.budget
         mode = Mode("", True, budget.dominant, budget.contextual, None, settings.method, settings.tokens, settings.seed)
@@ -98,8 +98,9 @@ class EngineServer:
             models = self._get_json("/v1/models", "a vLLM (OpenAI-compatible) server")
             report = self._get_json(PATH, "a server with the visionzip_vllm plugin's report")
             served = report.get("served_model_names") or [model["id"] for model in models["data"]]
-            self.report = ServerReport(served[0], report["options"], int(report["image_token_id"]))
-            self.problem = None
+            read = ServerReport(served[0], report["options"], int(report["image_token_id"]))
+            read.mode  # noqa: B018 - options this app's plugin code cannot read raise here, not in a later view
+            self.report, self.problem = read, None
             return self.report
         except EngineError as error:
             self.problem = str(error)
