@@ -40,6 +40,7 @@ LIMITS = (
     "(vLLM's own prefix cache reuses the repeated conversation)"
 )
 NO_QUALITY = "not on a vLLM side: the KL needs the first token's full distribution, which the server does not return"
+NO_VIDEO = "A vLLM side answers about images only here: send an image, or pick a local model for video."
 NO_CACHE_TOGGLE = "the toggle does not apply to a vLLM side (vLLM's automatic prefix cache reuses repeated prefixes)"
 
 
@@ -278,7 +279,7 @@ def prepare_engine_turn(
     """Read what the server runs now and count this turn's visual tokens with its /tokenize (the image's
     placeholders, the plugin's reduced count); raises EngineError or ValueError before anything is generated."""
     if image is None:
-        raise ValueError("A vLLM side answers about images only here: send an image, or pick a local model for video.")
+        raise ValueError(NO_VIDEO)
     report = server.read_report()
     request = openai_messages(messages, image)
     tokenized = checked_json(

@@ -22,6 +22,7 @@ import visionzip
 from app import charts, overlay, render, scrub
 from app.choices import ShownChoice, changed_note, choice_of, last_turn_ran, recorded_choice, waiting_message
 from app.conversation import SIDES, Conversation, SideConfig, load_media, messages_for
+from app.engine import NO_VIDEO as ENGINE_NO_VIDEO
 from app.engine import EngineError
 from app.hosting import gpu_task
 from app.media import MediaError, detect_media_kind, load_clip, load_image
@@ -683,6 +684,8 @@ class Handlers:
         """(frames with what `side` keeps drawn on them, a legend line); no frames when the side is refused."""
         config = conversation.sides[side]
         title = f"**{render.SIDE_NAMES[side]} side**: {config.model}, {config.mode.label}"
+        if self.registry.is_engine(config.model):
+            return [], f"{title}: {ENGINE_NO_VIDEO}"
         try:
             loaded = self.registry.get(config.model)
             messages = messages_for(conversation, side, "")

@@ -25,9 +25,10 @@ from test_browser_methods import ask_turns, choose, wait_for_text
 
 import visionzip
 from app.conversation import SideConfig
-from app.engine import EngineServer
+from app.engine import NO_VIDEO, EngineServer
 from app.handlers import ON_SERVER, Handlers, new_conversation
 from app.models import TINY_LABEL, ModelRegistry
+from app.modes import FULL_MODE
 from bench.phases import parse_budget
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -253,6 +254,18 @@ def test_an_unusable_server_is_refused_with_its_reason_and_the_other_side_keeps_
         assert reason in stats["right"].error and stats["left"].error is None and conversation.turns[-1].answers["left"]
         assert reason in local_handlers.headers(conversation)["right_header"]
         assert str(tmp_path) not in stats["right"].error
+
+
+def test_a_vllm_side_refuses_video_and_the_other_side_answers(local_handlers):
+    label = offer(local_handlers, f"http://127.0.0.1:{free_port()}")
+    start = new_conversation(local_handlers.registry)
+    start = local_handlers.set_media(None, start, video={"path": str(ROOT / "assets" / "rolling_ball.gif")})["state"]
+    chosen = {**start.sides, "right": SideConfig(label, FULL_MODE)}
+    conversation = list(local_handlers.ask(QUESTIONS[0], replace(start, sides=chosen, num_frames=2)))[-1]["state"]
+    stats = conversation.turns[-1].stats
+    assert stats["right"].error == NO_VIDEO and stats["left"].error is None
+    chosen["left"] = SideConfig(label, FULL_MODE)  # neither side local: the filmstrip says why, no error
+    assert NO_VIDEO in local_handlers.refresh_filmstrip(replace(conversation, sides=chosen))["legend"]
 
 
 def test_app_py_engine_option_starts_a_side_on_the_server_or_says_why_not(app_main, vllm_server, engine_label):
