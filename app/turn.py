@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -17,6 +17,7 @@ from PIL import Image
 from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
 from app.conversation import SIDES, Conversation, SideConfig, Turn, load_media, messages_for
+from app.engine import EngineError, EngineTurn, prepare_engine_turn
 from app.hosting import clock
 from app.media import Clip, load_clip
 from app.models import LoadedModel, ModelLoadError, ModelRegistry
@@ -371,7 +372,7 @@ def describe_error(error: BaseException) -> str:
     if isinstance(error, torch.cuda.OutOfMemoryError):
         torch.cuda.empty_cache()
         return "Out of GPU memory on this side. Try a smaller model, VisionZip, or clear the conversation."
-    if isinstance(error, (ValueError, ModelLoadError)):
+    if isinstance(error, (ValueError, ModelLoadError, EngineError)):
         return str(error)
     return f"{type(error).__name__}: {error}"
 
@@ -476,16 +477,23 @@ def load_side_models(registry: ModelRegistry, conversation: Conversation) -> Non
 
 def prepare_sides(
     registry: ModelRegistry, conversation: Conversation, question: str, max_new_tokens: int
-) -> tuple[dict[str, Prepared], dict[str, str]]:
+) -> tuple[dict[str, Prepared | EngineTurn], dict[str, str]]:
     """Each side's prepared turn, or the reason it cannot run (its model, its context window)."""
     image = load_media(conversation) if conversation.media_kind == "image" else None
-    prepared: dict[str, Prepared] = {}
+    prepared: dict[str, Prepared | EngineTurn] = {}
     errors: dict[str, str] = {}
     for side in SIDES:
         config = conversation.sides[side]
         try:
-            loaded = registry.ready(config.model)
             messages = messages_for(conversation, side, question)
+            if registry.is_engine(config.model):
+                server, keep = registry.engines[config.model], conversation.keep_cache
+                prepared[side] = prepare_engine_turn(server, messages, image, max_new_tokens, keep)
+                prepared[side].text = question
+                if prepared[side].mode != config.mode:  # the server's settings now: the page shows them from here on
+                    conversation.sides = {**conversation.sides, side: replace(config, mode=prepared[side].mode)}
+                continue
+            loaded = registry.ready(config.model)
             if image is None:
                 prepared[side] = prepare_video(loaded, config.mode, conversation, messages, max_new_tokens)
             else:
@@ -535,7 +543,10 @@ def run_turn(
             continue
         turn.running = side
         keep = conversation.keep_cache and conversation.media_kind == "image"
-        stream = stream_side(prepared[side], number, side, max_new_tokens, stop, keep_cache=keep)
+        if isinstance(prepared[side], EngineTurn):
+            stream = prepared[side].stream(number, side, max_new_tokens, stop, conversation.sides[side].model)
+        else:
+            stream = stream_side(prepared[side], number, side, max_new_tokens, stop, keep_cache=keep)
         try:
             yield conversation
             for answer, stats in stream:

@@ -35,6 +35,7 @@ import numpy as np
 
 import visionzip
 from bench.phases import parse_budget
+from visionzip_vllm.report import MIDDLEWARE
 
 ROOT = Path(__file__).resolve().parent.parent
 HOST = "127.0.0.1"  # the server and its clients stay on this machine
@@ -104,6 +105,7 @@ def start_server(args, checkpoint: Path, mode: str, log_path: Path) -> tuple[sub
         "--max-model-len", "4096",
         "--block-size", str(BLOCK_SIZE), "--max-num-seqs", str(args.clients), "--enforce-eager",
         "--limit-mm-per-prompt", json.dumps({"image": 1}),
+        "--middleware", MIDDLEWARE,  # GET /visionzip: the server's method and budget, read back (the app's vLLM side)
     ]  # fmt: skip
     if args.preset == "wide":
         command += ["--load-format", "dummy"]
