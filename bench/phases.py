@@ -60,6 +60,9 @@ IMAGE_SIZE = (672, 672)  # (H, W): a 2x2 anyres grid, 5 tiles, as in the paper's
 QUESTION = "What is shown in this image? Describe it in detail."
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 MIB = 2**20
+# what visionzip.cost's prefill_flops reads of an LM's config
+LM_SHAPE_KEYS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+LM_SHAPE_KEYS += ("num_key_value_heads", "vocab_size")
 
 
 # -- FLOPs each phase must do (multiply-add = 2 FLOPs; norms, softmax and activations left out) ----
@@ -809,7 +812,16 @@ def run_benchmark(
     if authors:
         vision.append({"approach": "authors", "budget": smallest.name, **_medians(runs["authors"])})
     # Per-round values too: on a shared machine the spread says how far to trust a median.
-    return {"meta": meta, "rows": rows, "vision": vision, "targets": targets(rows, vision), "runs": runs}
+    # The LM's shape, for FLOP counts made later from these results (bench.gpu_measure: FastV's own work)
+    text = {key: getattr(config.text_config, key) for key in LM_SHAPE_KEYS}
+    return {
+        "meta": meta,
+        "rows": rows,
+        "vision": vision,
+        "targets": targets(rows, vision),
+        "runs": runs,
+        "text_config": text,
+    }
 
 
 def timed_rounds(
