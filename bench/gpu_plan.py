@@ -194,7 +194,7 @@ STEPS = [
     Step(
         "correct",
         "selections on CUDA = CPU (fp32, every method, 3 families); bf16 vs fp32 overlap, first-token KL",
-        5.9,
+        8.9,
     ),
     Step("conversation", "bench.conversation: three turns through the app's turn code, full vs VisionZip", 5.5),
     Step("registry", "7B- and 13B-shaped models through the app's registry; then its memory policy", 4.2),
