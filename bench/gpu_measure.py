@@ -101,7 +101,8 @@ def run_phases(context: Context, name: str, argv: list[str], checkpoint: bool = 
     `checkpoint` is False (argv names the model then); its JSON results."""
     from bench import phases
 
-    clip_for_cdpruner(context.dry_run)
+    if checkpoint:  # the LLaVA-NeXT 7B: CDPruner runs there (the other families refuse it)
+        clip_for_cdpruner(context.dry_run)
     argv = argv + (["--model", str(model_checkpoint(False))] if checkpoint and not context.dry_run else [])
     argv += ["--out", str(context.scratch / name)]
     print("python -m bench.phases", " ".join(argv), flush=True)
