@@ -297,13 +297,11 @@ def test_generate_puts_the_kept_tokens_at_their_positions(applied, make_image):
     torch.testing.assert_close(out.logits[0][0], last.float())  # generate returns float32 logits
 
 
-def test_cdpruner_and_video_are_refused_with_a_reason(applied):
-    handle, model, _, _ = applied
+def test_cdpruner_is_refused_with_a_reason(applied):
+    handle, _, _, _ = applied
     with pytest.raises(ValueError, match="CDPruner scores the question with CLIP's text tower"):
         with handle.use(method="cdpruner", tokens=30):
             pass
-    with handle.use(method="random", tokens=30), pytest.raises(ValueError, match="images only, not video"):
-        model.model(input_ids=torch.zeros(1, 3, dtype=torch.long), pixel_values_videos=torch.zeros(8, 1176))
 
 
 # -- FastV: the oracle of tests/test_methods_fastv.py on Qwen2.5-VL's M-RoPE -------------------------------
