@@ -83,7 +83,7 @@ def load_processor(source: str, **kwargs: Any) -> Any:
     return processor
 
 
-class FramePairVideoProcessor:
+class FramePairVideoProcessor(transformers.utils.PushToHubMixin):  # the mixin: processors print its to_dict()
     """Qwen2-VL's video processor where transformers cannot build it (it needs torchvision): the same
     outputs from the checkpoint's image processor.  Each frame is resized, rescaled and normalised by
     the image processor (PIL, its own pixel bounds, which the real checkpoints' video processor also
@@ -133,6 +133,9 @@ class FramePairVideoProcessor:
         slices = still.shape[0] // temporal  # (T, tps, N, C, P*P) -> (T, N, C, tps, P*P)
         paired = still.view(slices, temporal, cells, -1, patch * patch).permute(0, 2, 3, 1, 4)
         return paired.reshape(slices * cells, -1), [slices, grid_h, grid_w]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"video_processor_type": type(self).__name__, "from": type(self.image_processor).__name__}
 
     def get_num_of_video_patches(self, num_frames: int, height: int, width: int, videos_kwargs=None) -> int:
         from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize

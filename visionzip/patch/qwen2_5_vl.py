@@ -453,11 +453,20 @@ def _rope_index(handle: Handle, stock: Callable) -> Callable:
     """generate() asks for the prompt's positions before any pixel is encoded: the text positions and
     deltas are right here; the forward then puts the visual tokens at their anchors' positions."""
 
-    def get_rope_index(input_ids, mm_token_type_ids=None, image_grid_thw=None, video_grid_thw=None, **kwargs: Any):
+    def get_rope_index(
+        input_ids,
+        mm_token_type_ids=None,
+        image_grid_thw=None,
+        video_grid_thw=None,
+        second_per_grid_ts=None,
+        attention_mask=None,
+        **kwargs: Any,
+    ):
+        given = (image_grid_thw, video_grid_thw, second_per_grid_ts, attention_mask)
         if not handle.settings.enabled or (image_grid_thw is None and video_grid_thw is None):
-            return stock(input_ids, mm_token_type_ids, image_grid_thw, video_grid_thw, **kwargs)
-        visuals = Visuals(image_grid_thw, video_grid_thw, kwargs.get("second_per_grid_ts"))
-        return rope_index(handle.base, input_ids, mm_token_type_ids, visuals, kwargs.get("attention_mask"))
+            return stock(input_ids, mm_token_type_ids, *given, **kwargs)
+        visuals = Visuals(image_grid_thw, video_grid_thw, second_per_grid_ts)
+        return rope_index(handle.base, input_ids, mm_token_type_ids, visuals, attention_mask)
 
     return get_rope_index
 
