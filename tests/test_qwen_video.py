@@ -13,15 +13,24 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from test_qwen import BUDGETS, QWEN, expected_choice, models, reference_signal, use
+from test_qwen import (
+    BUDGETS,
+    QWEN,
+    assert_choice_matches,
+    assert_off_equals_stock,
+    expected_choice,
+    patched_tiny,
+    reference_signal,
+    use,
+)
 from transformers import DynamicCache
 
-import visionzip
 from visionzip.tiny import load_tiny
 
 QUESTION = "What happens in the clip?"
 CLIPS = [(1, 100, 150), (3, 200, 300), (4, 64, 900), (5, 333, 517), (8, 120, 90)]  # (frames, height, width)
 VIDEO_METHODS = [method for method in sorted(BUDGETS) if method != "fastv"]  # FastV refuses video
+applied_fixture = pytest.fixture(name="applied")(patched_tiny)
 
 
 def clip_frames(make_image, frames: int, height: int, width: int, seed: int = 0) -> list:
@@ -46,31 +55,10 @@ def video_inputs(processor, frames: list, text: str | None = None):
     )
 
 
-@pytest.fixture
-def applied():
-    model, stock, processor = models()
-    handle = visionzip.apply(model, processor)
-    yield handle, model, stock, processor
-    handle.remove()
-
-
 # -- off == stock ---------------------------------------------------------------------------------
 def test_off_equals_stock_bit_for_bit(make_image):
-    model, processor = load_tiny(QWEN)  # float32, as served
     frames = clip_frames(make_image, 5, 200, 300, seed=1)
-    stock_inputs = video_inputs(processor, frames)
-    with torch.no_grad():
-        stock_logits = model(**stock_inputs).logits
-        stock_ids = model.generate(**stock_inputs, max_new_tokens=5, do_sample=False)
-    handle = visionzip.apply(model, processor, dominant=20, contextual=5)
-    try:
-        with handle.use(enabled=False), torch.no_grad():
-            inputs = video_inputs(processor, frames)
-            assert torch.equal(inputs.input_ids, stock_inputs.input_ids)
-            assert torch.equal(model(**inputs).logits, stock_logits)
-            assert torch.equal(model.generate(**inputs, max_new_tokens=5, do_sample=False), stock_ids)
-    finally:
-        handle.remove()
+    assert_off_equals_stock(lambda processor: video_inputs(processor, frames))
 
 
 # -- counts -----------------------------------------------------------------------------------------
@@ -173,12 +161,7 @@ def test_method_matches_its_float64_reference_per_slice(applied, make_image, met
         hook.remove()
     assert len(call.selection) == len(references) == 3
     for image, ((anchors, _, kept), signal) in zip(call.selection, references):
-        tile = image.tiles[0]
-        assert tile.kept.tolist() == sorted(kept)
-        if method in ("visionzip", "visionzip_dominant", "vispruner"):
-            torch.testing.assert_close(tile.cls_attention.double(), signal, rtol=1e-6, atol=1e-9)
-        if method in ("visionzip", "pool"):
-            assert sorted(tile.kept.tolist() + tile.targets.tolist()) == anchors
+        assert_choice_matches(image, anchors, kept, signal, method)
     embeds, positions, ids = gathered_inputs(stock, full, references, cells)
     assert torch.equal(ids, reduced.input_ids[0])  # the processor made the same sequence
     assert torch.equal(seen["positions"], positions)  # kept tokens at their own cells' (t, h, w), text as stock

@@ -227,6 +227,11 @@ class Chosen:
         return torch.cat([choice.anchors + t * cells for t, (_, choice) in enumerate(self.slices)])
 
 
+def _slice_cells(grid_thw: torch.Tensor, merge: int) -> list[int]:
+    """Merged cells of each temporal slice of every input, in order (an image is one slice)."""
+    return [h * w // merge**2 for t, h, w in grid_thw.tolist() for _ in range(t)]
+
+
 def _tower_signals(handle: Handle, pixel_values: torch.Tensor, grid_thw: torch.Tensor, settings: Settings):
     """The tower on every input: (sum N, E) merged outputs and, per temporal slice (one per image), its
     cells' scores and keys (None when the method reads no signal)."""
@@ -234,7 +239,7 @@ def _tower_signals(handle: Handle, pixel_values: torch.Tensor, grid_thw: torch.T
     with handle.capture(attention=get_method(settings.method).needs_attention) as signals:
         merged = visual(pixel_values.type(visual.dtype), grid_thw=grid_thw).pooler_output  # (N total, E)
     config = visual.config
-    slice_cells = [h * w // config.spatial_merge_size**2 for t, h, w in grid_thw.tolist() for _ in range(t)]
+    slice_cells = _slice_cells(grid_thw, config.spatial_merge_size)
     if not signals.received:  # one received vector per slice: full attention never crosses slices
         return merged, [None] * len(slice_cells), [None] * len(slice_cells)
     window_index, _ = get_vision_window_index(
@@ -251,7 +256,7 @@ def encode_images(handle: Handle, pixel_values: torch.Tensor, grid_thw: torch.Te
     merged, scores, keys = _tower_signals(handle, pixel_values, grid_thw, settings)
     merge = handle.base.visual.config.spatial_merge_size
     slices = iter(zip(scores, keys))
-    features = iter(merged.split([h * w // merge**2 for t, h, w in grid_thw.tolist() for _ in range(t)]))
+    features = iter(merged.split(_slice_cells(grid_thw, merge)))
     chosen = []
     for t, h, w in grid_thw.tolist():
         grid = (h // merge, w // merge)
@@ -385,8 +390,9 @@ def patch(handle: Handle) -> Callable[[], None]:
     undo = [lambda name=name: _restore(base, name, previous[name]) for name in overrides]
     if processor is not None:
         names = ("replace_image_token", "replace_video_token", "_get_num_multimodal_tokens")
-        processor.replace_image_token = _Override(_replace_image_token(handle, processor.replace_image_token))
-        processor.replace_video_token = _Override(_replace_video_token(handle, processor.replace_video_token))
+        for kind in ("image", "video"):
+            name = f"replace_{kind}_token"
+            setattr(processor, name, _Override(_replace_token(handle, getattr(processor, name), kind)))
         processor._get_num_multimodal_tokens = _Override(_counts(handle, processor._get_num_multimodal_tokens))
         undo += [lambda name=name: processor.__dict__.pop(name, None) for name in names]
 
@@ -561,28 +567,22 @@ def _reduce_for_prefill(handle: Handle, arguments: dict) -> None:
     arguments.update(position_ids=positions, mm_encoder_outputs=encoded)
 
 
-def _replace_image_token(handle: Handle, stock: Callable) -> Callable:
-    def replace_image_token(image_inputs: dict, image_idx: int, **kwargs: Any) -> str:
+def _replace_token(handle: Handle, stock: Callable, kind: str) -> Callable:
+    """The processor's `replace_image_token` or `replace_video_token` (kind "image" / "video"): the
+    placeholder repeated for the reduced count, from the input's grid alone."""
+
+    def replace_token(inputs: dict, *args: Any, **kwargs: Any) -> str:
         settings = handle.settings
         if not settings.enabled:
-            return stock(image_inputs, image_idx, **kwargs)
-        merge = handle.processor.image_processor.merge_size
-        _, height, width = (int(n) for n in image_inputs["image_grid_thw"][image_idx])
-        return handle.processor.image_token * grid_count((height // merge, width // merge), settings)
+            return stock(inputs, *args, **kwargs)
+        index = args[0] if args else kwargs[f"{kind}_idx"]  # transformers passes image_idx= / video_idx=
+        merge = getattr(handle.processor, f"{kind}_processor").merge_size
+        slices, height, width = (int(n) for n in inputs[f"{kind}_grid_thw"][index])
+        grid = (height // merge, width // merge)
+        count = grid_count(grid, settings) if kind == "image" else clip_count(slices, grid, settings)
+        return getattr(handle.processor, f"{kind}_token") * count
 
-    return replace_image_token
-
-
-def _replace_video_token(handle: Handle, stock: Callable) -> Callable:
-    def replace_video_token(video_inputs: dict, video_idx: int, **kwargs: Any) -> str:
-        settings = handle.settings
-        if not settings.enabled:
-            return stock(video_inputs, video_idx, **kwargs)
-        merge = handle.processor.video_processor.merge_size
-        slices, height, width = (int(n) for n in video_inputs["video_grid_thw"][video_idx])
-        return handle.processor.video_token * clip_count(slices, (height // merge, width // merge), settings)
-
-    return replace_video_token
+    return replace_token
 
 
 def _counts(handle: Handle, stock: Callable) -> Callable:
