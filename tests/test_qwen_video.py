@@ -278,3 +278,15 @@ def test_the_frame_pair_processor_matches_qwens_video_processor(make_image):
     ours, theirs = processor.video_processor(clip), stock(clip, return_tensors="pt")
     assert torch.equal(ours["video_grid_thw"], theirs["video_grid_thw"])
     assert (ours["pixel_values_videos"] - theirs["pixel_values_videos"]).abs().mean() < 0.05
+
+
+def test_features_encoded_without_the_reduction_are_refused_under_it(applied, make_image):
+    """Stock video features handed to a reducing forward would sit at the wrong positions: refused, not placed."""
+    handle, model, _, processor = applied
+    with handle.use(enabled=False):
+        inputs = video_inputs(processor, clip_frames(make_image, 2, 100, 150))
+        features = model.model.get_video_features(inputs.pixel_values_videos, inputs.video_grid_thw)
+    text = {key: value for key, value in inputs.items() if key != "pixel_values_videos"}
+    with handle.use(method="pool", tokens=30), torch.no_grad():
+        with pytest.raises(ValueError, match="not encoded under the reduction"):
+            model(**text, mm_encoder_outputs={"video": features})

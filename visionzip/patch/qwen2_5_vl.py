@@ -542,14 +542,14 @@ def _reduce_for_prefill(handle: Handle, arguments: dict) -> None:
         if arguments.get(pixels) is not None:
             encoded[kind] = _reduced(handle, kind, arguments[pixels], arguments.get(grids))
             arguments[pixels] = None
-    if encoded.get("image") is None and encoded.get("video") is None:
+    image, video = encoded.get("image"), encoded.get("video")
+    if image is None and video is None:
         return
-    if any(getattr(encoded.get(kind), "anchors", 0) is None for kind in ("image", "video")):
+    if any(not isinstance(features, CellFeatures) for features in (image, video) if features is not None):
         raise ValueError("these visual features were not encoded under the reduction: encode them in the same call")
     input_ids = arguments.get("input_ids")
     if input_ids is None or arguments.get("mm_token_type_ids") is None:
         raise ValueError("Qwen2.5-VL under reduction needs input_ids and mm_token_type_ids (the processor's)")
-    image, video = encoded.get("image"), encoded.get("video")
     visuals = Visuals(
         getattr(image, "grid_thw", None),
         getattr(video, "grid_thw", None),
