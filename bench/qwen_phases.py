@@ -3,6 +3,7 @@
     python -m bench.qwen_phases --preset tiny                               # the tiny offline model: a quick check
     python -m bench.qwen_phases --out benchmarks                           # real-width tower, 2 LM layers, CPU
     python -m bench.qwen_phases --llm-layers 28 --dtype bfloat16 --device cuda --out benchmarks
+    python -m bench.qwen_phases --frames 4 --out benchmarks                # a clip: Qwen's own video path
 
 A random Qwen2.5-VL of Qwen2.5-VL-7B's width and tower depth (tower: 1280 wide, 16 heads, 3420 MLP,
 112-px windows, full attention in blocks 7/15/23/31 of 32; LM: 3584 wide, 28 heads, 4 KV heads, 18944
@@ -10,7 +11,8 @@ MLP, `--llm-layers` layers; the tiny checkpoint's vocabulary), bench.phases' 672
 cells, 576 tokens) and one question.  Every round runs every mode (order rotated each round), the first
 `--warmup` rounds are dropped and each figure is the median of the rest; ratios compare runs made side
 by side.  vision = tower + the method (get_image_features); prefill = the LLM forward on those
-features; TTFT = both.
+features; TTFT = both.  `--frames F`: a clip of F frames (the image shifted a little per frame) through
+the model's video path instead (get_video_features): frames paired in time, every budget per frame pair.
 """
 
 from __future__ import annotations
@@ -21,7 +23,9 @@ import statistics
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
+from PIL import Image
 
 import visionzip
 from bench.phases import DTYPES, IMAGE_SIZE, bench_image, markdown_table
@@ -61,22 +65,32 @@ def build(llm_layers: int, dtype: torch.dtype, device: torch.device):
     return model.eval(), processor
 
 
-def run_once(model, processor, handle, image, arguments: dict | None, sync) -> dict:
+def clip_frames(image, frames: int) -> list:
+    """`frames` frames of the picture, each shifted 8 px further right (the content moves; the size is fixed)."""
+    pixels = np.asarray(image)
+    return [Image.fromarray(np.roll(pixels, 8 * k, axis=1)) for k in range(frames)]
+
+
+def run_once(model, processor, handle, image, arguments: dict | None, sync, frames: int = 0) -> dict:
+    kind = "video" if frames else "image"
+    pixels_key, grid_key = ("pixel_values_videos", "video_grid_thw") if frames else ("pixel_values", "image_grid_thw")
     with handle.use(enabled=arguments is not None, **(arguments or {})):
-        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": QUESTION}]}]
+        messages = [{"role": "user", "content": [{"type": kind}, {"type": "text", "text": QUESTION}]}]
         prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
-        inputs = processor(images=[image], text=prompt, return_tensors="pt").to(model.device)
-        inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
+        media = {"videos": [clip_frames(image, frames)]} if frames else {"images": [image]}
+        inputs = processor(**media, text=prompt, return_tensors="pt").to(model.device)
+        inputs[pixels_key] = inputs[pixels_key].to(model.dtype)
+        encode = getattr(model.model, f"get_{kind}_features")
         with torch.inference_mode():
             start = time.perf_counter()
-            features = model.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"])
+            features = encode(inputs[pixels_key], inputs[grid_key])
             sync()
             encoded = time.perf_counter()
-            text = {key: value for key, value in inputs.items() if key != "pixel_values"}
-            model(**text, mm_encoder_outputs={"image": features}, logits_to_keep=1)
+            text = {key: value for key, value in inputs.items() if key != pixels_key}
+            model(**text, mm_encoder_outputs={kind: features}, logits_to_keep=1)
             sync()
             done = time.perf_counter()
-    visual = int((inputs["input_ids"] == model.config.image_token_id).sum())
+    visual = int((inputs["input_ids"] == getattr(model.config, f"{kind}_token_id")).sum())
     return {"visual_tokens": visual, "vision_ms": (encoded - start) * 1e3, "prefill_ms": (done - encoded) * 1e3}
 
 
@@ -95,7 +109,7 @@ def run(args: argparse.Namespace) -> list[dict]:
     for round_index in range(args.warmup + args.rounds):
         shift = round_index % len(names)
         for name in names[shift:] + names[:shift]:
-            result = run_once(model, processor, handle, image, MODES[name], sync)
+            result = run_once(model, processor, handle, image, MODES[name], sync, args.frames)
             if round_index >= args.warmup:
                 runs[name].append(result)
     rows = []
@@ -133,13 +147,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--frames", type=int, default=0, help="a clip of this many frames instead of the image")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
     rows = run(args)
     print(markdown_table(rows, COLUMNS))
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
-        name = f"qwen_phases_{args.preset}_{args.device}_{args.dtype}_{args.llm_layers}layers_{IMAGE_SIZE[0]}px.json"
+        clip = f"_{args.frames}frames" if args.frames else ""
+        name = (
+            f"qwen_phases_{args.preset}_{args.device}_{args.dtype}_{args.llm_layers}layers_{IMAGE_SIZE[0]}px{clip}.json"
+        )
         (args.out / name).write_text(json.dumps({"args": vars(args) | {"out": str(args.out)}, "rows": rows}, indent=1))
     return 0
 

@@ -22,3 +22,24 @@ def test_the_benchmark_runs_every_mode_with_its_counts(tmp_path, capsys):
     }
     assert rows["full"]["token_ratio"] == 1 and rows["VisionZip 64"]["token_ratio"] == 9
     assert all(name in table for name in counts)
+
+
+def test_a_clip_counts_every_budget_per_frame_pair(tmp_path, capsys):
+    """--frames 5: three frame pairs (the last frame repeated), each pair 24x24 cells and each budget per pair."""
+    assert (
+        qwen_phases.main(
+            ["--preset", "tiny", "--frames", "5", "--rounds", "1", "--warmup", "0", "--out", str(tmp_path)]
+        )
+        == 0
+    )
+    [written] = tmp_path.glob("qwen_phases_tiny_*_5frames.json")
+    counts = {row["mode"]: row["visual_tokens"] for row in json.loads(written.read_text())["rows"]}
+    per_pair = {
+        "full": 576,
+        "VisionZip 256": 256,
+        "VisionZip 128": 128,
+        "VisionZip 64": 64,
+        "DivPrune 128": 128,
+        "Pool 64": 64,
+    }
+    assert counts == {name: 3 * tokens for name, tokens in per_pair.items()}
