@@ -463,14 +463,14 @@ def video_tokens(
     """This side's clip, its prompt and its visual tokens; raises ContextTooLong when the turn would
     not fit, before encoding frames that never could."""
     frames = side_frame_count(loaded, mode, conversation)
-    clip = load_clip(conversation.media_path, frames)
+    first = load_clip(conversation.media_path, conversation.num_frames).frames[0]  # cached: the frames' size
     with use_mode(loaded, mode):
-        per_unit = unit_tokens(loaded, (clip.frames[0].height, clip.frames[0].width))
+        per_unit = unit_tokens(loaded, (first.height, first.width))
     pairs = loaded.pairs_frames
-    units = len(frame_pairs(clip)) if pairs else len(clip.frames)
-    counted = f"{units} {'frame pairs' if pairs else 'frames'} x {per_unit} = {units * per_unit:,} visual tokens"
+    units = -(-frames // 2) if pairs else frames  # an odd last frame makes a pair of its own
 
     def refuse_if_too_long(needed: int, what: str) -> None:
+        counted = f"{units} {'frame pairs' if pairs else 'frames'} x {per_unit} = {units * per_unit:,} visual tokens"
         if needed + max_new_tokens > loaded.context_window:
             advice = (
                 "Use fewer frames, or a smaller VisionZip budget."
@@ -483,6 +483,8 @@ def video_tokens(
             )
 
     refuse_if_too_long(units * per_unit, "")
+    clip = load_clip(conversation.media_path, frames)
+    units = len(frame_pairs(clip)) if pairs else len(clip.frames)  # a clip may hold fewer frames than asked
     if pairs:
         with use_mode(loaded, mode):
             prompt = loaded.processor.apply_chat_template(messages, add_generation_prompt=True)
@@ -509,8 +511,9 @@ def prepare_video(
         )
     if mode.inside_llm:
         raise ValueError(
-            f"{mode.method_title} prunes inside the language model by the prompt's image placeholders; a video's "
-            "frames reach it otherwise, so it does not run on video here. Pick a method that acts before the LLM."
+            f"{mode.method_title} prunes inside the language model by the prompt's image placeholders, and a video "
+            "here has none (its frames come as embeddings on LLaVA, as video placeholders on Qwen2.5-VL), so it does "
+            "not run on video. Pick a method that acts before the LLM."
         )
     tokens = video_tokens(loaded, mode, conversation, messages, max_new_tokens)
     inputs = {key: value.to(loaded.device) for key, value in tokens.inputs.items()}
