@@ -52,10 +52,10 @@ from app.turn import (
     describe_error,
     load_side_models,
     run_turn,
+    unit_tokens,
     video_tokens,
 )
-from app.video import DEFAULT_FRAMES, MAX_FRAMES, describe_clip, filmstrip, frame_tile
-from visionzip.video import tokens_per_frame
+from app.video import DEFAULT_FRAMES, MAX_FRAMES, describe_clip, filmstrip, frame_tile, pair_filmstrip
 
 log = logging.getLogger(__name__)
 
@@ -689,13 +689,14 @@ class Handlers:
         try:
             loaded = self.registry.get(config.model)
             messages = messages_for(conversation, side, "")
-            clip, _, per_frame = video_tokens(loaded, config.mode, conversation, messages, self.max_new_tokens)
+            tokens = video_tokens(loaded, config.mode, conversation, messages, self.max_new_tokens)
         except ContextTooLong as error:
             return [], f"{title}: **refused:** {error}"
         except (ValueError, ModelLoadError, MediaError) as error:
             raise gr.Error(str(error)) from None
+        clip = tokens.clip
         with loaded.handle.use(enabled=False):
-            full = tokens_per_frame(loaded.handle)
+            full = unit_tokens(loaded, (clip.frames[0].height, clip.frames[0].width))
         selections, asked = None, ""
         number, question = len(conversation.turns), (conversation.turns[-1].question if conversation.turns else None)
         if config.mode.inside_llm:
@@ -708,12 +709,28 @@ class Handlers:
             if config.mode.reads_text:  # chosen now, by the side's current settings, for the last question
                 shown = replace(shown, turn=number, question=question, on_demand=True)
             asked = shown.provenance() + " " if shown.provenance() else ""
-        framing = (
-            "Frames are shown squashed to the square base tile the model sees."
-            if loaded.family != "llava"
-            else "Frames are shown centre-cropped, as the model sees them."
-        )
-        tile = frame_tile(clip.frames[0], loaded.family).width
-        legend = f"{title}: {len(clip.frames)} frames, each one {tile}x{tile} tile of {per_frame} tokens. " + asked
-        legend += (overlay.FILMSTRIP_LEGEND if selections else NO_REDUCTION + " ") + framing
+        legend = f"{title}: {self._clip_geometry(loaded, tokens)} " + asked
+        legend += (overlay.FILMSTRIP_LEGEND if selections else NO_REDUCTION + " ") + self._framing(loaded)
+        if loaded.pairs_frames:
+            return pair_filmstrip(clip, selections, full), legend
         return filmstrip(clip, loaded.family, selections, full), legend
+
+    @staticmethod
+    def _clip_geometry(loaded, tokens) -> str:
+        """How the side's model sees the clip, for the filmstrip's legend."""
+        if loaded.pairs_frames:
+            rows, cols = loaded.handle.family.video_grid(loaded.processor, (2, *tokens.clip.frames[0].size[::-1]))[1:]
+            return (
+                f"{len(tokens.clip.frames)} frames as {tokens.units} frame pairs (the model pairs frames in time), "
+                f"each pair {rows}x{cols} merged cells, {tokens.per_unit} tokens."
+            )
+        tile = frame_tile(tokens.clip.frames[0], loaded.family).width
+        return f"{len(tokens.clip.frames)} frames, each one {tile}x{tile} tile of {tokens.per_unit} tokens."
+
+    @staticmethod
+    def _framing(loaded) -> str:
+        if loaded.pairs_frames:
+            return "Each pair is shown as its first frame; its cells cover the whole frame."
+        if loaded.family != "llava":
+            return "Frames are shown squashed to the square base tile the model sees."
+        return "Frames are shown centre-cropped, as the model sees them."

@@ -123,6 +123,12 @@ class LoadedModel:
         return self._tuned
 
     @property
+    def pairs_frames(self) -> bool:
+        """Whether the model takes a clip natively, frames paired in time on its own grid (Qwen2.5-VL, whose
+        library family counts video tokens), rather than as frames of one tile each (`visionzip.video`)."""
+        return hasattr(self.handle.family, "num_video_tokens")
+
+    @property
     def context_window(self) -> int:
         return self.model.config.text_config.max_position_embeddings
 

@@ -177,17 +177,15 @@ def video_budget(loaded: LoadedModel, conversation: Conversation, side: str, max
     known before anything runs (the same check that refuses the turn)."""
     messages = messages_for(conversation, side, "")
     try:
-        clip, input_ids, per_frame = video_tokens(
-            loaded, conversation.sides[side].mode, conversation, messages, max_new_tokens
-        )
+        tokens = video_tokens(loaded, conversation.sides[side].mode, conversation, messages, max_new_tokens)
     except ContextTooLong as error:
         return f"**refused:** {error}"
-    except MediaError as error:
+    except (MediaError, ValueError) as error:  # a method that does not run on this model's video says why
         return f"⚠️ {error}"
-    frames = len(clip.frames)
     return (
-        f"**{frames} frames × {per_frame} = {frames * per_frame:,} visual tokens** for this clip · **fits** its "
-        f"{loaded.context_window:,}-token context window ({input_ids.shape[1]:,} before the question + {max_new_tokens} to answer)"
+        f"**{tokens.units} {tokens.unit} × {tokens.per_unit} = {tokens.visual:,} visual tokens** for this clip · "
+        f"**fits** its {loaded.context_window:,}-token context window ({tokens.prompt_tokens:,} before the question "
+        f"+ {max_new_tokens} to answer)"
     )
 
 

@@ -1,6 +1,6 @@
 """The app on the tiny Qwen2.5-VL, through its handlers (no server): turns on both sides, a cached later
 turn equal to a re-prefill, the overlay on the merged cells, the difference view, Match, the quality
-signal, and video refused with a reason."""
+signal (video: tests/test_qwen_video_app.py)."""
 
 import threading
 from dataclasses import replace
@@ -107,16 +107,3 @@ def test_two_turns_with_overlay_difference_match_and_quality(handlers, picture):
     with use_mode(loaded, conversation.sides["left"].mode):
         pooled = loaded.handle.num_image_tokens((480, 640))
     assert 0 < pooled <= right_count
-
-
-def test_video_is_refused_on_qwen_with_a_reason(registry):
-    from app.conversation import messages_for
-    from app.turn import prepare_video
-
-    loaded = registry.get(TINY_QWEN_LABEL)
-    sides = {side: SideConfig(TINY_QWEN_LABEL, make_mode(FULL, QWEN)) for side in ("left", "right")}
-    conversation = Conversation(sides, media_path="clip.mp4", media_kind="video")
-    with pytest.raises(ValueError, match="reduces its images only"):
-        prepare_video(
-            loaded, make_mode("VisionZip 128", QWEN), conversation, messages_for(conversation, "left", "?"), 4
-        )

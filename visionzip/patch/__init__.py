@@ -19,6 +19,8 @@ Optional, for a tower that is no plain ViT (Qwen2.5-VL's windowed tower and merg
 - `check_settings(handle, settings)`: budget rules of its own, in place of `Budget.check` and the
   method's per-tile `check` (`core.checked_settings`);
 - `BUDGET_PER_IMAGE = True` when it has no tiles (every budget counts one image's tokens).
+- `num_video_tokens(handle, (frames, height, width), settings)` when the model takes a clip through its own
+  video path (Qwen2.5-VL: frames paired in time), reduced there; the app then hands it the clip natively.
 
 Adding a family is that file plus its line in `FAMILIES` below.
 """
