@@ -107,3 +107,19 @@ def test_two_turns_with_overlay_difference_match_and_quality(handlers, picture):
     with use_mode(loaded, conversation.sides["left"].mode):
         pooled = loaded.handle.num_image_tokens((480, 640))
     assert 0 < pooled <= right_count
+
+
+def test_a_qwen_conversation_records_and_replays_with_its_merged_cells(handlers, picture, tmp_path):
+    """A recording of a Qwen2.5-VL turn keeps each choice on its rows x cols merged grid (no image size: the
+    cells cover the picture as drawn) and reads back as the same cells."""
+    from app import recording
+
+    conversation = qwen_conversation(handlers, picture, "Full", "VisionZip 128")
+    conversation = list(handlers.ask(QUESTIONS[0], conversation))[-1]["state"]
+    where = recording.measured_on("test CPU", "wall clock", "tests", {"left": True, "right": True})
+    back = recording.read(recording.save(conversation, tmp_path / "qwen.vzrec.json", where), tmp_path / "media")
+    (got,), (want,) = back.turns[0].selections["right"], conversation.turns[0].selections["right"]
+    assert got.image_size is None and got.grid == want.grid == (17, 23)
+    tile, expected = got.tiles[0], want.tiles[0]
+    assert (tile.rows, tile.side) == (17, 23) and tile.groups().shape == (17, 23)
+    assert torch.equal(tile.groups(), expected.groups())
