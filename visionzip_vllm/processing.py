@@ -100,12 +100,14 @@ class ReducingProcessor:
         request = hf_kwargs.get(OPTIONS_KEY)
         hf_kwargs = {key: value for key, value in hf_kwargs.items() if key != OPTIONS_KEY}
         processed = super()._apply_hf_processor_main(mm_items, hf_kwargs)
-        images = image_items(mm_items)
-        if server_settings(self.info.get_hf_config()) is None or images is None:
+        if server_settings(self.info.get_hf_config()) is None:
             if request is not None:
                 raise ValueError(
                     f'this server runs the stock model: mm_processor_kwargs["{OPTIONS_KEY}"] is not served'
                 )
+            return processed
+        images = image_items(mm_items)  # None when every image came from vLLM's processor cache
+        if images is None:
             return processed
         if isinstance(images, ImageEmbeddingItems):
             if request is not None:
