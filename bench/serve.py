@@ -162,11 +162,14 @@ def stop_server(process: subprocess.Popen) -> None:
         process.wait()
 
 
-def image_urls(seed: int = 0) -> list[str]:
+def image_urls(count: int, seed: int = 0) -> list[str]:
+    """`count` distinct random-pixel PNGs (data: URLs), cycling IMAGE_SIZES: no request finds its image in
+    vLLM's processor, encoder or prefix caches, as with real traffic."""
     from PIL import Image
 
     urls = []
-    for index, (height, width) in enumerate(IMAGE_SIZES):
+    for index in range(count):
+        height, width = IMAGE_SIZES[index % len(IMAGE_SIZES)]
         pixels = np.random.RandomState(seed + index).randint(0, 256, (height, width, 3), dtype=np.uint8)
         buffer = io.BytesIO()
         Image.fromarray(pixels).save(buffer, format="PNG")
@@ -215,16 +218,23 @@ async def one_request(
 
 
 async def load(
-    url: str, clients: int, requests: int, deadline: float, max_tokens: int, mm_kwargs: dict | None = None
+    url: str,
+    clients: int,
+    requests: int,
+    deadline: float,
+    max_tokens: int,
+    mm_kwargs: dict | None,
+    seed: int,
+    warm_up: bool,
 ) -> tuple[list, float]:
-    """`requests` requests (with `mm_kwargs`) from `clients` concurrent clients, stopped at `deadline` seconds:
-    their results and the wall time."""
+    """`requests` requests (with `mm_kwargs`, images from `seed` on) from `clients` concurrent clients, after
+    one untimed request if `warm_up`, stopped at `deadline` seconds: their results and the wall time."""
     import httpx
 
-    urls = image_urls()
+    urls = image_urls(requests + 1, seed)
     queue = asyncio.Queue()
-    for index in range(requests):
-        queue.put_nowait(urls[index % len(urls)])
+    for image_url in urls[1:]:
+        queue.put_nowait(image_url)
     results = []
 
     async def client_loop(client) -> None:
@@ -233,8 +243,10 @@ async def load(
             results.append(await one_request(client, url, image_url, max_tokens, mm_kwargs))
 
     start = time.perf_counter()
-    async with httpx.AsyncClient(timeout=httpx.Timeout(deadline)) as client:
-        await one_request(client, url, urls[0], max_tokens, mm_kwargs)  # warm-up, untimed
+    # the deadline cancels what is still running (asyncio.wait below); a read may take longer than it
+    async with httpx.AsyncClient(timeout=httpx.Timeout(deadline + 600)) as client:
+        if warm_up:
+            await one_request(client, url, urls[0], max_tokens, mm_kwargs)  # untimed
         start = time.perf_counter()
         tasks = [asyncio.create_task(client_loop(client)) for _ in range(clients)]
         done, pending = await asyncio.wait(tasks, timeout=deadline)
@@ -270,11 +282,11 @@ def run_modes(args, checkpoint: Path, modes: list[str], logs: Path) -> list[Mode
         from visionzip_vllm import hf_overrides
 
         with served(args, checkpoint, hf_overrides("full", per_request=True), logs / "server-per-request.log") as url:
-            return [measure(args, url, mode, request_options(mode)) for mode in modes]
+            return [measure(args, url, mode, index, request_options(mode)) for index, mode in enumerate(modes)]
     rows = []
-    for mode in modes:
+    for index, mode in enumerate(modes):
         with served(args, checkpoint, server_overrides(mode), logs / f"server-{mode.replace(':', '-')}.log") as url:
-            rows.append(measure(args, url, mode))
+            rows.append(measure(args, url, mode, index))
     return rows
 
 
@@ -289,8 +301,12 @@ def served(args, checkpoint: Path, overrides: dict | None, log_path: Path) -> It
         stop_server(process)
 
 
-def measure(args, url: str, mode: str, mm_kwargs: dict | None = None) -> ModeResult:
-    results, seconds = asyncio.run(load(url, args.clients, args.requests, args.deadline, args.max_tokens, mm_kwargs))
+def measure(args, url: str, mode: str, index: int, mm_kwargs: dict | None = None) -> ModeResult:
+    """The mode's row: its requests on fresh images; a server's first mode warms it up first."""
+    warm_up = index == 0 or not args.per_request
+    seed = 1000 * index  # each mode its own images
+    load_run = load(url, args.clients, args.requests, args.deadline, args.max_tokens, mm_kwargs, seed, warm_up)
+    results, seconds = asyncio.run(load_run)
     row = summarize(mode, results, seconds, args.kv_budget_tokens)
     print(json.dumps(asdict(row)), flush=True)
     return row

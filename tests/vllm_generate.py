@@ -42,7 +42,7 @@ def run_server(job: dict, server: dict) -> list[list[dict]]:
         distributed_executor_backend="uni",  # the worker in this process too
         # transformers' PIL image processor, as the test's transformers (without torchvision) uses: its
         # torchvision one resizes slightly differently, and DivPrune's choice follows such pixel changes
-        mm_processor_kwargs={"backend": "pil"},
+        mm_processor_kwargs=job.get("processor_kwargs", {"backend": "pil"}),
     )
     sampling = SamplingParams(temperature=0, max_tokens=job["max_tokens"])
     results = [
