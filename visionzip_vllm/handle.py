@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 from transformers.models.llava_next.modeling_llava_next import LlavaNextModel
+from transformers.models.llava_onevision.modeling_llava_onevision import LlavaOnevisionModel
 
 from visionzip.core import checked_settings
 from visionzip.selection import ImageSelection
@@ -22,6 +23,11 @@ def patches_per_side(config: Any) -> int:
     return config.vision_config.image_size // config.vision_config.patch_size
 
 
+def cls_tokens(config: Any) -> int:
+    """CLS tokens a tile: one for CLIP, none for SigLIP (LLaVA-OneVision)."""
+    return 0 if config.vision_config.model_type == "siglip_vision_model" else 1
+
+
 class LlavaParts:
     """vLLM's LLaVA parts under the names the family code reads of transformers' `LlavaModel`."""
 
@@ -29,7 +35,10 @@ class LlavaParts:
         self._model = model
         self.config = model.config
         self.vision_tower = model.vision_tower  # called without select_layers: the feature layer's output, CLS kept
-        self.multi_modal_projector = model.multi_modal_projector
+
+    def multi_modal_projector(self, features: torch.Tensor) -> torch.Tensor:
+        # vLLM's CPU linear layers (oneDNN) need rows of unit stride; a method may pass a view (Pool's, one tile)
+        return self._model.multi_modal_projector(features.contiguous())
 
 
 class LlavaNextParts(LlavaParts):
@@ -44,6 +53,13 @@ class LlavaNextParts(LlavaParts):
         return LlavaNextModel.pack_image_features(self, *args, **kwargs)
 
 
+class LlavaOnevisionParts(LlavaNextParts):
+    """vLLM's LLaVA-OneVision parts; the per-image methods pack with transformers' OneVision packing."""
+
+    def pack_image_features(self, *args: Any, **kwargs: Any):
+        return LlavaOnevisionModel.pack_image_features(self, *args, **kwargs)
+
+
 class CountingHandle:
     """What the family's counts and `checked_settings` read, on the processor's side: the config, the family,
     the tile side, the CLS count and the HF processor (for stock counts)."""
@@ -51,7 +67,7 @@ class CountingHandle:
     def __init__(self, config: Any, processor: Any, family: ModuleType) -> None:
         self.base = SimpleNamespace(config=config)
         self.processor, self.family = processor, family
-        self.side, self.cls_tokens = patches_per_side(config), 1  # CLIP: one CLS token a tile
+        self.side, self.cls_tokens = patches_per_side(config), cls_tokens(config)
 
 
 class VllmHandle:
@@ -62,7 +78,7 @@ class VllmHandle:
     def __init__(self, model: nn.Module, settings: Settings, family: ModuleType, base: LlavaParts) -> None:
         config = model.config
         self.model, self.processor, self.base, self.family = model, None, base, family
-        self.side, self.cls_tokens = patches_per_side(config), 1  # CLIP: one CLS token a tile
+        self.side, self.cls_tokens = patches_per_side(config), cls_tokens(config)
         layers = encoder_layers(model.vision_tower)
         self.layer_index = feature_layer_index(config.vision_feature_layer, config.vision_config.num_hidden_layers)
         if self.layer_index != len(layers) - 1:
@@ -73,7 +89,7 @@ class VllmHandle:
         if getattr(attention, "num_heads_per_partition", attention.num_heads) != attention.num_heads:
             raise ValueError("VisionZip needs all heads of the tower's attention on one rank: no tensor-parallel tower")
         self._settings = checked_settings(settings, self)
-        self._hooks = SignalHooks(layers[self.layer_index])
+        self._hooks = SignalHooks(layers[self.layer_index], self.cls_tokens)
         self.last_selection: list[ImageSelection] | None = None
         self.last_image_tokens: list[int] | None = None  # features per image of the last image batch
 

@@ -17,10 +17,14 @@ OPTIONS_KEY = "visionzip"
 ARCHITECTURES = {
     "VisionZipLlavaNextForConditionalGeneration": "visionzip_vllm.llava_next:VisionZipLlavaNextForConditionalGeneration",
     "VisionZipLlavaForConditionalGeneration": "visionzip_vllm.llava:VisionZipLlavaForConditionalGeneration",
+    "VisionZipLlavaOnevisionForConditionalGeneration": (
+        "visionzip_vllm.llava_onevision:VisionZipLlavaOnevisionForConditionalGeneration"
+    ),
 }
 STOCK_ARCHITECTURES = {
     "LlavaNextForConditionalGeneration": "VisionZipLlavaNextForConditionalGeneration",
     "LlavaForConditionalGeneration": "VisionZipLlavaForConditionalGeneration",
+    "LlavaOnevisionForConditionalGeneration": "VisionZipLlavaOnevisionForConditionalGeneration",
 }
 FULL = "full"  # a "method" that reduces nothing: the stock image path and count
 REDUCTION_OPTIONS = ("method", "tokens", "dominant", "contextual", "merge", "seed")

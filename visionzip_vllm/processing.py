@@ -100,6 +100,8 @@ class ReducingProcessor:
         request = hf_kwargs.get(OPTIONS_KEY)
         hf_kwargs = {key: value for key, value in hf_kwargs.items() if key != OPTIONS_KEY}
         processed = super()._apply_hf_processor_main(mm_items, hf_kwargs)
+        if request is not None and "video" in mm_items:
+            raise ValueError("the plugin reduces images; a request with a video cannot choose a reduction")
         if server_settings(self.info.get_hf_config()) is None:
             if request is not None:
                 raise ValueError(
@@ -123,17 +125,22 @@ class ReducingProcessor:
         return fields
 
     def _get_prompt_updates(self, mm_items: Any, hf_processor_mm_kwargs: Mapping[str, object], out_mm_kwargs: Any):
-        (stock,) = super()._get_prompt_updates(mm_items, hf_processor_mm_kwargs, out_mm_kwargs)
+        updates = super()._get_prompt_updates(mm_items, hf_processor_mm_kwargs, out_mm_kwargs)
         request, images = hf_processor_mm_kwargs.get(OPTIONS_KEY), image_items(mm_items)
         if request is None or not isinstance(images, ImageProcessorItems):
-            return [stock]  # the server's count (get_num_image_tokens), or an embedding's own length
+            return updates  # the server's count (get_num_image_tokens), or an embedding's own length
         image_token = self.info.get_hf_config().image_token_index
 
         def replacement(index: int) -> list[int]:
             size = item_size(images, index)
             return [image_token] * self.info.image_tokens(size, self.info.image_settings(request, size))
 
-        return [PromptReplacement(modality="image", target=stock.target, replacement=replacement)]
+        return [
+            PromptReplacement(modality="image", target=update.target, replacement=replacement)
+            if update.modality == "image"
+            else update  # OneVision's videos: stock
+            for update in updates
+        ]
 
 
 class ReducingModel:
@@ -150,11 +157,13 @@ class ReducingModel:
 
     def embed_multimodal(self, **kwargs: object):
         rows = kwargs.pop(SETTINGS_FIELD, None)  # (images, 7), or one (7,) row each
-        image_input = self._parse_and_validate_image_input(**kwargs)
-        if image_input is None:
-            return []
-        if self.visionzip is None or rows is None or image_input["type"] != "pixel_values":
-            return self._process_image_input(image_input)
+        image_input = None if rows is None else self._parse_and_validate_image_input(**kwargs)
+        if self.visionzip is None or image_input is None or image_input["type"] != "pixel_values":
+            return super().embed_multimodal(**kwargs)
+        return self.embed_images(image_input, rows)
+
+    def embed_images(self, image_input: Any, rows: torch.Tensor | list[torch.Tensor]) -> list[torch.Tensor]:
+        """The images' features, each under the settings of its row."""
         rows = rows if isinstance(rows, torch.Tensor) else torch.stack(list(rows))
         features = self.image_features(image_input, [decode_settings(row) for row in rows.tolist()])
         self.visionzip.last_image_tokens = [image.shape[0] for image in features]
