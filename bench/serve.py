@@ -322,7 +322,7 @@ def table(rows: list[ModeResult]) -> str:
         ratio = f"{row.requests_per_s / full.requests_per_s:.2f}x" if full else "-"
         lines.append(
             f"| {row.mode} | {row.prompt_tokens:.0f} | {row.kv_blocks_per_request:.0f} | {row.max_concurrent} | "
-            f"{row.requests_per_s:.2f} | {ratio} | {row.ttft_p50_ms:.0f} | {row.ttft_p99_ms:.0f} |"
+            f"{row.requests_per_s:.3g} | {ratio} | {row.ttft_p50_ms:.0f} | {row.ttft_p99_ms:.0f} |"
         )
     return "\n".join(lines)
 

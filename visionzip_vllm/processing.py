@@ -53,8 +53,10 @@ class ReducingProcessingInfo:
         """Placeholders of an image of `size` (height, width) under `settings`; stock by vLLM's own count."""
         if not settings.enabled:
             return super().get_num_image_tokens(image_width=size[1], image_height=size[0])
-        counter = CountingHandle(self.get_hf_config(), self.get_hf_processor(), self.family)
-        return self.family.reduced_count(counter, size, settings)
+        return self.family.reduced_count(self.counting_handle(), size, settings)
+
+    def counting_handle(self) -> CountingHandle:
+        return CountingHandle(self.get_hf_config(), self.get_hf_processor(), self.family)
 
     def image_settings(self, request: Any, size: tuple[int, int]) -> Settings:
         """The settings an image of `size` runs under: the server's, or the request's options (checked, and
@@ -68,10 +70,9 @@ class ReducingProcessingInfo:
                 f'this server runs {server.describe()} for every request (started without "per_request": true), '
                 f'so a request cannot choose its own with mm_processor_kwargs["{OPTIONS_KEY}"]'
             )
-        counter = CountingHandle(config, self.get_hf_processor(), self.family)
         settings = request_settings(request)
         if settings.enabled:
-            settings = checked_settings(settings, counter)
+            settings = checked_settings(settings, self.counting_handle())
         count, ceiling = self.image_tokens(size, settings), self.image_tokens(size, server)
         if count > ceiling:
             raise ValueError(
