@@ -72,8 +72,11 @@ def all_modes(family: str = "llava_next") -> list[str]:
 
 
 def server_overrides(mode: str) -> dict | None:
+    """The --hf-overrides of a server for `mode` (None: stock), or of the --per-request server."""
     from visionzip_vllm import hf_overrides
 
+    if mode == PER_REQUEST_SERVER:
+        return hf_overrides("full", per_request=True)
     return None if mode == "full" else hf_overrides(**parse_budget(mode).server_options())
 
 
@@ -113,8 +116,10 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def start_server(args, checkpoint: Path, overrides: dict | None, log_path: Path) -> tuple[subprocess.Popen, str]:
-    """A vLLM OpenAI-compatible server on 127.0.0.1 with `overrides` as --hf-overrides (None: stock)."""
+def start_server(args, checkpoint: Path, mode: str | dict, log_path: Path) -> tuple[subprocess.Popen, str]:
+    """A vLLM OpenAI-compatible server on 127.0.0.1 for a mode's name (`server_overrides`), or with a
+    --hf-overrides value itself."""
+    overrides = mode if isinstance(mode, dict) else server_overrides(mode)
     port = free_port()
     command = [
         # the server module rather than `vllm serve`, whose CLI reads the version of a distribution named "vllm"
@@ -279,21 +284,19 @@ def summarize(mode: str, results: list, seconds: float, kv_budget_tokens: int) -
 def run_modes(args, checkpoint: Path, modes: list[str], logs: Path) -> list[ModeResult]:
     """Each mode on a server of its own, or all of them on one per-request server (--per-request)."""
     if args.per_request:
-        from visionzip_vllm import hf_overrides
-
-        with served(args, checkpoint, hf_overrides("full", per_request=True), logs / "server-per-request.log") as url:
+        with served(args, checkpoint, PER_REQUEST_SERVER, logs / "server-per-request.log") as url:
             return [measure(args, url, mode, index, request_options(mode)) for index, mode in enumerate(modes)]
     rows = []
     for index, mode in enumerate(modes):
-        with served(args, checkpoint, server_overrides(mode), logs / f"server-{mode.replace(':', '-')}.log") as url:
+        with served(args, checkpoint, mode, logs / f"server-{mode.replace(':', '-')}.log") as url:
             rows.append(measure(args, url, mode, index))
     return rows
 
 
 @contextlib.contextmanager
-def served(args, checkpoint: Path, overrides: dict | None, log_path: Path) -> Iterator[str]:
-    """A started server's URL; stopped on exit."""
-    process, url = start_server(args, checkpoint, overrides, log_path)
+def served(args, checkpoint: Path, mode: str | dict, log_path: Path) -> Iterator[str]:
+    """A started server's URL (`start_server`); stopped on exit."""
+    process, url = start_server(args, checkpoint, mode, log_path)
     try:
         wait_ready(process, url, args.start_timeout, log_path)
         yield url
