@@ -29,6 +29,16 @@ def test_the_baseline_is_the_commits_code_and_swapping_it_in_is_undone():
     assert divprune.divprune_select is own
 
 
+def test_a_method_of_a_class_is_swapped_and_restored():
+    """CDPruner's CLIP side is swapped as "ClipText.embed_text": the class's method, put back after."""
+    import visionzip.clip_text as clip_text
+
+    own = clip_text.ClipText.embed_text
+    with swapped(clip_text, {"ClipText.embed_text": lambda self, text, device: text.upper()}):
+        assert clip_text.ClipText.embed_text(None, "question", None) == "QUESTION"
+    assert clip_text.ClipText.embed_text is own
+
+
 def divprune_reference_picks(features, tokens):
     from method_refs import divprune_reference
 
