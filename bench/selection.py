@@ -86,6 +86,7 @@ def baseline_functions(commit: str, path: str, names: tuple[str, ...]) -> dict[s
     ).stdout
     module = types.ModuleType(f"visionzip.methods._baseline_{Path(path).stem}")
     module.__package__ = "visionzip.methods"
+    sys.modules[module.__name__] = module  # a dataclass in it looks its module up while being made
     exec(compile(source, f"{commit}:{path}", "exec"), module.__dict__)
     return {name: _attribute(module, name) for name in names}
 
