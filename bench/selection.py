@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib
 import json
 import statistics
 import subprocess
@@ -120,7 +121,7 @@ def swapped(module: types.ModuleType, functions: dict[str, Callable]) -> Iterato
 
 def _module(path: str) -> types.ModuleType:
     """This checkout's module of a file path, e.g. visionzip/clip_text.py -> visionzip.clip_text."""
-    return sys.modules[path.removesuffix(".py").replace("/", ".")]
+    return importlib.import_module(path.removesuffix(".py").replace("/", "."))  # clip_text: not yet imported
 
 
 @dataclass
