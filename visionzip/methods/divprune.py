@@ -21,7 +21,7 @@ if TYPE_CHECKING:
 
 SCREEN_MIN_ROWS = 1024  # below this the dense float32 matrix is cheap (a LLaVA-1.5 image has 576 rows)
 SCREEN_BAND = 256  # rows of the screened products converted at once: a band stays in cache
-LOOKAHEAD = 64  # rows a screened guess computes at once (2,928 rows, 320 picks: about 7 products of 70 rows)
+LOOKAHEAD = 64  # picks a screened guess runs ahead (2,928 rows, 320 picks: 7 products, 376 rows in all)
 
 
 def divprune_select(features: torch.Tensor, tokens: int) -> torch.Tensor:
