@@ -1,24 +1,29 @@
 """The diversity methods' own cost (DivPrune, CDPruner) beside the vision tower's: this checkout's
 selection functions and a baseline commit's, swapped in turn into the same model, side by side in one run.
 
-    python -m bench.selection --baseline 5a0ac69 --threads 1 --repeats 3 --warmup 1 --out benchmarks/selection
+    python -m bench.selection --baseline 8ad2ec4 --threads 1 --repeats 3 --warmup 1 --out benchmarks/selection
 
 The wide preset's model (`bench.phases`: CLIP-L/14-336 at real width, LLaVA-NeXT-7B's projector, random
 weights), one 672x672 image (5 tiles, 2,928 stock tokens), each method at the paper's "320".  One run of a
 variant is one vision step, `get_image_features` under the method; `own ms` is that step less the tower's
 and the projector's time, as `bench.phases` counts it (DivPrune's therefore holds the stock unpad/newline
-packing it chooses from, which the full model pays too; `stock` shows that part alone).  Every round runs
-every variant, in an order rotated each round; the first --warmup rounds are dropped, each figure is the
-median of the rest.  `selection alone` then times just the swapped functions (DivPrune's greedy max-min,
-CDPruner's kernel and greedy MAP), variants interleaved, 3 x --repeats rounds after one untimed, on the
-arguments they got in a vision step; its %tower divides by the same variant's median tower time.  The baseline's functions are read from git (`git show COMMIT:path`), so the run
-needs the repository's history; the run checks that both variants keep the same tokens.
+packing it chooses from, which the full model pays too; `stock` shows that part alone, and `own beyond
+stock` is DivPrune's own less stock's).  CDPruner's swap includes its CLIP side (`ClipText.embed_text`,
+the question's text tower); what both versions share (the patch embeddings, the projector) is in both
+rows.  Every round runs every variant, in an order rotated each round; the first --warmup rounds are
+dropped, each figure is the median of the rest.  `selection alone` then times just the selection functions
+(DivPrune's greedy max-min, CDPruner's kernel and greedy MAP), variants interleaved, 3 x --repeats rounds
+after one untimed, on the arguments they got in a vision step.  Every %tower divides by the tower's median
+over all variants' rounds (the same work in each; on a shared CPU its time swings with the load).  The
+baseline's functions are read from git (`git show COMMIT:path`), so the run needs the repository's
+history; the run checks that both variants keep the same tokens.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib
 import json
 import statistics
 import subprocess
@@ -46,11 +51,16 @@ from bench.phases import (
 )
 
 REPOSITORY = Path(__file__).resolve().parents[1]
-# The module each method chooses in and the functions of it that are swapped for the baseline's.
+# What is swapped for the baseline's, per method: the modules it chooses in and the functions of each
+# ("Class.method" for a method of a class there).  SELECTED: those the selection alone runs, in the first module.
 SWAPPED = {
-    "divprune": ("visionzip/methods/divprune.py", ("divprune_select",)),
-    "cdpruner": ("visionzip/methods/cdpruner.py", ("dpp_kernel", "fast_greedy_map")),
+    "divprune": {"visionzip/methods/divprune.py": ("divprune_select",)},
+    "cdpruner": {
+        "visionzip/methods/cdpruner.py": ("dpp_kernel", "fast_greedy_map"),
+        "visionzip/clip_text.py": ("ClipText.embed_text",),  # the CLIP side: the question's text tower
+    },
 }
+SELECTED = {"divprune": ("divprune_select",), "cdpruner": ("dpp_kernel", "fast_greedy_map")}
 # The selection alone, from the arguments its functions got in a vision step: f the functions, a their arguments.
 SELECTION = {
     "divprune": lambda f, a: f["divprune_select"](*a["divprune_select"]),
@@ -62,6 +72,8 @@ TABLE = [
     ("projector ms", "projector_ms", "{:.1f}"),
     ("own ms", "own_ms", "{:.1f}"),
     ("own %tower", "own_pct_of_tower", "{:.2f}"),
+    ("own beyond stock ms", "beyond_stock_ms", "{:.1f}"),
+    ("beyond stock %tower", "beyond_stock_pct_of_tower", "{:.2f}"),
     ("selection alone ms", "selection_ms", "{:.1f}"),
     ("selection %tower", "selection_pct_of_tower", "{:.2f}"),
     ("same tokens as baseline", "same_choice", "{}"),
@@ -76,34 +88,55 @@ def baseline_functions(commit: str, path: str, names: tuple[str, ...]) -> dict[s
     ).stdout
     module = types.ModuleType(f"visionzip.methods._baseline_{Path(path).stem}")
     module.__package__ = "visionzip.methods"
+    sys.modules[module.__name__] = module  # a dataclass in it looks its module up while being made
     exec(compile(source, f"{commit}:{path}", "exec"), module.__dict__)
-    return {name: getattr(module, name) for name in names}
+    return {name: _attribute(module, name) for name in names}
+
+
+def _attribute(module: Any, name: str) -> Any:
+    """`name` ("function" or "Class.method") of `module`."""
+    for part in name.split("."):
+        module = getattr(module, part)
+    return module
+
+
+def _owner(module: Any, name: str) -> tuple[Any, str]:
+    """The object holding `name` ("function" or "Class.method") in `module`, and the attribute's name."""
+    *path, attribute = name.split(".")
+    return _attribute(module, ".".join(path)) if path else module, attribute
 
 
 @contextlib.contextmanager
 def swapped(module: types.ModuleType, functions: dict[str, Callable]) -> Iterator[None]:
-    """The method's module calls `functions` instead of its own inside the block."""
-    own = {name: getattr(module, name) for name in functions}
+    """The method's module (or a class of it, for "Class.method" names) calls `functions` instead of its
+    own inside the block."""
+    own = {name: _attribute(module, name) for name in functions}
     for name, function in functions.items():
-        setattr(module, name, function)
+        setattr(*_owner(module, name), function)
     try:
         yield
     finally:
         for name, function in own.items():
-            setattr(module, name, function)
+            setattr(*_owner(module, name), function)
+
+
+def _module(path: str) -> types.ModuleType:
+    """This checkout's module of a file path, e.g. visionzip/clip_text.py -> visionzip.clip_text."""
+    return importlib.import_module(path.removesuffix(".py").replace("/", "."))  # clip_text: not yet imported
 
 
 @dataclass
 class Variant:
     name: str  # "stock", or "METHOD:320 (this checkout)" / "METHOD:320 (baseline COMMIT)"
     method: str | None
-    functions: dict[str, Callable] | None  # the baseline's, or None: this checkout's
+    functions: dict[str, dict[str, Callable]] | None  # per swapped file, the baseline's; None: this checkout's
 
 
 def variants(baseline: str) -> list[Variant]:
     rows = [Variant("stock", None, None)]
-    for method, (path, names) in SWAPPED.items():
-        rows.append(Variant(f"{method}:320 (baseline {baseline})", method, baseline_functions(baseline, path, names)))
+    for method, files in SWAPPED.items():
+        functions = {path: baseline_functions(baseline, path, names) for path, names in files.items()}
+        rows.append(Variant(f"{method}:320 (baseline {baseline})", method, functions))
         rows.append(Variant(f"{method}:320 (this checkout)", method, None))
     return rows
 
@@ -123,10 +156,11 @@ def run_vision_step(subject: Any, inputs: dict, variant: Variant, clock: Clock) 
         base.multi_modal_projector.register_forward_hook(mark("projector_end")),
     ]
     reduction = parse_budget(f"{variant.method}:320") if variant.method else None
-    module = sys.modules[f"visionzip.methods.{variant.method}"] if variant.functions else None
     try:
         with torch.inference_mode(), mode_context(subject.model, subject.processor, reduction) as call:
-            with swapped(module, variant.functions) if module else contextlib.nullcontext():
+            with contextlib.ExitStack() as swaps:
+                for path, functions in (variant.functions or {}).items():
+                    swaps.enter_context(swapped(_module(path), functions))
                 start = clock.now()
                 base.get_image_features(pixel_values=inputs["pixel_values"], image_sizes=inputs["image_sizes"])
                 end = clock.now()
@@ -140,13 +174,13 @@ def run_vision_step(subject: Any, inputs: dict, variant: Variant, clock: Clock) 
         "projector_ms": clock.ms(marks["projector_start"], marks["projector_end"]),
     }
     phases["own_ms"] = phases["vision_ms"] - phases["tower_ms"] - phases["projector_ms"]
-    phases["own_pct_of_tower"] = 100 * phases["own_ms"] / phases["tower_ms"]
     return phases, kept
 
 
 def selection_arguments(subject: Any, inputs: dict, method: str, clock: Clock) -> dict[str, tuple]:
-    """The arguments this checkout's swapped functions of `method` get in one vision step."""
-    module, (_, names) = sys.modules[f"visionzip.methods.{method}"], SWAPPED[method]
+    """The arguments this checkout's selection functions of `method` get in one vision step."""
+    path = next(iter(SWAPPED[method]))
+    module, names = _module(path), SELECTED[method]
     arguments: dict[str, tuple] = {}
 
     def recorder(name: str, function: Callable) -> Callable:
@@ -157,7 +191,7 @@ def selection_arguments(subject: Any, inputs: dict, method: str, clock: Clock) -
         return record
 
     recorders = {name: recorder(name, getattr(module, name)) for name in names}
-    run_vision_step(subject, inputs, Variant("recording", method, recorders), clock)
+    run_vision_step(subject, inputs, Variant("recording", method, {path: recorders}), clock)
     return arguments
 
 
@@ -169,8 +203,9 @@ def time_selections(subject: Any, inputs: dict, rows: list[Variant], clock: Cloc
     arguments = {method: selection_arguments(subject, inputs, method, clock) for method in SWAPPED}
     for round_ in range(1 + repeats):
         for row in (row for row in rows if row.method):
-            module = sys.modules[f"visionzip.methods.{row.method}"]
-            functions = row.functions or {name: getattr(module, name) for name in SWAPPED[row.method][1]}
+            path = next(iter(SWAPPED[row.method]))
+            source = row.functions[path] if row.functions else vars(_module(path))
+            functions = {name: source[name] for name in SELECTED[row.method]}
             with torch.inference_mode():
                 start = clock.now()
                 outputs[row.name] = SELECTION[row.method](functions, arguments[row.method])
@@ -197,8 +232,16 @@ def run(baseline: str, dtype: str, device: str, repeats: int, warmup: int, threa
                 runs[variant.name].append(phases)
     selections = time_selections(subject, inputs, rows, clock, 3 * repeats)
     table = []
+    stock_own = statistics.median(run["own_ms"] for run in runs["stock"])
+    # Every variant runs the same tower; on a shared CPU its time swings with the load, so every share is
+    # of the median over all variants' rounds, not of the row's own few.
+    tower = statistics.median(run["tower_ms"] for name in runs for run in runs[name])
     for row in rows:
         medians = {key: statistics.median(run[key] for run in runs[row.name]) for key in runs[row.name][0]}
+        medians["own_pct_of_tower"] = 100 * medians["own_ms"] / tower
+        if row.method == "divprune":  # its own cost holds the stock packing it chooses from; this is the rest
+            medians["beyond_stock_ms"] = medians["own_ms"] - stock_own
+            medians["beyond_stock_pct_of_tower"] = 100 * medians["beyond_stock_ms"] / tower
         baseline_name = f"{row.method}:320 (baseline {baseline})"
         same = "-"
         if row.method and not row.functions:  # both the kept tokens and the selection's own output
@@ -206,7 +249,7 @@ def run(baseline: str, dtype: str, device: str, repeats: int, warmup: int, threa
             same = str(choices[row.name] == choices[baseline_name] and same_output)
         if row.method:
             medians["selection_ms"] = statistics.median(selections["times"][row.name])
-            medians["selection_pct_of_tower"] = 100 * medians["selection_ms"] / medians["tower_ms"]
+            medians["selection_pct_of_tower"] = 100 * medians["selection_ms"] / tower
         table.append({"variant": row.name, **medians, "same_choice": same})
     meta = {
         "machine": machine_description(torch_device),
@@ -215,6 +258,7 @@ def run(baseline: str, dtype: str, device: str, repeats: int, warmup: int, threa
         "baseline": baseline,
         "repeats": repeats,
         "warmup": warmup,
+        "tower ms, median of all rows (every %tower divides by it)": round(tower, 1),
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "visionzip": visionzip.__version__,

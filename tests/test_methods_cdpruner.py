@@ -213,3 +213,15 @@ def test_loader_reads_a_local_folder_and_splits_long_questions():
     assert clip.embed_text(long_question, torch.device("cpu")).shape[0] >= 2
     with pytest.raises(ValueError, match="VISIONZIP_CLIP"):
         load_clip_text("/nonexistent/clip-folder")
+
+
+def test_a_short_question_runs_unpadded_and_embeds_as_the_authors_padded_run():
+    """embed_text runs a short question at its own length; the authors pad it to 77 masked positions.
+    The real tokens attend causally and the embedding is read at EOS, so both agree to float rounding."""
+    clip = load_clip_text(tiny_clip_checkpoint())
+    for question in (QUESTION, "dogs?"):
+        ids = clip.tokenizer([question], return_tensors="pt")
+        padded = {key: torch.nn.functional.pad(value, (0, 77 - value.shape[1])) for key, value in ids.items()}
+        with torch.no_grad():
+            authors = clip.text_model(**padded).text_embeds  # (1, P)
+        torch.testing.assert_close(clip.embed_text(question, torch.device("cpu")), authors, rtol=1e-5, atol=1e-6)

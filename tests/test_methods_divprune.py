@@ -14,7 +14,8 @@ from method_refs import (
 )
 
 from visionzip.methods import get_method
-from visionzip.methods.divprune import divprune_select
+from visionzip.methods.divprune import dense_order, divprune_order, divprune_select, screened_order
+from visionzip.similarity import bfloat16_matmul_pays, screening_products
 
 
 def features(rows, width, seed):
@@ -56,6 +57,55 @@ def test_duplicate_rows_like_newlines_survive_once_and_never_first():
 def test_half_precision_distances_are_float32():
     x = features(120, 16, 2).bfloat16()
     assert torch.equal(divprune_select(x, 30), divprune_select(x.float(), 30))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float64])
+def test_the_bfloat16_screen_changes_no_choice(dtype):
+    """The screened way (a bfloat16 product decides only which float32 rows to compute) keeps what the
+    float64 spec keeps, on the model's own dtype: at every budget, whether its guesses are short or long."""
+    x = features(300, 64, 5).to(dtype)  # no row within float32 rounding of a tie (width 32 has one)
+    for tokens in (1, 2, 40, 150, 300):
+        expected = divprune_reference(x, tokens)
+        for lookahead in (1, 64):
+            order = screened_order(x, tokens, lookahead)
+            assert order.sort().values.tolist() == expected, (tokens, lookahead)
+        assert torch.equal(screened_order(x, tokens), dense_order(x, tokens))
+
+
+def near_tie_rows():
+    """30 pairs of rows, each pair on its own two axes, at lengths 0.5 to 3.5; the first pick is a row of
+    the pair whose cosine is lowest.  The pairs' cosines differ by 2e-5, far below bfloat16's resolution
+    (2^-8), and a bfloat16 product rounds them out of order: only float32 rows can tell which is first."""
+    generator = torch.Generator().manual_seed(21)
+    axes = torch.linalg.qr(torch.randn(64, 64, dtype=torch.float64, generator=generator)).Q.T  # orthonormal
+    rows = []
+    for k, rank in enumerate(torch.randperm(30, generator=generator).tolist()):
+        angle = torch.tensor(1.2 - 2e-5 * rank, dtype=torch.float64)  # cos(a, b) = cos(angle)
+        length = 0.5 + 3 * torch.rand((), generator=generator, dtype=torch.float64)
+        rows += [axes[2 * k] * length, (axes[2 * k] * angle.cos() + axes[2 * k + 1] * angle.sin()) * length]
+    return torch.stack(rows).bfloat16()
+
+
+def test_the_first_pick_is_decided_in_float32_when_the_screen_cannot_tell():
+    x = near_tie_rows()
+    [first] = divprune_reference(x, 1)
+    assert screened_order(x, 1).tolist() == [first] == dense_order(x, 1).tolist()
+    assert screened_order(x, 20).sort().values.tolist() == divprune_reference(x, 20)
+    # the screen alone would have chosen another pair: its nearest-neighbour cosines misorder them
+    products, norms, _ = screening_products(x)
+    screened = (products.float() / norms[:, None] / norms[None, :]).fill_diagonal_(-2.0).amax(dim=1)
+    assert screened[first] - screened.min() > 1e-3
+
+
+def test_large_images_on_this_cpu_take_the_screened_way():
+    """What a LLaVA-NeXT image (2,928 rows at 672x672) gets on a CPU with bfloat16 matrix units."""
+    x = features(1100, 48, 9).bfloat16()
+    chosen = divprune_order(x, 200)
+    assert torch.equal(chosen, dense_order(x, 200))
+    assert chosen.sort().values.tolist() == divprune_reference(x, 200)
+    if not bfloat16_matmul_pays(x.device):
+        pytest.skip("this CPU has no bfloat16 matrix units (AMX or AVX512-BF16): the dense way ran")
+    assert torch.equal(chosen, screened_order(x, 200))
 
 
 def test_out_of_range_budget_is_refused():

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from visionzip.similarity import BLOCK_ROWS, cosine_gram
+from visionzip.similarity import BLOCK_ROWS, cosine_gram, screening_products
 
 
 def cosine(a, b):
@@ -35,3 +35,19 @@ def test_the_gram_is_float32_or_wider_and_the_vectors_are_left_as_they_were(dtyp
     before = vectors.clone()
     gram = cosine_gram(vectors, torch.rand(40))
     assert gram.dtype == torch.float32 and torch.equal(vectors, before)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float64])
+def test_screened_cosines_lie_within_their_bound_of_the_float64_cosine(dtype):
+    """DivPrune's screen may only rule a row out by this bound: it must hold for every pair, for rows of
+    very different lengths too (the products round relative to each pair's own size)."""
+    generator = torch.Generator().manual_seed(11)
+    lengths = torch.logspace(-3, 3, 200, dtype=torch.float64)[torch.randperm(200, generator=generator)]
+    vectors = (torch.randn(200, 96, dtype=torch.float64, generator=generator) * lengths[:, None]).to(dtype)
+    products, norms, bound = screening_products(vectors)
+    assert products.dtype == torch.bfloat16 and norms.dtype == torch.float32 and bound < 0.03
+    wide = vectors.double()
+    unit = wide / wide.norm(dim=1, keepdim=True)
+    error = products.double() / norms.double()[:, None] / norms.double()[None, :] - unit @ unit.T
+    assert float(error.abs().max()) <= bound
+    assert float(error.abs().max()) > bound / 16  # worst cases add up; it is not loose by orders of magnitude

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from ..merge import take_tokens
 from ..selection import kept_tiles
 from ..similarity import cosine_gram
 from .base import Method, TileOutput
@@ -132,8 +133,7 @@ class CDPruner(Method):
             image_embeds = clip.embed_patches(post_layernorm(handle.base.vision_tower)(patches))  # (T, N, P)
             scores = relevance(image_embeds, clip.embed_text(settings.text, patches.device), self.theta)
             kept = fast_greedy_map(dpp_kernel(features, scores), settings.tokens).sort(dim=1).values  # (T, k)
-        tiles = torch.arange(kept.shape[0], device=kept.device).unsqueeze(1)  # (T, 1)
-        tokens = features[tiles, kept]  # (T, k, E); whole rows by index: far quicker than gather on a CPU
+        tokens = take_tokens(features, kept)  # (T, k, E)
         call = handle.current_call()
         if call is not None:
             call.text_tower = clip.label

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from ..merge import take_tokens
 from ..selection import kept_tiles
 from .base import Method, TileOutput
 
@@ -30,11 +31,6 @@ def draw_patches(num_tiles: int, num_patches: int, tokens: int, seed: int, first
         torch.randperm(num_patches, generator=generator)
     draws = [torch.randperm(num_patches, generator=generator)[:tokens] for _ in range(num_tiles)]
     return torch.stack(draws).sort(dim=1).values
-
-
-def gather_patches(patches: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
-    """(T, P, C) feature-layer patch states (CLS dropped), (T, k) patch indices -> (T, k, C) those patches."""
-    return patches.gather(1, kept.unsqueeze(-1).expand(-1, -1, patches.shape[-1]))
 
 
 class RandomPatches(Method):
@@ -61,4 +57,4 @@ class RandomPatches(Method):
         kept = draw_patches(hidden.shape[0], side * side, settings.tokens, settings.seed, signals.first_tile)  # (T, k)
         # A host-to-device copy of pageable memory is staged at once: it does not wait for the GPU.
         on_device = kept.to(hidden.device, non_blocking=True)
-        return TileOutput(project(gather_patches(hidden, on_device)), on_device, kept_tiles(kept, side))
+        return TileOutput(project(take_tokens(hidden, on_device)), on_device, kept_tiles(kept, side))

@@ -14,9 +14,9 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
+from ..merge import take_tokens
 from ..selection import kept_tiles
 from .base import Method, TileOutput
-from .random_patches import gather_patches
 
 if TYPE_CHECKING:
     from ..settings import Settings
@@ -92,5 +92,5 @@ class VisPruner(Method):
         # The CLS row summed over heads ranks the patches as the official head mean does; on a tower
         # without CLS, the attention each patch receives (visionzip.merge.received_attention).
         kept = vispruner_select(signals.patch_attention, signals.patches, settings.tokens)  # (T, k)
-        tokens = gather_patches(signals.patches, kept)  # (T, k, C) pre-projector feature-layer states
+        tokens = take_tokens(signals.patches, kept)  # (T, k, C) pre-projector feature-layer states
         return TileOutput(project(tokens), kept, kept_tiles(kept, signals.side, signals.patch_attention))
