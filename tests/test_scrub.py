@@ -7,7 +7,7 @@ import torch
 import visionzip
 from app import scrub
 from app.handlers import Handlers, new_conversation
-from app.models import TINY_15_LABEL, TINY_LABEL, ModelRegistry
+from app.models import TINY_15_LABEL, TINY_LABEL, TINY_QWEN_LABEL, ModelRegistry
 from app.modes import default_mode, use_mode
 from app.ui import OVERLAY, SCRUB
 from visionzip.cost import prefill_flops
@@ -84,6 +84,58 @@ def test_each_budget_keeps_what_a_full_run_keeps_and_the_tower_runs_once(registr
         text = loaded.model.config.text_config
         assert result.prefill_gflop == pytest.approx(prefill_flops(text, result.visual_tokens + 20) / 1e9)
         assert result.stock_prefill_gflop == pytest.approx(prefill_flops(text, result.stock_tokens + 20) / 1e9)
+
+
+class QwenTowerCalls(list):
+    """Each forward of Qwen2.5-VL's vision tower (`model.visual`) appends to this list, until `remove_hook()`."""
+
+    def __init__(self, loaded) -> None:
+        super().__init__()
+        self.remove_hook = loaded.model.model.visual.register_forward_hook(lambda *args: self.append(1)).remove
+
+
+def generated_selection(loaded, image, mode) -> visionzip.ImageSelection:
+    """What a real generate() on the tiny Qwen2.5-VL keeps under `mode`: the processor's prompt, the tower,
+    the method and one new token; the call's own record."""
+    content = [{"type": "image"}, {"type": "text", "text": "What is in the picture?"}]
+    text = loaded.processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+    with torch.inference_mode(), use_mode(loaded, mode) as call:
+        inputs = loaded.processor(images=[image], text=text, return_tensors="pt")
+        loaded.model.generate(**inputs, max_new_tokens=1, do_sample=False)
+    placeholders = int((inputs["input_ids"] == loaded.model.config.image_token_id).sum())
+    [selection] = call.selection
+    assert placeholders == selection.num_tokens  # the prompt held as many tokens as the method produced
+    return selection
+
+
+@pytest.mark.parametrize("method", AGNOSTIC, ids=[m.name for m in AGNOSTIC])
+def test_qwen_slider_keeps_the_cells_a_real_generate_keeps(registry, image, method):
+    """Qwen2.5-VL (per-image budgets on its merged 2x2 cells): the tower runs once for the image, and at
+    several budgets the slider's cells are the cells a real generate() at that budget kept."""
+    loaded = registry.get(TINY_QWEN_LABEL)
+    mode = default_mode(method.name, loaded.family)
+    size = (image.height, image.width)
+    values = scrub.budget_values(loaded, mode, size)
+    with loaded.handle.use(enabled=False):
+        cells = loaded.handle.num_image_tokens(size)
+    assert values[-1] == cells and values[0] == 1  # from one cell to every cell of the image
+    picks = sorted({values[0], values[1], values[len(values) // 3], values[len(values) // 2], values[-1]})
+    calls = QwenTowerCalls(loaded)
+    try:
+        cache = scrub.run_tower(loaded, image)
+        results = [scrub.scrub(loaded, cache, mode, value, text_tokens=20) for value in picks]
+        assert len(calls) == 1  # once for the image, whatever the budgets
+    finally:
+        calls.remove_hook()
+    for value, result in zip(picks, results):
+        assert scrub.budget_value(loaded, result.mode) == value
+        assert "/image" in result.mode.label and "/tile" not in result.mode.label  # Qwen has no tiles
+        assert result.selection.budget == result.mode.label  # the library's record says what the page says
+        assert same_choice(result.selection, generated_selection(loaded, image, result.mode)), (method.name, value)
+        with use_mode(loaded, result.mode):
+            assert result.visual_tokens == loaded.handle.num_image_tokens(size)
+        if method.name == "pool":  # pooling offers only the counts its square windows make
+            assert result.visual_tokens == value
 
 
 def test_pool_offers_only_the_window_sizes(registry, image):

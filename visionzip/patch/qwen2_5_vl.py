@@ -169,11 +169,23 @@ def _choose(features: torch.Tensor, scores, keys, grid: tuple[int, int], setting
     return features[kept], kept_choice(kept, scores)
 
 
-def encode_images(handle: Handle, pixel_values: torch.Tensor, grid_thw: torch.Tensor, settings: Settings):
-    """The tower on every image, then the method per image: per image the (k, E) tokens and the
-    `CellChoice` (its anchors, the cells whose positions the tokens keep)."""
+@dataclass
+class ImageCells:
+    """One image's merger outputs and the tower's signal on them: everything a method chooses from, so
+    a budget slider can choose again at any budget without the tower (`cells_selection`)."""
+
+    features: torch.Tensor  # (N, E) merger outputs, raster order over the cells
+    scores: torch.Tensor | None  # (N,) attention received per cell, None when not read
+    keys: torch.Tensor | None  # (N, d) head-mean keys per cell, None when not read
+    grid: tuple[int, int]  # (rows, cols) of cells
+
+
+def tower_cells(
+    handle: Handle, pixel_values: torch.Tensor, grid_thw: torch.Tensor, attention: bool
+) -> list[ImageCells]:
+    """The tower on every image, with the signal hook reading (`attention`) or not: per image its cells."""
     visual = handle.base.visual
-    with handle.capture(attention=get_method(settings.method).needs_attention) as signals:
+    with handle.capture(attention=attention) as signals:
         merged = visual(pixel_values.type(visual.dtype), grid_thw=grid_thw).pooler_output  # (N total, E)
     config = visual.config
     sizes = (grid_thw.prod(-1) // config.spatial_merge_size**2).tolist()
@@ -186,15 +198,42 @@ def encode_images(handle: Handle, pixel_values: torch.Tensor, grid_thw: torch.Te
         scores = cells_from_window_order(torch.cat(signals.received), window_index).split(sizes)
         keys = cells_from_window_order(signals.keys, window_index).split(sizes)
     grids = [(h // config.spatial_merge_size, w // config.spatial_merge_size) for _, h, w in grid_thw.tolist()]
-    return [
-        _choose(features, score, key, grid, settings)
-        for features, score, key, grid in zip(merged.split(sizes), scores, keys, grids)
-    ], grids
+    return [ImageCells(*parts) for parts in zip(merged.split(sizes), scores, keys, grids)]
+
+
+def encode_images(handle: Handle, pixel_values: torch.Tensor, grid_thw: torch.Tensor, settings: Settings):
+    """The tower on every image, then the method per image: per image the (k, E) tokens and the
+    `CellChoice` (its anchors, the cells whose positions the tokens keep)."""
+    images = tower_cells(handle, pixel_values, grid_thw, get_method(settings.method).needs_attention)
+    chosen = [_choose(cells.features, cells.scores, cells.keys, cells.grid, settings) for cells in images]
+    return chosen, [cells.grid for cells in images]
+
+
+def cells_selection(cells: ImageCells, settings: Settings) -> ImageSelection:
+    """What `settings` keeps of one image's cells, recorded as a real call records it: a budget slider's
+    choice from one tower run (cells read with the signal) at any budget.  Methods that read no signal
+    get none, as in a real call."""
+    method = get_method(settings.method)
+    if settings.method in REFUSED or method.reads_text:
+        raise ValueError(f"{method.title} cannot choose from the tower's cells alone on Qwen2.5-VL")
+    signal = (cells.scores, cells.keys) if method.needs_attention else (None, None)
+    tokens, choice = _choose(cells.features, *signal, cells.grid, settings)
+    tiles = LazyTiles(1, lambda: [_tile(choice, *cells.grid)])
+    return ImageSelection(None, cells.grid, tiles, tokens.shape[0], method.name, settings.describe(PRESETS_KEY))
+
+
+def budget_values(handle: Handle, image_size: tuple[int, int], method: str) -> list[int]:
+    """Every per-image budget `method` runs at on an image of `image_size`, ascending: 1 to its N cells, or
+    for pooling the counts its square windows give (`grid_count`)."""
+    rows, cols = merged_grid(handle.processor, image_size)
+    if method == "pool":
+        return sorted({math.ceil(rows / window) * math.ceil(cols / window) for window in range(1, max(rows, cols) + 1)})
+    return list(range(1, rows * cols + 1))
 
 
 def _record(handle: Handle, chosen: list, grids: list[tuple[int, int]], settings: Settings) -> None:
     method = get_method(settings.method)
-    describe = settings.describe()
+    describe = settings.describe(handle.family.PRESETS_KEY)
     images = []
     for (tokens, choice), (rows, cols) in zip(chosen, grids):
         if settings.method == "fastv":  # chosen inside the language model, recorded there
