@@ -34,11 +34,13 @@ def image():
 
 
 class TowerCalls(list):
-    """Each forward of the model's vision tower appends to this list, until `remove_hook()`."""
+    """Each forward of the model's vision tower (Qwen2.5-VL's `visual`) appends to this list, until `remove_hook()`."""
 
     def __init__(self, loaded) -> None:
         super().__init__()
-        self.remove_hook = loaded.model.model.vision_tower.register_forward_hook(lambda *args: self.append(1)).remove
+        base = loaded.model.model
+        tower = base.visual if hasattr(base, "visual") else base.vision_tower
+        self.remove_hook = tower.register_forward_hook(lambda *args: self.append(1)).remove
 
 
 def fresh_selection(loaded, image, mode) -> visionzip.ImageSelection:
@@ -51,52 +53,9 @@ def fresh_selection(loaded, image, mode) -> visionzip.ImageSelection:
     return call.selection[0]
 
 
-def same_choice(one: visionzip.ImageSelection, other: visionzip.ImageSelection) -> bool:
-    fields = ("kept", "targets", "merged", "merged_into")
-    return (
-        len(one.tiles) == len(other.tiles)
-        and (one.num_tokens, one.method, one.budget, one.grid)
-        == (other.num_tokens, other.method, other.budget, other.grid)
-        and all(torch.equal(getattr(a, f), getattr(b, f)) for a, b in zip(one.tiles, other.tiles) for f in fields)
-    )
-
-
-@pytest.mark.parametrize("label", [TINY_LABEL, TINY_15_LABEL, ONEVISION])
-@pytest.mark.parametrize("method", AGNOSTIC, ids=[m.name for m in AGNOSTIC])
-def test_each_budget_keeps_what_a_full_run_keeps_and_the_tower_runs_once(registry, image, label, method):
-    loaded = registry.get(label)
-    mode = default_mode(method.name, loaded.family)
-    size = (image.height, image.width)
-    values = scrub.budget_values(loaded, mode, size)
-    picks = sorted({values[0], values[1], values[len(values) // 3], values[len(values) // 2], values[-1]})
-    calls = TowerCalls(loaded)
-    try:
-        cache = scrub.run_tower(loaded, image)
-        results = [scrub.scrub(loaded, cache, mode, value, text_tokens=20) for value in picks]
-        assert len(calls) == 1  # once for the image, whatever the budgets
-    finally:
-        calls.remove_hook()
-    for value, result in zip(picks, results):
-        assert scrub.budget_value(loaded, result.mode) == value  # every value offered is one the method allows
-        assert same_choice(result.selection, fresh_selection(loaded, image, result.mode)), (method.name, value)
-        with use_mode(loaded, result.mode):
-            assert result.visual_tokens == loaded.handle.num_image_tokens(size)
-        text = loaded.model.config.text_config
-        assert result.prefill_gflop == pytest.approx(prefill_flops(text, result.visual_tokens + 20) / 1e9)
-        assert result.stock_prefill_gflop == pytest.approx(prefill_flops(text, result.stock_tokens + 20) / 1e9)
-
-
-class QwenTowerCalls(list):
-    """Each forward of Qwen2.5-VL's vision tower (`model.visual`) appends to this list, until `remove_hook()`."""
-
-    def __init__(self, loaded) -> None:
-        super().__init__()
-        self.remove_hook = loaded.model.model.visual.register_forward_hook(lambda *args: self.append(1)).remove
-
-
 def generated_selection(loaded, image, mode) -> visionzip.ImageSelection:
-    """What a real generate() on the tiny Qwen2.5-VL keeps under `mode`: the processor's prompt, the tower,
-    the method and one new token; the call's own record."""
+    """What a real generate() keeps under `mode`: the processor's prompt, the tower, the method and one new
+    token; the call's own record (Qwen2.5-VL: its cells, whose M-RoPE positions the kept tokens keep)."""
     content = [{"type": "image"}, {"type": "text", "text": "What is in the picture?"}]
     text = loaded.processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
     with torch.inference_mode(), use_mode(loaded, mode) as call:
@@ -108,34 +67,50 @@ def generated_selection(loaded, image, mode) -> visionzip.ImageSelection:
     return selection
 
 
+def same_choice(one: visionzip.ImageSelection, other: visionzip.ImageSelection) -> bool:
+    fields = ("kept", "targets", "merged", "merged_into")
+    return (
+        len(one.tiles) == len(other.tiles)
+        and (one.num_tokens, one.method, one.budget, one.grid)
+        == (other.num_tokens, other.method, other.budget, other.grid)
+        and all(torch.equal(getattr(a, f), getattr(b, f)) for a, b in zip(one.tiles, other.tiles) for f in fields)
+    )
+
+
+@pytest.mark.parametrize("label", [TINY_LABEL, TINY_15_LABEL, ONEVISION, TINY_QWEN_LABEL])
 @pytest.mark.parametrize("method", AGNOSTIC, ids=[m.name for m in AGNOSTIC])
-def test_qwen_slider_keeps_the_cells_a_real_generate_keeps(registry, image, method):
-    """Qwen2.5-VL (per-image budgets on its merged 2x2 cells): the tower runs once for the image, and at
-    several budgets the slider's cells are the cells a real generate() at that budget kept."""
-    loaded = registry.get(TINY_QWEN_LABEL)
+def test_each_budget_keeps_what_a_full_run_keeps_and_the_tower_runs_once(registry, image, label, method):
+    """At several budgets the slider's choice, from one tower run, is what a full run at that budget keeps (on
+    Qwen2.5-VL, whose budgets count an image's merged cells, a real generate())."""
+    loaded = registry.get(label)
+    qwen = label == TINY_QWEN_LABEL
     mode = default_mode(method.name, loaded.family)
     size = (image.height, image.width)
     values = scrub.budget_values(loaded, mode, size)
-    with loaded.handle.use(enabled=False):
-        cells = loaded.handle.num_image_tokens(size)
-    assert values[-1] == cells and values[0] == 1  # from one cell to every cell of the image
     picks = sorted({values[0], values[1], values[len(values) // 3], values[len(values) // 2], values[-1]})
-    calls = QwenTowerCalls(loaded)
+    calls = TowerCalls(loaded)
     try:
         cache = scrub.run_tower(loaded, image)
         results = [scrub.scrub(loaded, cache, mode, value, text_tokens=20) for value in picks]
         assert len(calls) == 1  # once for the image, whatever the budgets
     finally:
         calls.remove_hook()
+    if qwen:
+        with loaded.handle.use(enabled=False):
+            assert values[0] == 1 and values[-1] == loaded.handle.num_image_tokens(size)  # 1 cell to every cell
     for value, result in zip(picks, results):
-        assert scrub.budget_value(loaded, result.mode) == value
-        assert "/image" in result.mode.label and "/tile" not in result.mode.label  # Qwen has no tiles
-        assert result.selection.budget == result.mode.label  # the library's record says what the page says
-        assert same_choice(result.selection, generated_selection(loaded, image, result.mode)), (method.name, value)
+        assert scrub.budget_value(loaded, result.mode) == value  # every value offered is one the method allows
+        real = (generated_selection if qwen else fresh_selection)(loaded, image, result.mode)
+        assert same_choice(result.selection, real), (method.name, value)
         with use_mode(loaded, result.mode):
             assert result.visual_tokens == loaded.handle.num_image_tokens(size)
-        if method.name == "pool":  # pooling offers only the counts its square windows make
-            assert result.visual_tokens == value
+        text = loaded.model.config.text_config
+        assert result.prefill_gflop == pytest.approx(prefill_flops(text, result.visual_tokens + 20) / 1e9)
+        assert result.stock_prefill_gflop == pytest.approx(prefill_flops(text, result.stock_tokens + 20) / 1e9)
+        if qwen:  # per image, no tiles; pooling offers only the counts its square windows make
+            assert "/image" in result.mode.label and "/tile" not in result.mode.label
+            assert result.selection.budget == result.mode.label  # the library's record says what the page says
+            assert method.name != "pool" or result.visual_tokens == value
 
 
 def test_pool_offers_only_the_window_sizes(registry, image):
