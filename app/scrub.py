@@ -17,7 +17,7 @@ from __future__ import annotations
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 from PIL import Image
@@ -28,6 +28,9 @@ from app.models import LoadedModel
 from app.modes import Mode, allowed_tile_tokens, matched_mode, use_mode
 from visionzip.cost import prefill_flops
 from visionzip.tower import TowerSignals
+
+if TYPE_CHECKING:
+    from visionzip.patch.qwen2_5_vl import ImageCells
 
 MAX_CACHED_IMAGES = 4  # (model, image) pairs whose tower signals are kept; the least recently used go first
 
@@ -46,7 +49,7 @@ class TowerCache:
     patch_map: torch.Tensor | None = None  # (N,) tile * P + patch behind each row, -1 for a newline
     orders: dict = field(default_factory=dict, repr=False)  # per-image method -> its order of the rows, or None
     choices: dict = field(default_factory=dict, repr=False)  # Mode.key -> ImageSelection, already chosen
-    cells: Any = None  # a family without tiles: its `ImageCells` (merger outputs (N, E), scores (N,), keys (N, d))
+    cells: ImageCells | None = None  # a family without tiles: merger outputs (N, E), scores (N,), keys (N, d)
 
     @property
     def num_tiles(self) -> int:
