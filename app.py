@@ -2,6 +2,7 @@
 
     python app.py --model llava-hf/llava-v1.6-vicuna-7b-hf --host 0.0.0.0   # a real checkpoint
     python app.py --projector runs/llava-64/projector.safetensors           # + a tuned projector (visionzip.tune)
+    python app.py --engine right=http://127.0.0.1:8000   # the right side on a vLLM server (visionzip_vllm plugin)
 On Spaces, set VISIONZIP_MODEL instead of --model and VISIONZIP_PROJECTOR instead of --projector;
 PORT or GRADIO_SERVER_PORT pick the port.
 """
@@ -11,6 +12,7 @@ import logging
 import os
 import re
 
+from app.engine import EngineError, EngineServer
 from app.models import ON_ZEROGPU, ModelLoadError, ModelRegistry, resolve_device
 from app.ui import build_demo, launch
 
@@ -43,6 +45,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "env VISIONZIP_PROJECTOR: paths separated by commas or the OS path separator)",
     )
     parser.add_argument(
+        "--engine",
+        action="append",
+        default=[],
+        metavar="[SIDE=]URL",
+        help="a running vLLM server with the visionzip_vllm plugin, offered in every side's model list; SIDE= (left "
+        "or right) starts that side on it (repeatable; env VISIONZIP_ENGINE: entries separated by commas)",
+    )
+    parser.add_argument(
         "--preload",
         action=argparse.BooleanOptionalAction,
         default=None,
@@ -52,6 +62,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.preload is None:
         args.preload = ON_ZEROGPU
+    args.engine = args.engine or [entry.strip() for entry in os.environ.get("VISIONZIP_ENGINE", "").split(",")]
+    args.engine = [entry for entry in args.engine if entry]
     if args.projector is None:
         listed = os.environ.get("VISIONZIP_PROJECTOR", "")
         args.projector = [path.strip() for path in re.split(f"[,{re.escape(os.pathsep)}]", listed) if path.strip()]
@@ -68,9 +80,26 @@ def make_registry(args: argparse.Namespace) -> ModelRegistry:
         for path in args.projector:
             labels = registry.add_projector(path)
             logging.getLogger("app").info("tuned projector %s offered on %s", path, ", ".join(labels))
-    except ModelLoadError as error:
+        for entry in args.engine:
+            add_engine(registry, entry)
+    except (ModelLoadError, ValueError) as error:
         raise SystemExit(f"app.py: {error}") from None
     return registry
+
+
+def add_engine(registry: ModelRegistry, entry: str) -> None:
+    """One --engine [SIDE=]URL: listed under what the server reports now; a server not up yet is listed by its
+    address and read again when a side picks it (its header says why it could not be read)."""
+    side, equals, url = entry.partition("=")
+    if not (equals and side in ("left", "right")):
+        side, url = "", entry
+    server = EngineServer.at(url)
+    try:
+        server.read_report()
+    except EngineError as error:
+        logging.getLogger("app").warning("--engine %s: %s", url, error)
+    label = registry.add_engine(server, side or None)
+    logging.getLogger("app").info("vLLM server offered as %r", label)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -22,6 +22,8 @@ import visionzip
 from app import charts, overlay, render, scrub
 from app.choices import ShownChoice, changed_note, choice_of, last_turn_ran, recorded_choice, waiting_message
 from app.conversation import SIDES, Conversation, SideConfig, load_media, messages_for
+from app.engine import NO_VIDEO as ENGINE_NO_VIDEO
+from app.engine import EngineError
 from app.hosting import gpu_task
 from app.media import MediaError, detect_media_kind, load_clip, load_image
 from app.models import ModelLoadError, ModelRegistry
@@ -29,6 +31,7 @@ from app.modes import (
     CUSTOM,
     CUSTOM_TOKENS,
     FULL,
+    FULL_MODE,
     Mode,
     budget_labels,
     checked_on,
@@ -50,10 +53,10 @@ from app.turn import (
     describe_error,
     load_side_models,
     run_turn,
+    unit_tokens,
     video_tokens,
 )
-from app.video import DEFAULT_FRAMES, MAX_FRAMES, describe_clip, filmstrip, frame_tile
-from visionzip.video import tokens_per_frame
+from app.video import DEFAULT_FRAMES, MAX_FRAMES, describe_clip, filmstrip, frame_tile, pair_filmstrip
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +67,10 @@ NO_IMAGE = "Upload an image to see which tokens each method keeps."
 NO_REDUCTION = "Neither side reduces: pick a method to see what it keeps."
 NO_DIFFERENCE = "Set both sides to a reduction method (on one model family) to see where their choices differ."
 NO_DIFFERENCE_MEDIA = "Upload an image to compare what the two sides keep."
+ON_SERVER = (
+    "The {side} side runs on a vLLM server, which does not return which tokens its method kept: no overlay, "
+    "difference view or budget scrubbing for it."
+)
 STREAM_INTERVAL_S = 0.1  # redraw streaming answers at most this often: a browser re-renders the whole chat each time
 Results = dict[str, object]
 
@@ -94,7 +101,14 @@ def new_conversation(registry: ModelRegistry) -> Conversation:
         side: SideConfig(registry.default, translate_mode(make_mode(DEFAULT_MODES[side], "llava_next"), family))
         for side in SIDES
     }
+    for side, label in registry.engine_defaults.items():  # --engine SIDE=URL: as the server last reported
+        report = registry.engines[label].report
+        sides[side] = SideConfig(label, report.mode if report else FULL_MODE)
     return Conversation(sides)
+
+
+def engine_sides(registry: ModelRegistry, conversation: Conversation) -> list[str]:
+    return [side for side in SIDES if registry.is_engine(conversation.sides[side].model)]
 
 
 class Handlers:
@@ -305,6 +319,8 @@ class Handlers:
         }
         sides = dict(conversation.sides)
         for side, (name, dominant, contextual, tuned, title, tokens) in values.items():
+            if self.registry.is_engine(sides[side].model):
+                continue  # its method and budget are the server's (mode_controls shows them, fixed)
             try:
                 loaded = self.registry.get(sides[side].model)
                 method = FULL if title in (None, FULL) else method_by_title(title).name
@@ -328,10 +344,14 @@ class Handlers:
         for side in SIDES:
             mode = conversation.sides[side].mode
             family = self.registry.family(conversation.sides[side].model)
-            controls[f"{side}_method"] = gr.Dropdown(choices=method_titles(), value=mode.method_title)
-            choices = mode_choices(family, mode.method if mode.enabled else FULL)
+            local = not self.registry.is_engine(conversation.sides[side].model)  # a server's mode is its own
+            titles = method_titles() if local else [mode.method_title]
+            controls[f"{side}_method"] = gr.Dropdown(choices=titles, value=mode.method_title, interactive=local)
+            choices = mode_choices(family, mode.method if mode.enabled else FULL) if local else [mode.name]
             labels = budget_labels(family, mode)  # in the unit the budget counts on this family
-            controls[f"{side}_mode"] = gr.Dropdown(choices=choices, value=mode.name, info=labels["info"])
+            controls[f"{side}_mode"] = gr.Dropdown(
+                choices=choices, value=mode.name, interactive=local, info=labels["info"]
+            )
             controls[f"{side}_custom_row"] = gr.Row(visible=mode.name == CUSTOM)
             controls[f"{side}_tokens_row"] = gr.Row(visible=mode.name == CUSTOM_TOKENS)
             boxes = {name: {"label": labels[name]} for name in ("dominant", "contextual", "tokens")}
@@ -354,6 +374,9 @@ class Handlers:
         model; a mode preset maps to the new model family's.  On failure the previous models keep serving."""
         sides = dict(conversation.sides)
         for side, label in zip(SIDES, (left_model, right_model)):
+            if self.registry.is_engine(label):
+                sides[side] = self._engine_side(side, label, sides[side])
+                continue
             try:
                 if label not in {model.label for model in self.registry.loaded()}:
                     progress(0, desc=f"Loading {label}")
@@ -376,6 +399,13 @@ class Handlers:
         results["models_info"] = render.models_markdown(self.registry)
         return results
 
+    def _engine_side(self, side: str, label: str, current: SideConfig) -> SideConfig:
+        """A side on a vLLM server, with the method and budget the server reports now."""
+        try:
+            return SideConfig(label, self.registry.engines[label].read_report().mode)
+        except EngineError as error:
+            raise gr.Error(f"{render.SIDE_NAMES[side]} side keeps {current.model}: {error}") from None
+
     def show_models(self, conversation: Conversation) -> Results:
         models = list(self.registry.choices)
         return {f"{side}_model": gr.Dropdown(choices=models, value=conversation.sides[side].model) for side in SIDES}
@@ -393,6 +423,10 @@ class Handlers:
         other = "right" if side == "left" else "left"
         if conversation.media_path is None or conversation.media_kind != "image":
             raise gr.Error("Upload an image first: the count to match is the other side's count for that image.")
+        if engine_sides(self.registry, conversation):
+            raise gr.Error(
+                "Match needs both sides' models in this app: a vLLM side's budget is the server's, set when it starts."
+            )
         try:
             picture = load_media(conversation)
             loaded, other_loaded = (self.registry.get(conversation.sides[s].model) for s in (side, other))
@@ -448,7 +482,7 @@ class Handlers:
         if conversation.media_kind == "video":  # the filmstrip shows it, with its own legend
             return {"selection_state": None, **self.overlay_views(None, conversation, chosen), **hidden}
         if conversation.media_path is None or side is None:
-            note = NO_IMAGE if conversation.media_path is None else NO_REDUCTION
+            note = NO_IMAGE if conversation.media_path is None else self.no_choice_note(conversation)
             return {"selection_state": None, "legend": note, **self.overlay_views(None, conversation, chosen), **hidden}
         shown = self.side_choice(conversation, side, self._picture(conversation, side))
         if isinstance(shown, str):  # nothing it can truthfully draw: say why
@@ -456,6 +490,11 @@ class Handlers:
         else:
             results = {"selection_state": shown, **self.overlay_views(shown, conversation, chosen)}
         return {**results, **self.scrub_slider(conversation, side)}
+
+    def no_choice_note(self, conversation: Conversation) -> str:
+        """Why no side's choice is drawn: neither reduces, or the one that does runs on a vLLM server."""
+        reducing = [side for side in engine_sides(self.registry, conversation) if conversation.sides[side].mode.enabled]
+        return ON_SERVER.format(side=render.SIDE_NAMES[reducing[0]].lower()) if reducing else NO_REDUCTION
 
     def overlay_after_turn(self, conversation: Conversation, chosen: str) -> Results:
         """After a turn only a text-dependent method's choice can have changed: redraw just then."""
@@ -598,6 +637,10 @@ class Handlers:
             return {"difference_table": NO_DIFFERENCE_MEDIA, "difference_image": None, "difference_json": None}
         if not all(mode.enabled for mode in modes) or len(families) > 1:
             return {"difference_table": NO_DIFFERENCE, "difference_image": None, "difference_json": None}
+        on_server = engine_sides(self.registry, conversation)
+        if on_server:
+            note = ON_SERVER.format(side=render.SIDE_NAMES[on_server[0]].lower())
+            return {"difference_table": note, "difference_image": None, "difference_json": None}
         picture = self._picture(conversation, *SIDES)
         left, right = (self.side_choice(conversation, side, picture) for side in SIDES)
         waiting = [shown for shown in (left, right) if isinstance(shown, str)]
@@ -639,16 +682,19 @@ class Handlers:
         """(frames with what `side` keeps drawn on them, a legend line); no frames when the side is refused."""
         config = conversation.sides[side]
         title = f"**{render.SIDE_NAMES[side]} side**: {config.model}, {config.mode.label}"
+        if self.registry.is_engine(config.model):
+            return [], f"{title}: {ENGINE_NO_VIDEO}"
         try:
             loaded = self.registry.get(config.model)
             messages = messages_for(conversation, side, "")
-            clip, _, per_frame = video_tokens(loaded, config.mode, conversation, messages, self.max_new_tokens)
+            tokens = video_tokens(loaded, config.mode, conversation, messages, self.max_new_tokens)
         except ContextTooLong as error:
             return [], f"{title}: **refused:** {error}"
         except (ValueError, ModelLoadError, MediaError) as error:
             raise gr.Error(str(error)) from None
+        clip = tokens.clip
         with loaded.handle.use(enabled=False):
-            full = tokens_per_frame(loaded.handle)
+            full = unit_tokens(loaded, (clip.frames[0].height, clip.frames[0].width))
         selections, asked = None, ""
         number, question = len(conversation.turns), (conversation.turns[-1].question if conversation.turns else None)
         if config.mode.inside_llm:
@@ -661,12 +707,28 @@ class Handlers:
             if config.mode.reads_text:  # chosen now, by the side's current settings, for the last question
                 shown = replace(shown, turn=number, question=question, on_demand=True)
             asked = shown.provenance() + " " if shown.provenance() else ""
-        framing = (
-            "Frames are shown squashed to the square base tile the model sees."
-            if loaded.family != "llava"
-            else "Frames are shown centre-cropped, as the model sees them."
-        )
-        tile = frame_tile(clip.frames[0], loaded.family).width
-        legend = f"{title}: {len(clip.frames)} frames, each one {tile}x{tile} tile of {per_frame} tokens. " + asked
-        legend += (overlay.FILMSTRIP_LEGEND if selections else NO_REDUCTION + " ") + framing
+        legend = f"{title}: {self._clip_geometry(loaded, tokens)} " + asked
+        legend += (overlay.FILMSTRIP_LEGEND if selections else NO_REDUCTION + " ") + self._framing(loaded)
+        if loaded.pairs_frames:
+            return pair_filmstrip(clip, selections, full), legend
         return filmstrip(clip, loaded.family, selections, full), legend
+
+    @staticmethod
+    def _clip_geometry(loaded, tokens) -> str:
+        """How the side's model sees the clip, for the filmstrip's legend."""
+        if loaded.pairs_frames:
+            rows, cols = loaded.handle.family.video_grid(loaded.processor, (2, *tokens.clip.frames[0].size[::-1]))[1:]
+            return (
+                f"{len(tokens.clip.frames)} frames as {tokens.units} frame pairs (the model pairs frames in time), "
+                f"each pair {rows}x{cols} merged cells, {tokens.per_unit} tokens."
+            )
+        tile = frame_tile(tokens.clip.frames[0], loaded.family).width
+        return f"{len(tokens.clip.frames)} frames, each one {tile}x{tile} tile of {tokens.per_unit} tokens."
+
+    @staticmethod
+    def _framing(loaded) -> str:
+        if loaded.pairs_frames:
+            return "Each pair is shown as its first frame; its cells cover the whole frame."
+        if loaded.family != "llava":
+            return "Frames are shown squashed to the square base tile the model sees."
+        return "Frames are shown centre-cropped, as the model sees them."

@@ -123,6 +123,12 @@ class LoadedModel:
         return self._tuned
 
     @property
+    def pairs_frames(self) -> bool:
+        """Whether the model takes a clip natively, frames paired in time on its own grid (Qwen2.5-VL, whose
+        library family counts video tokens), rather than as frames of one tile each (`visionzip.video`)."""
+        return hasattr(self.handle.family, "num_video_tokens")
+
+    @property
     def context_window(self) -> int:
         return self.model.config.text_config.max_position_embeddings
 
@@ -157,9 +163,31 @@ class ModelRegistry:
         self._loaded: OrderedDict[str, LoadedModel] = OrderedDict()  # least recently used first
         self._failures: dict[str, str] = {}  # label -> why its last load failed
         self._lock = threading.RLock()
+        self.engines: dict[str, object] = {}  # label -> app.engine.EngineServer: a side answered by a vLLM server
+        self.engine_defaults: dict[str, str] = {}  # side -> the engine label it starts on (--engine SIDE=URL)
+
+    def add_engine(self, engine, side: str | None = None) -> str:
+        """Offer a vLLM server (app.engine.EngineServer) in every side's model list, under the label it has now
+        (its served model and method when it answered, else its address); `side` starts on it."""
+        label = engine.describe()
+        self.choices[label] = engine.url
+        self.engines[label] = engine
+        if side is not None:
+            self.engine_defaults[side] = label
+        return label
+
+    def is_engine(self, label: str) -> bool:
+        return label in self.engines
+
+    def refuse_engine(self, label: str) -> None:
+        """Every view that needs a model's weights here says why a vLLM side has none."""
+        if label in self.engines:
+            raise ModelLoadError(f"{label} answers on its vLLM server: this needs a model loaded in the app")
 
     def family(self, label: str) -> str:
         """ "llava_next" or "llava" for a label, without loading its weights."""
+        if label in self.engines:
+            return "llava_next"  # the plugin serves LLaVA-NeXT only (visionzip_vllm.options.ARCHITECTURES)
         source = self._source(label)
         if is_tiny(source):
             return source.removeprefix(TINY)
@@ -175,7 +203,7 @@ class ModelRegistry:
         return model_type
 
     def is_tiny(self, label: str) -> bool:
-        return is_tiny(self._source(label))
+        return label not in self.engines and is_tiny(self._source(label))
 
     def add_projector(self, path: str | Path) -> list[str]:
         """Offer the tuned projector at `path` on the model it was trained for (matched by the base
@@ -213,6 +241,7 @@ class ModelRegistry:
         """The loaded model for `label`, loading it (and unloading others if needed) on first use.
         Raises ModelLoadError with a readable reason; models already loaded stay loaded.  Call it
         outside GPU tasks (see gpu_task); inside, use `ready`."""
+        self.refuse_engine(label)
         with self._lock:
             if label in self._loaded:
                 self._loaded.move_to_end(label)
@@ -239,6 +268,7 @@ class ModelRegistry:
         """The model `get` loaded for `label`, without ever loading it: what GPU tasks use, since a
         load inside one would be lost on ZeroGPU.  Raises ModelLoadError with the reason its load
         failed, or saying that it is not loaded."""
+        self.refuse_engine(label)
         with self._lock:
             if label in self._loaded:
                 self._loaded.move_to_end(label)

@@ -529,7 +529,16 @@ def _difference_colour(in_left: bool, in_right: bool) -> tuple[int, int, int] | 
 def frame_selections(
     loaded: LoadedModel, frames: tuple[Image.Image, ...], mode: Mode, text: str | None = None
 ) -> list[visionzip.ImageSelection]:
-    """What `mode`'s method keeps and merges on each frame: the vision tower alone."""
+    """What `mode`'s method keeps and merges on each frame (on each frame pair, for a model that pairs
+    frames in time: Qwen2.5-VL): the vision tower alone."""
+    if loaded.pairs_frames:
+        video = loaded.processor.video_processor(list(frames), return_tensors="pt")
+        with torch.inference_mode(), use_mode(loaded, mode, text) as call:
+            loaded.model.model.get_video_features(
+                pixel_values_videos=video["pixel_values_videos"].to(loaded.device, loaded.dtype),
+                video_grid_thw=video["video_grid_thw"].to(loaded.device),
+            )
+        return call.selection
     pixel_values = frame_pixel_values(loaded.processor, frames).to(loaded.device, loaded.dtype)
     with torch.inference_mode(), use_mode(loaded, mode, text) as call:
         frame_features(loaded.handle, pixel_values)

@@ -51,6 +51,8 @@ def prompt_logits(prepared, extra_ids: torch.Tensor | None = None) -> torch.Tens
             else:
                 inputs["input_ids"] = torch.cat([inputs["input_ids"], extra], dim=1)
             inputs["attention_mask"] = torch.cat([inputs["attention_mask"], torch.ones_like(extra)], dim=1)
+            if "mm_token_type_ids" in inputs:  # Qwen2.5-VL places its positions by them: the answer is text
+                inputs["mm_token_type_ids"] = torch.cat([inputs["mm_token_type_ids"], torch.zeros_like(extra)], 1)
         return loaded.model(**inputs).logits[0].float()
 
 

@@ -22,8 +22,10 @@ The file (UTF-8 JSON, at most MAX_FILE_BYTES):
                                          kept: [ImageSelection, ...] or null,
                                          chosen_by: {model, mode} that chose `kept`, or null; optional (files
                                                     written before it: the turn's stats name what ran)}}}]
-    ImageSelection  {image_size: [H, W], grid: [rows, cols], num_tokens, method, budget,
-                     tiles: [{side, kept, targets, merged, merged_into: [int], cls_attention: [float] | null}]}
+    ImageSelection  {image_size: [H, W] or null (Qwen2.5-VL: the cells cover the picture as drawn),
+                     grid: [rows, cols], num_tokens, method, budget,
+                     tiles: [{side, rows (optional: a rows x side merged grid, else side x side), kept, targets,
+                              merged, merged_into: [int], cls_attention: [float] | null}]}
 
 Reading validates all of it; anything damaged, foreign or too large raises RecordingError with a plain
 message (never a path) and nothing is written but the media file the returned conversation names.
@@ -49,6 +51,7 @@ from app.media import MediaError, detect_media_kind, load_image
 from app.modes import Mode
 from app.stats import TurnStats
 from visionzip import ImageSelection, TileSelection
+from visionzip.merged_grid import GridTile
 
 FORMAT = "visionzip-live-recording"
 VERSION = 1
@@ -175,7 +178,7 @@ def _selection_document(selection: ImageSelection) -> dict:
         return [int(v) for v in values.tolist()]
 
     return {
-        "image_size": [int(v) for v in selection.image_size],
+        "image_size": None if selection.image_size is None else [int(v) for v in selection.image_size],
         "grid": [int(v) for v in selection.grid],
         "num_tokens": int(selection.num_tokens),
         "method": selection.method,
@@ -183,6 +186,7 @@ def _selection_document(selection: ImageSelection) -> dict:
         "tiles": [
             {
                 "side": tile.side,
+                **({"rows": tile.rows} if isinstance(tile, GridTile) else {}),
                 "kept": indices(tile.kept),
                 "targets": indices(tile.targets),
                 "merged": indices(tile.merged),
@@ -413,14 +417,15 @@ def _read_stats(document: dict, where: str) -> TurnStats:
 def _read_selection(document: Any, where: str) -> ImageSelection:
     if not isinstance(document, dict):
         raise RecordingError(f"The recording is damaged: {where} holds something that is not an image's choice.")
-    size, grid = (_get(document, key, list, where) for key in ("image_size", "grid"))
-    if not all(len(pair) == 2 and all(_is(v, int) and v >= 0 for v in pair) for pair in (size, grid)):
+    size, grid = _get(document, "image_size", (list, None), where), _get(document, "grid", list, where)
+    pairs = (grid,) if size is None else (size, grid)
+    if not all(len(pair) == 2 and all(_is(v, int) and v >= 0 for v in pair) for pair in pairs):
         raise RecordingError(f"The recording is damaged: {where}'s image size or grid is not two whole numbers.")
     tiles = _get(document, "tiles", list, where)
     if not 0 < len(tiles) <= MAX_TILES:
         raise RecordingError(f"The recording is damaged: {where} has {len(tiles)} tiles.")
     return ImageSelection(
-        image_size=(size[0], size[1]),
+        image_size=None if size is None else (size[0], size[1]),
         grid=(grid[0], grid[1]),
         tiles=[_read_tile(tile, f"{where} tile {index}") for index, tile in enumerate(tiles)],
         num_tokens=_get(document, "num_tokens", int, where),
@@ -430,27 +435,32 @@ def _read_selection(document: Any, where: str) -> ImageSelection:
 
 
 def _read_tile(document: Any, where: str) -> TileSelection:
-    """A tile's choice: patch indices inside its side x side grid, merged patches pointing at targets."""
+    """A tile's choice: patch indices inside its side x side grid (rows x side: a merged grid), merged
+    patches pointing at targets."""
     if not isinstance(document, dict):
         raise RecordingError(f"The recording is damaged: {where} is not an object.")
     side = _get(document, "side", int, where)
-    if not 1 <= side <= 64:
-        raise RecordingError(f"The recording is damaged: {where} is {side} patches wide.")
+    rows = _get(document, "rows", int, where) if "rows" in document else None
+    if not 1 <= side <= 64 or not (rows is None or 1 <= rows <= 64):
+        raise RecordingError(f"The recording is damaged: {where} is not a grid of 1 to 64 patches a side.")
+    cells = side * (side if rows is None else rows)
 
     def indices(key: str, limit: int) -> torch.Tensor:
         values = _get(document, key, list, where)
-        if len(values) > side * side or not all(_is(v, int) and 0 <= v < limit for v in values):
+        if len(values) > cells or not all(_is(v, int) and 0 <= v < limit for v in values):
             raise RecordingError(f"The recording is damaged: {where}.{key} holds an index out of range.")
         return torch.tensor(values, dtype=torch.long)
 
-    kept, targets, merged = (indices(key, side * side) for key in ("kept", "targets", "merged"))
+    kept, targets, merged = (indices(key, cells) for key in ("kept", "targets", "merged"))
     merged_into = indices("merged_into", max(1, len(targets)))
     if len(merged_into) != len(merged) or (len(merged) and not len(targets)):
         raise RecordingError(f"The recording is damaged: {where}'s merged patches do not match their targets.")
     attention = _get(document, "cls_attention", (list, None), where)
-    if attention is not None and (len(attention) != side * side or not all(_is(v, float) for v in attention)):
-        raise RecordingError(f"The recording is damaged: {where}.cls_attention is not {side * side} numbers.")
+    if attention is not None and (len(attention) != cells or not all(_is(v, float) for v in attention)):
+        raise RecordingError(f"The recording is damaged: {where}.cls_attention is not {cells} numbers.")
     cls = None if attention is None else torch.tensor(attention, dtype=torch.float32)
+    if rows is not None:
+        return GridTile(side, kept, targets, merged, merged_into, cls, rows=rows)
     return TileSelection(side, kept, targets, merged, merged_into, cls)
 
 

@@ -12,7 +12,9 @@ from pathlib import Path
 
 import gradio as gr
 
-from app.conversation import SIDES, Conversation, messages_for
+from app.conversation import SIDES, Conversation, SideConfig, messages_for
+from app.engine import LIMITS as ENGINE_LIMITS
+from app.engine import EngineServer, is_engine_label
 from app.hosting import timing_method
 from app.media import MediaError, load_image
 from app.models import LoadedModel, ModelRegistry, resolve_device
@@ -37,10 +39,17 @@ def _ms(value: float) -> str:
 
 def stats_line(stats: TurnStats, frames: int | None = None) -> str:
     clip = f"{frames} frames · " if frames is not None else ""
+    if stats.engine:  # a vLLM server reports neither the split nor its paged cache's size
+        times = f"TTFT {_ms(stats.ttft_ms)} over HTTP (the server does not split vision and prefill) · "
+        times += f"decode {stats.decode_tokens_per_s:,.0f} tok/s · on the {stats.device}"
+    else:
+        times = (
+            f"vision {_ms(stats.vision_ms)} + LLM prefill {_ms(stats.llm_prefill_ms)} = TTFT {_ms(stats.ttft_ms)} · "
+            f"decode {stats.decode_tokens_per_s:,.0f} tok/s · KV cache {stats.kv_cache_bytes / 2**20:,.1f} MiB"
+        )
     return (
         f"{stats.mode} · {clip}**{stats.visual_tokens:,}** visual + {stats.text_tokens:,} text = {stats.context_tokens:,} tokens · "
-        f"vision {_ms(stats.vision_ms)} + LLM prefill {_ms(stats.llm_prefill_ms)} = TTFT {_ms(stats.ttft_ms)} · "
-        f"decode {stats.decode_tokens_per_s:,.0f} tok/s · KV cache {stats.kv_cache_bytes / 2**20:,.1f} MiB"
+        + times
         + cache_line(stats)
         + quality_line(stats)
     )
@@ -116,6 +125,8 @@ def summary_markdown(conversation: Conversation) -> str:
             line = comparison_line(left, right)
         elif line and turn.frames:
             line += f" ({turn.frames[full.side]} -> {turn.frames[reduced.side]} frames)"
+        if line and (left.engine or right.engine) and not (left.cached_tokens or right.cached_tokens):
+            line += " (a side on a vLLM server: its TTFT is over HTTP on the server's engine, so the ratio compares engines too)"
         if line:
             lines.append(f"Turn {number}: {line}")
     if not lines:
@@ -129,6 +140,8 @@ def stats_records(conversation: Conversation) -> list[dict]:
 
 def side_header(registry: ModelRegistry, conversation: Conversation, side: str, max_new_tokens: int) -> str:
     config = conversation.sides[side]
+    if registry.is_engine(config.model):
+        return engine_header(registry.engines[config.model], config)
     title = f"With {config.mode.method_title}" if config.mode.enabled else "Without reduction"
     title += " + tuned projector" if config.mode.tuned else ""
     detail = f"{config.model} · {config.mode.label}"
@@ -146,22 +159,33 @@ def side_header(registry: ModelRegistry, conversation: Conversation, side: str, 
     return f"### {title}\n{detail}"
 
 
+def engine_header(server: EngineServer, config: SideConfig) -> str:
+    """A side on a vLLM server: what the server last reported, or why it could not be read, and what this mode
+    cannot show."""
+    if server.report is None:  # never reached: its method is unknown, not "full"
+        title, detail = "On a vLLM server (not reached yet)", config.model
+    else:
+        title = f"With {config.mode.method_title} on vLLM" if config.mode.enabled else "Without reduction, on vLLM"
+        detail = f"{config.model} · {config.mode.label}"
+    if server.problem:
+        detail += f" · ⚠️ {server.problem}"
+    return f"### {title}\n{detail}<br><small>This side {ENGINE_LIMITS}.</small>"
+
+
 def video_budget(loaded: LoadedModel, conversation: Conversation, side: str, max_new_tokens: int) -> str:
     """This side's visual tokens for the clip and whether the next turn fits its context window,
     known before anything runs (the same check that refuses the turn)."""
     messages = messages_for(conversation, side, "")
     try:
-        clip, input_ids, per_frame = video_tokens(
-            loaded, conversation.sides[side].mode, conversation, messages, max_new_tokens
-        )
+        tokens = video_tokens(loaded, conversation.sides[side].mode, conversation, messages, max_new_tokens)
     except ContextTooLong as error:
         return f"**refused:** {error}"
-    except MediaError as error:
+    except (MediaError, ValueError) as error:  # a method that does not run on this model's video says why
         return f"⚠️ {error}"
-    frames = len(clip.frames)
     return (
-        f"**{frames} frames × {per_frame} = {frames * per_frame:,} visual tokens** for this clip · **fits** its "
-        f"{loaded.context_window:,}-token context window ({input_ids.shape[1]:,} before the question + {max_new_tokens} to answer)"
+        f"**{tokens.units} {tokens.unit} × {tokens.per_unit} = {tokens.visual:,} visual tokens** for this clip · "
+        f"**fits** its {loaded.context_window:,}-token context window ({tokens.prompt_tokens:,} before the question "
+        f"+ {max_new_tokens} to answer)"
     )
 
 
@@ -190,8 +214,16 @@ def tuned_box(registry: ModelRegistry, conversation: Conversation, side: str) ->
 
 
 def vision_side(conversation: Conversation) -> str | None:
-    """The side whose budget the overlay shows: the right one if it reduces, else the left."""
-    return next((side for side in ("right", "left") if conversation.sides[side].mode.enabled), None)
+    """The side whose budget the overlay shows: the right one if it reduces here, else the left (a side on a
+    vLLM server does not say what its method kept)."""
+    return next(
+        (
+            side
+            for side in ("right", "left")
+            if conversation.sides[side].mode.enabled and not is_engine_label(conversation.sides[side].model)
+        ),
+        None,
+    )
 
 
 def export_files(conversation: Conversation, session: str) -> tuple[str, str]:

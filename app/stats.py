@@ -35,6 +35,7 @@ class TurnStats:
     chosen_for: str | None = None  # a text-dependent method: "this question" or the earlier turn it kept
     cache_note: str | None = None  # with the cache kept: why this turn re-prefilled everything
     text_tower: str | None = None  # CDPruner: the CLIP text tower that scored the question
+    engine: str | None = None  # a side on a vLLM server (app.engine): its address; no vision / prefill split
 
     def __post_init__(self) -> None:
         if self.llm_prefill_ms is None:

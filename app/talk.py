@@ -22,7 +22,7 @@ from PIL import Image
 from app import charts, overlay, race, recording, render, scrub
 from app.choices import choice_of
 from app.conversation import SIDES, Conversation, SideConfig, Turn, load_media
-from app.handlers import Handlers, same_file, uploaded_path
+from app.handlers import ON_SERVER, Handlers, same_file, uploaded_path
 from app.hosting import machine_description, timing_method
 from app.media import MediaError
 from app.models import ModelLoadError
@@ -190,6 +190,8 @@ class TalkHandlers:
         config = conversation.sides[side]
         if not config.mode.enabled:
             return {f"{side}_overlay": picture, f"{side}_chosen": EVERY_TOKEN}
+        if self.registry.is_engine(config.model):
+            return {f"{side}_overlay": None, f"{side}_chosen": ON_SERVER.format(side=SIDE_NAMES[side].lower())}
         try:
             self.registry.get(config.model)
         except ModelLoadError as error:

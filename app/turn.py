@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -17,13 +17,14 @@ from PIL import Image
 from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
 from app.conversation import SIDES, Conversation, SideConfig, Turn, load_media, messages_for
+from app.engine import EngineError, EngineTurn, prepare_engine_turn
 from app.hosting import clock
 from app.media import Clip, load_clip
 from app.models import LoadedModel, ModelLoadError, ModelRegistry
 from app.modes import FULL_MODE, Mode, use_mode
 from app.quality import SideOutput, first_token_logprobs, kl_divergence, prompt_logits, score_answer
 from app.stats import TurnStats
-from app.video import same_budget_frames
+from app.video import clip_metadata, frame_pairs, same_budget_frames
 from visionzip.video import (
     frame_features,
     frame_pixel_values,
@@ -371,12 +372,12 @@ def describe_error(error: BaseException) -> str:
     if isinstance(error, torch.cuda.OutOfMemoryError):
         torch.cuda.empty_cache()
         return "Out of GPU memory on this side. Try a smaller model, VisionZip, or clear the conversation."
-    if isinstance(error, (ValueError, ModelLoadError)):
+    if isinstance(error, (ValueError, ModelLoadError, EngineError)):
         return str(error)
     return f"{type(error).__name__}: {error}"
 
 
-# -- video: every frame one 336x336 tile, packed in time order (visionzip.video) ------------------
+# -- video: every frame one 336x336 tile, packed in time order (visionzip.video), or Qwen2.5-VL's own --
 @dataclass
 class VideoPrepared(Prepared):
     """One side's turn over a clip: `inputs` holds the prompt's `input_ids` (frame placeholders
@@ -396,29 +397,81 @@ class VideoPrepared(Prepared):
         return video_inputs(self.loaded.model, self.inputs["input_ids"], features)
 
 
+@dataclass
+class PairedVideoPrepared(VideoPrepared):
+    """A Qwen2.5-VL side's turn over a clip: the processor's own inputs (frames paired in time, its
+    `<|video_pad|>` expanded to the method's count), the model's own video path."""
+
+    def encode(self):
+        """The tower and the method per frame pair, one ImageSelection per pair on the handle."""
+        inputs = self.inputs
+        return self.loaded.model.model.get_video_features(
+            pixel_values_videos=inputs["pixel_values_videos"], video_grid_thw=inputs["video_grid_thw"]
+        )
+
+    def generate_inputs(self, features) -> dict:
+        text_inputs = {key: value for key, value in self.inputs.items() if key != "pixel_values_videos"}
+        return dict(**text_inputs, mm_encoder_outputs={"video": features})
+
+
+@dataclass
+class ClipTokens:
+    """A side's clip and its prompt, counted before any frame is encoded: `units` frames (one tile each)
+    or frame pairs (Qwen2.5-VL) of `per_unit` visual tokens each; `inputs` the processor's (or, for
+    frames of one tile, just the prompt's `input_ids`)."""
+
+    clip: Clip
+    inputs: dict
+    units: int
+    per_unit: int
+    unit: str = "frames"
+
+    @property
+    def visual(self) -> int:
+        return self.units * self.per_unit
+
+    @property
+    def prompt_tokens(self) -> int:
+        return int(self.inputs["input_ids"].shape[1])
+
+
+def unit_tokens(loaded: LoadedModel, frame_size: tuple[int, int]) -> int:
+    """Visual tokens one frame (one tile each) or one frame pair of (height, width) takes under the
+    handle's current settings."""
+    handle = loaded.handle
+    if loaded.pairs_frames:
+        return handle.family.num_video_tokens(handle, (2, *frame_size), handle.settings)
+    return tokens_per_frame(handle)
+
+
 def side_frame_count(loaded: LoadedModel, mode: Mode, conversation: Conversation) -> int:
     """Frames this side sees: the slider's count or, in "same budget" mode on a VisionZip side, as
     many as fit in the tokens that many full frames take (at most the clip's frames)."""
     clip = load_clip(conversation.media_path, conversation.num_frames)
     if not (conversation.same_budget and mode.enabled):
         return len(clip.frames)
+    size = (clip.frames[0].height, clip.frames[0].width)
     with loaded.handle.use(enabled=False):
-        full = tokens_per_frame(loaded.handle)
+        full = unit_tokens(loaded, size)
     with use_mode(loaded, mode):
-        reduced = tokens_per_frame(loaded.handle)
+        reduced = unit_tokens(loaded, size)
     return same_budget_frames(len(clip.frames), full, reduced, clip.info["total_frames"])
 
 
 def video_tokens(
     loaded: LoadedModel, mode: Mode, conversation: Conversation, messages: list[dict], max_new_tokens: int
-) -> tuple[Clip, torch.Tensor, int]:
-    """This side's clip, the prompt's (1, L) token ids and the tokens a frame takes; raises
-    ContextTooLong when the turn would not fit, before decoding frames that never could."""
+) -> ClipTokens:
+    """This side's clip, its prompt and its visual tokens; raises ContextTooLong when the turn would
+    not fit, before encoding frames that never could."""
     frames = side_frame_count(loaded, mode, conversation)
+    first = load_clip(conversation.media_path, conversation.num_frames).frames[0]  # cached: the frames' size
     with use_mode(loaded, mode):
-        per_frame = tokens_per_frame(loaded.handle)
+        per_unit = unit_tokens(loaded, (first.height, first.width))
+    pairs = loaded.pairs_frames
+    units = -(-frames // 2) if pairs else frames  # an odd last frame makes a pair of its own
 
     def refuse_if_too_long(needed: int, what: str) -> None:
+        counted = f"{units} {'frame pairs' if pairs else 'frames'} x {per_unit} = {units * per_unit:,} visual tokens"
         if needed + max_new_tokens > loaded.context_window:
             advice = (
                 "Use fewer frames, or a smaller VisionZip budget."
@@ -426,40 +479,51 @@ def video_tokens(
                 else "Use fewer frames, or VisionZip."
             )
             raise ContextTooLong(
-                f"{loaded.label} ({mode.label}): {frames} frames x {per_frame} = {frames * per_frame:,} visual tokens"
-                f"{what} + {max_new_tokens} new tokens do not fit its {loaded.context_window:,}-token context "
-                f"window, so this side does not run. {advice}"
+                f"{loaded.label} ({mode.label}): {counted}{what} + {max_new_tokens} new tokens do not fit its "
+                f"{loaded.context_window:,}-token context window, so this side does not run. {advice}"
             )
 
-    refuse_if_too_long(frames * per_frame, "")
+    refuse_if_too_long(units * per_unit, "")
     clip = load_clip(conversation.media_path, frames)
-    input_ids = video_input_ids(
-        loaded.processor, video_prompt(loaded.processor, messages, clip.timestamps_s), per_frame
-    )
-    text_tokens = input_ids.shape[1] - len(clip.frames) * per_frame
-    refuse_if_too_long(len(clip.frames) * per_frame + text_tokens, f" + {text_tokens} text")
-    return clip, input_ids, per_frame
+    units = len(frame_pairs(clip)) if pairs else len(clip.frames)  # a clip may hold fewer frames than asked
+    if pairs:
+        with use_mode(loaded, mode):
+            prompt = loaded.processor.apply_chat_template(messages, add_generation_prompt=True)
+            inputs = loaded.processor(
+                text=prompt, videos=[list(clip.frames)], video_metadata=clip_metadata(clip), return_tensors="pt"
+            )
+    else:
+        prompt = video_prompt(loaded.processor, messages, clip.timestamps_s)
+        inputs = {"input_ids": video_input_ids(loaded.processor, prompt, per_unit)}
+    tokens = ClipTokens(clip, dict(inputs), units, per_unit, "frame pairs" if pairs else "frames")
+    text_tokens = tokens.prompt_tokens - tokens.visual
+    refuse_if_too_long(tokens.visual + text_tokens, f" + {text_tokens} text")
+    return tokens
 
 
 def prepare_video(
     loaded: LoadedModel, mode: Mode, conversation: Conversation, messages: list[dict], max_new_tokens: int
 ) -> VideoPrepared:
     """Tokenise the conversation over this side's frames; raise ContextTooLong before anything runs."""
-    if loaded.family not in FRAME_TILE_FAMILIES:
+    if loaded.family not in FRAME_TILE_FAMILIES and not loaded.pairs_frames:
         raise ValueError(
-            f"{loaded.label} takes video its own way (frames paired in time, its own grid); this demo reduces its "
-            "images only. Send an image, or pick a LLaVA model for video."
+            f"{loaded.label} takes video its own way, which this demo does not reduce. Send an image, or pick a "
+            "LLaVA or Qwen2.5-VL model for video."
         )
     if mode.inside_llm:
         raise ValueError(
-            f"{mode.method_title} prunes inside the language model by the prompt's image placeholders; a video's "
-            "frames reach it as embeddings, so it does not run on video here. Pick a method that acts before the LLM."
+            f"{mode.method_title} prunes inside the language model by the prompt's image placeholders, and a video "
+            "here has none (its frames come as embeddings on LLaVA, as video placeholders on Qwen2.5-VL), so it does "
+            "not run on video. Pick a method that acts before the LLM."
         )
-    clip, input_ids, per_frame = video_tokens(loaded, mode, conversation, messages, max_new_tokens)
-    pixel_values = frame_pixel_values(loaded.processor, clip.frames).to(loaded.device, loaded.dtype)
-    visual = len(clip.frames) * per_frame
-    inputs = {"input_ids": input_ids.to(loaded.device), "pixel_values": pixel_values}
-    return VideoPrepared(loaded, mode, inputs, visual, input_ids.shape[1] - visual, frames=len(clip.frames))
+    tokens = video_tokens(loaded, mode, conversation, messages, max_new_tokens)
+    inputs = {key: value.to(loaded.device) for key, value in tokens.inputs.items()}
+    text = tokens.prompt_tokens - tokens.visual
+    if loaded.pairs_frames:
+        inputs["pixel_values_videos"] = inputs["pixel_values_videos"].to(loaded.dtype)
+        return PairedVideoPrepared(loaded, mode, inputs, tokens.visual, text, frames=len(tokens.clip.frames))
+    inputs["pixel_values"] = frame_pixel_values(loaded.processor, tokens.clip.frames).to(loaded.device, loaded.dtype)
+    return VideoPrepared(loaded, mode, inputs, tokens.visual, text, frames=len(tokens.clip.frames))
 
 
 # -- one turn, both sides ------------------------------------------------------------------------
@@ -476,16 +540,23 @@ def load_side_models(registry: ModelRegistry, conversation: Conversation) -> Non
 
 def prepare_sides(
     registry: ModelRegistry, conversation: Conversation, question: str, max_new_tokens: int
-) -> tuple[dict[str, Prepared], dict[str, str]]:
+) -> tuple[dict[str, Prepared | EngineTurn], dict[str, str]]:
     """Each side's prepared turn, or the reason it cannot run (its model, its context window)."""
     image = load_media(conversation) if conversation.media_kind == "image" else None
-    prepared: dict[str, Prepared] = {}
+    prepared: dict[str, Prepared | EngineTurn] = {}
     errors: dict[str, str] = {}
     for side in SIDES:
         config = conversation.sides[side]
         try:
-            loaded = registry.ready(config.model)
             messages = messages_for(conversation, side, question)
+            if registry.is_engine(config.model):
+                server, keep = registry.engines[config.model], conversation.keep_cache
+                prepared[side] = prepare_engine_turn(server, messages, image, max_new_tokens, keep)
+                prepared[side].text = question
+                if prepared[side].mode != config.mode:  # the server's settings now: the page shows them from here on
+                    conversation.sides = {**conversation.sides, side: replace(config, mode=prepared[side].mode)}
+                continue
+            loaded = registry.ready(config.model)
             if image is None:
                 prepared[side] = prepare_video(loaded, config.mode, conversation, messages, max_new_tokens)
             else:
@@ -535,7 +606,10 @@ def run_turn(
             continue
         turn.running = side
         keep = conversation.keep_cache and conversation.media_kind == "image"
-        stream = stream_side(prepared[side], number, side, max_new_tokens, stop, keep_cache=keep)
+        if isinstance(prepared[side], EngineTurn):
+            stream = prepared[side].stream(number, side, max_new_tokens, stop, conversation.sides[side].model)
+        else:
+            stream = stream_side(prepared[side], number, side, max_new_tokens, stop, keep_cache=keep)
         try:
             yield conversation
             for answer, stats in stream:

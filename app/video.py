@@ -1,5 +1,6 @@
 """Video in the app: how many frames the "same budget" mode gives a reducing side, the clip's info
-line, and the filmstrip of what a method keeps on each frame (clips load in app.media)."""
+line, and the filmstrip of what a method keeps on each frame, or on each frame pair for a model that pairs
+frames in time (Qwen2.5-VL); clips load in app.media."""
 
 from __future__ import annotations
 
@@ -38,6 +39,48 @@ def frame_tile(frame: Image.Image, family: str) -> Image.Image:
     side = overlay.TILE_PX if family != "llava_onevision" else overlay.TILE_GEOMETRY[27][0]
     size = (side, side)
     return ImageOps.fit(frame, size) if family == "llava" else frame.resize(size, Image.Resampling.BICUBIC)
+
+
+def clip_metadata(clip: Clip) -> dict:
+    """What a model that spaces a clip's temporal positions by time needs (Qwen2.5-VL's processor: its
+    seconds per frame pair): the video's frame count and rate, and which frames were sampled."""
+    info = clip.info
+    return {
+        "total_num_frames": info["total_frames"],
+        "fps": info["fps"] or None,
+        "frames_indices": list(info["indices"]),
+    }
+
+
+def frame_pairs(clip: Clip) -> list[tuple[int, int]]:
+    """(first, last) frame index of each pair a model with temporal patch 2 sees: an odd last frame pairs
+    with itself (the processor repeats it)."""
+    count = len(clip.frames)
+    return [(first, min(first + 1, count - 1)) for first in range(0, count, 2)]
+
+
+def pair_filmstrip(
+    clip: Clip, selections: list[ImageSelection] | None, full_tokens_per_pair: int
+) -> list[tuple[Image.Image, str]]:
+    """(picture, caption) per frame pair for a gr.Gallery: the pair's first frame, whole (the model's cells
+    cover the whole resized frame), with what the method kept on the pair's merged cells drawn on it."""
+    pairs = frame_pairs(clip)
+    if selections is not None and len(selections) != len(pairs):
+        raise ValueError(f"{len(selections)} selections for {len(pairs)} frame pairs")
+    strip = []
+    for k, (first, last) in enumerate(pairs):
+        frame = clip.frames[first]
+        if selections is None:
+            picture, tokens = frame, f"all {full_tokens_per_pair} tokens"
+        else:
+            chosen = selections[k].tiles[0]
+            picture = overlay.draw_overlay(frame, selections[k])
+            tokens = f"{len(chosen.kept)} kept + {len(chosen.targets)} merged tokens"
+        picture = picture.copy()
+        picture.thumbnail((FILMSTRIP_PX, FILMSTRIP_PX), Image.Resampling.BICUBIC)
+        times = f"{clip.timestamps_s[first]:.1f}–{clip.timestamps_s[last]:.1f} s"
+        strip.append((picture, f"frames {first + 1}–{last + 1} · {times} · {tokens}"))
+    return strip
 
 
 def filmstrip(

@@ -1,5 +1,5 @@
 """The GPU check's measuring steps (bench.gpu_steps runs them): bench.phases with a profiler capture per
-mode, every other method, and the CUDA correctness checks. Torch and the project load inside the steps.
+mode, every other method, Qwen2.5-VL and LLaVA-OneVision, and the CUDA correctness checks. Torch and the project load inside the steps.
 """
 
 from __future__ import annotations
@@ -13,18 +13,22 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.gpu_plan import OTHERS, Context
+from bench.gpu_plan import FAMILY_ROUNDS, FAMILY_SHAPES, OTHERS, OTHERS_ROUNDS, PHASES_ROUNDS, Context
 
-# bench.phases arguments, less the budgets and --out. On the GPU the random 7B the phases step saved, in
-# bf16: 2 warm-up rounds (cuBLAS and SDPA pick their kernels on first use) and the median of 8 (phases), of
-# 6 with one decode token (others); bench/gpu_plan.py counts this work.
+# bench.phases arguments, less the budgets and --out. On the GPU the random 7B the phases step saved, in bf16,
+# with the rounds bench/gpu_plan.py counts (PHASES_ROUNDS, OTHERS_ROUNDS); the families step builds random
+# models of the 7B configs on the GPU (28 LM layers: bench.phases.FULL_DEPTH).
 PHASES_ARGV = {
-    True: "--preset tiny --dtype float32 --device cpu --repeats 1 --warmup 0 --new-tokens 2",
-    False: "--preset real --dtype bfloat16 --device cuda --repeats 8 --warmup 2 --new-tokens 8",
+    True: "--preset tiny --dtype float32 --device cpu --repeats 1 --warmup 0 --new-tokens 2".split(),
+    False: "--preset real --dtype bfloat16 --device cuda".split() + PHASES_ROUNDS.argv(),
 }
 OTHERS_ARGV = {
-    True: "--preset tiny --dtype float32 --device cpu --repeats 1 --warmup 0 --new-tokens 1 --no-authors",
-    False: "--preset real --dtype bfloat16 --device cuda --repeats 6 --warmup 2 --new-tokens 1 --no-authors",
+    True: "--preset tiny --dtype float32 --device cpu --repeats 1 --warmup 0 --new-tokens 1 --no-authors".split(),
+    False: "--preset real --dtype bfloat16 --device cuda --no-authors".split() + OTHERS_ROUNDS.argv(),
+}
+FAMILY_ARGV = {
+    True: "--preset tiny --dtype float32 --device cpu --repeats 1 --warmup 0 --new-tokens 1".split(),
+    False: "--preset wide --dtype bfloat16 --device cuda".split() + FAMILY_ROUNDS.argv(),
 }
 EVERY_METHOD = ["320", *(f"{name}:320" for name in OTHERS)]  # the correctness checks' modes, after "full"
 # The dry run goes through every path with fewer modes (its time is the test suite's): VisionZip's budgets
@@ -92,12 +96,14 @@ def build_once(context: Context) -> dict[str, Any]:
 
 
 # -- steps: phases and others ------------------------------------------------------------------------------
-def run_phases(context: Context, name: str, argv: list[str]) -> dict[str, Any]:
-    """bench.phases through its command-line entry on the saved checkpoint (model_checkpoint); its JSON results."""
+def run_phases(context: Context, name: str, argv: list[str], checkpoint: bool = True) -> dict[str, Any]:
+    """bench.phases through its command-line entry, on the saved checkpoint (model_checkpoint) unless
+    `checkpoint` is False (argv names the model then); its JSON results."""
     from bench import phases
 
-    clip_for_cdpruner(context.dry_run)
-    argv = argv + ([] if context.dry_run else ["--model", str(model_checkpoint(False))])
+    if checkpoint:  # the LLaVA-NeXT 7B: CDPruner runs there (the other families refuse it)
+        clip_for_cdpruner(context.dry_run)
+    argv = argv + (["--model", str(model_checkpoint(False))] if checkpoint and not context.dry_run else [])
     argv += ["--out", str(context.scratch / name)]
     print("python -m bench.phases", " ".join(argv), flush=True)
     if phases.main(argv) != 0:
@@ -105,14 +111,15 @@ def run_phases(context: Context, name: str, argv: list[str]) -> dict[str, Any]:
     (path,) = (context.scratch / name).glob("*.json")
     results = json.loads(path.read_text())
     results["meta"]["argv"] = argv
-    fastv_rows(results, context.dry_run)
+    fastv_rows(results)
     return results
 
 
-def phases_markdown(results: dict[str, Any]) -> str:
+def phases_markdown(results: dict[str, Any], targets: bool = True) -> str:
+    """bench.phases' tables, issue 16's targets (set for LLaVA-NeXT) where `targets`, and FastV's work."""
     from bench import phases
 
-    lines = [phases.report(results), targets_markdown(issue16_targets(results))]
+    lines = [phases.report(results), *([targets_markdown(issue16_targets(results))] if targets else [])]
     fastv = [row for row in results["rows"] if "lm_tokens_by_layer" in row]
     lines += [
         f"FastV ({row['mode']}) keeps the prompt's {row['visual_tokens']} image placeholders; its LM runs "
@@ -127,7 +134,7 @@ def step_phases(context: Context) -> dict[str, Any]:
     full; saved; then one profiler capture per mode, every method's."""
     built = build_once(context)
     budgets = [min(context.budgets, key=int)] if context.dry_run else context.budgets
-    argv = PHASES_ARGV[context.dry_run].split() + ["--budgets", *budgets]
+    argv = PHASES_ARGV[context.dry_run] + ["--budgets", *budgets]
     results = run_phases(context, "phases", argv)
     markdown = phases_markdown(results)
     data: dict[str, Any] = {"model": built, "results": results, "targets_issue16": issue16_targets(results)}
@@ -143,10 +150,70 @@ def step_phases(context: Context) -> dict[str, Any]:
 def step_others(context: Context) -> dict[str, Any]:
     """Every other registered method at 320 beside full and VisionZip 320, one decode token each."""
     methods = DRY_OTHERS if context.dry_run else OTHERS
-    argv = OTHERS_ARGV[context.dry_run].split() + ["--budgets", "320", *(f"{name}:320" for name in methods)]
+    argv = OTHERS_ARGV[context.dry_run] + ["--budgets", "320", *(f"{name}:320" for name in methods)]
     results = run_phases(context, "others", argv)
     data = {"results": results, "targets_issue16": issue16_targets(results)}
     return {"data": data, "markdown": phases_markdown(results)}
+
+
+def step_families(context: Context) -> dict[str, Any]:
+    """Qwen2.5-VL and LLaVA-OneVision: bench.phases on a random model of each 7B's config built on the GPU
+    (the tiny models in a dry run), full beside VisionZip's presets and every method that runs on the
+    family; the methods that refuse it are recorded with the library's reason."""
+    data: dict[str, Any] = {}
+    markdown = []
+    for family in FAMILY_SHAPES:
+        runs, refused = methods_on(family)
+        argv = FAMILY_ARGV[context.dry_run] + ["--family", family]
+        argv += ["--budgets", *family_budgets(family, runs, "smallest" if context.dry_run else "middle")]
+        results = run_phases(context, family, argv, checkpoint=False)
+        data[family] = {"results": results, "refused": refused}
+        refusals = [f"- {name} refuses {family}: {reason}" for name, reason in refused.items()]
+        markdown.append("\n\n".join([f"### {family}", phases_markdown(results, targets=False), *refusals]))
+        context.save(data=data, markdown="\n\n".join(markdown))  # the second family may run out of time
+        free_memory()
+    return {"data": data, "markdown": "\n\n".join(markdown)}
+
+
+def methods_on(family: str) -> tuple[list[str], dict[str, str]]:
+    """The registered methods other than VisionZip that run on `family` (in registry order), and each
+    refusing one's reason, as the library gives it when asked on the family's tiny model."""
+    import visionzip
+    from bench import phases
+    from visionzip.tiny import load_tiny
+
+    model, processor = load_tiny(family)
+    handle = visionzip.apply(model, processor)
+    runs, refused = [], {}
+    try:
+        for name in visionzip.METHODS:
+            if name == "visionzip":
+                continue
+            tokens = max(visionzip.get_method(name).presets(family).values())
+            try:
+                with handle.use(**phases.Reduction(name, tokens=tokens).use()):
+                    runs.append(name)
+            except ValueError as refusal:
+                refused[name] = str(refusal)
+    finally:
+        handle.remove()
+    return runs, refused
+
+
+def family_budgets(family: str, methods: list[str], visionzip_presets: str) -> list[str]:
+    """bench.phases --budgets: VisionZip's presets ("all", "smallest" or "middle"), then each method at its
+    preset nearest VisionZip's middle one."""
+    import visionzip
+    from visionzip.budget import PRESETS
+
+    names = sorted(PRESETS[family], reverse=True)
+    middle = names[1]
+    chosen = []
+    for name in methods:
+        presets = visionzip.get_method(name).presets(family)
+        chosen.append(f"{name}:{min(presets, key=lambda preset: abs(preset - middle))}")
+    ours = {"all": names, "smallest": names[-1:], "middle": [middle]}[visionzip_presets]
+    return [str(name) for name in ours] + chosen
 
 
 def issue16_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
@@ -188,21 +255,21 @@ def targets_markdown(targets: list[dict[str, Any]]) -> str:
 
 
 # -- FastV's own work ------------------------------------------------------------------------------------------
-def fastv_rows(results: dict[str, Any], dry_run: bool) -> None:
+def fastv_rows(results: dict[str, Any]) -> None:
     """FastV keeps every image placeholder in the prompt and prunes inside the LM: layers below K run on the
     whole context, layers K.. on the text and the kept image tokens. Its row's token ratio, prefill FLOPs
     and FLOP bound are set from that work (bench.phases counts the whole context in every layer: 1.00x)."""
     rows = [row for row in results["rows"] if row["mode"].startswith("fastv:")]
     if not rows:
         return
-    from transformers import AutoConfig
+    from types import SimpleNamespace
 
     import visionzip
     from visionzip.settings import Settings
 
-    text = AutoConfig.from_pretrained(model_checkpoint(dry_run)).text_config
+    text = SimpleNamespace(**results["text_config"])  # the run's LM shape, as bench.phases wrote it
     layer = Settings.__dataclass_fields__["fastv_layer"].default  # bench.phases leaves FastV's K at its default
-    presets = visionzip.get_method("fastv").presets("llava_next")
+    presets = visionzip.get_method("fastv").presets(results["meta"]["family"])
     for row in rows:
         kept = row["context_tokens"] - row["visual_tokens"] + presets[int(row["mode"].split(":")[1])]
         set_fastv_work(row, results["rows"][0], text, layer, kept)
@@ -327,11 +394,16 @@ def step_correct(context: Context) -> dict[str, Any]:
     torch.backends.cudnn.allow_tf32 = False
     data: dict[str, Any] = {"devices": compare_devices(context)}  # the tiny model: its own tiny CLIP for CDPruner
     context.save(data=data)
+    data["families"] = {}
+    for family in FAMILY_SHAPES:
+        data["families"][family] = compare_devices(context, family)
+        context.save(data=data)
     free_memory()
     clip_for_cdpruner(context.dry_run)  # 7B width: the random CLIP-L (set only now: the tiny model cannot take it)
     data["precision"] = compare_precisions(context)
     record: dict[str, Any] = {"data": data, "markdown": correct_markdown(data)}
-    differ = [row["mode"] for row in data["devices"]["rows"] if not row["same_selection"]]
+    compared = [data["devices"], *data["families"].values()]
+    differ = [f"{c['family']} {row['mode']}" for c in compared for row in c["rows"] if not row["same_selection"]]
     if differ:
         record.update(
             status="failed", error=f"fp32 selections on {data['devices']['device']} differ from the CPU's: {differ}"
@@ -357,27 +429,34 @@ def choices_and_logits(subject: Any, modes: list[Any], device: str, dtype: Any) 
     return results
 
 
-def cpu_modes(subject: Any, names: list[str]) -> list[Any]:
+def cpu_modes(subject: Any, names: list[str], family: str = "llava_next") -> list[Any]:
     """bench.phases' modes of these names, with their inputs on the CPU in fp32."""
     import torch
 
     from bench import phases
 
     with torch.inference_mode():
-        return phases.prepare_modes(subject, names, torch.device("cpu"), torch.float32)
+        return phases.prepare_modes(subject, names, torch.device("cpu"), torch.float32, family)
 
 
-def compare_devices(context: Context) -> dict[str, Any]:
-    """The tiny model in fp32 on the CPU and on the GPU (a dry run: the CPU twice, the path only)."""
+def compare_devices(context: Context, family: str = "llava_next") -> dict[str, Any]:
+    """The family's tiny model in fp32 on the CPU and on the GPU (a dry run: the CPU twice, the path only),
+    every method that runs on it (a dry run: the smallest VisionZip budget and FastV)."""
     import torch
 
     from bench.phases import Subject
     from visionzip.tiny import load_tiny
 
-    model, processor = load_tiny("llava_next", torch.float32)
+    model, processor = load_tiny(family, torch.float32)
     subject = Subject(model, processor, "tiny")
-    names = DRY_MODES if context.dry_run else EVERY_METHOD
-    modes = cpu_modes(subject, names)
+    if family == "llava_next":
+        names = DRY_MODES if context.dry_run else EVERY_METHOD
+    else:
+        methods, _ = methods_on(family)
+        names = family_budgets(
+            family, ["fastv"] if context.dry_run else methods, "smallest" if context.dry_run else "middle"
+        )
+    modes = cpu_modes(subject, names, family)
     on_cpu = choices_and_logits(subject, modes, "cpu", torch.float32)
     device = context.device
     other = Subject(copy.deepcopy(model).to(device), processor, "tiny")
@@ -393,7 +472,7 @@ def compare_devices(context: Context) -> dict[str, Any]:
                 "same_first_token": int(logits_cpu.argmax()) == int(logits_dev.argmax()),
             }
         )
-    return {"model": "tiny LLaVA-NeXT, float32", "device": device, "rows": rows}
+    return {"model": f"tiny {family}, float32", "family": family, "device": device, "rows": rows}
 
 
 def compare_precisions(context: Context) -> dict[str, Any]:
@@ -446,20 +525,22 @@ def correct_markdown(data: dict[str, Any]) -> str:
     def cell(value: Any, fmt: str) -> str:
         return "-" if value is None else format(value, fmt)
 
-    devices, precision = data["devices"], data["precision"]
-    lines = [
-        f"{devices['model']}: {devices['device']} against the CPU",
-        "",
-        "| mode | same selection | overlap | max abs logit diff | same first token |",
-        "|---|---|---|---|---|",
-    ]
+    lines = []
+    for devices in [data["devices"], *data.get("families", {}).values()]:
+        lines += [
+            f"{devices['model']}: {devices['device']} against the CPU",
+            "",
+            "| mode | same selection | overlap | max abs logit diff | same first token |",
+            "|---|---|---|---|---|",
+        ]
+        lines += [
+            f"| {r['mode']} | {'yes' if r['same_selection'] else 'NO'} | {cell(r['overlap'], '.3f')} "
+            f"| {r['max_abs_logit_diff']:.2e} | {'yes' if r['same_first_token'] else 'no'} |"
+            for r in devices["rows"]
+        ]
+        lines.append("")
+    precision = data["precision"]
     lines += [
-        f"| {r['mode']} | {'yes' if r['same_selection'] else 'NO'} | {cell(r['overlap'], '.3f')} "
-        f"| {r['max_abs_logit_diff']:.2e} | {'yes' if r['same_first_token'] else 'no'} |"
-        for r in devices["rows"]
-    ]
-    lines += [
-        "",
         f"{precision['model']} on {precision['device']}: bf16 against fp32 (the same weights)",
         "",
         "| mode | overlap | lowest tile overlap | first-token KL(fp32 \\| bf16) | same first token |",

@@ -24,6 +24,8 @@ HOST_S_PER_LAYER = 1.0e-3  # one decoder/encoder layer call issued from Python: 
 #   model takes 0.7-1.4 ms per LM layer per decode step (bench.phases decode_ms_per_token / 4 layers, 2 cores),
 #   which is host work alone; kernel launches there (about 12 per layer, under 10 us each) add little
 WRITE_GBPS = 1.0  # a random checkpoint built on the GPU, copied to the host and saved into /dev/shm
+BUILD_GBPS = 5.0  # a random model initialised on the GPU and kept there (no host copy): not measured yet, a
+#   guess well under the device's bandwidth (the Python side of transformers' per-module init dominates)
 LOAD_GBPS = 2.0  # a checkpoint read from /dev/shm onto the GPU by from_pretrained
 IMPORT_S = 8.0  # a step process: python, torch, transformers, the project (compiled .pyc there)
 FIRST_IMPORT_S = 15.0  # the first one also compiles what `pip install --no-compile` left (the env step)
@@ -41,10 +43,67 @@ OTHERS = ["visionzip_dominant", "random", "pool", "divprune", "vispruner", "fast
 
 
 @dataclass(frozen=True)
+class Shape:
+    """A 7B-shaped model's work on the 672x672 image, from bench.phases' FLOP counts (a test recomputes them)."""
+
+    tower_tflop: float
+    prefill_tflop: dict[str, float]  # mode -> LM prefill TFLOP at its context length
+    tower_layers: int
+    lm_layers: int
+    gb: float  # bf16 weights
+
+
+LLAVA_NEXT_7B = Shape(TOWER_TFLOP, PREFILL_TFLOP, TOWER_LAYERS, LM_LAYERS, GB_7B)
+# The families step: random models of Qwen2.5-VL-7B's and llava-onevision-qwen2-7b's configs (bench.phases
+# build_wide_qwen / build_wide_onevision, 28 LM layers; Qwen with the tiny checkpoint's vocabulary), built
+# on the GPU. The other methods run at the middle budget; CDPruner refuses both (the step asks the library).
+FAMILY_SHAPES = {
+    "qwen2_5_vl": Shape(
+        3.040, {"full": 8.089, "256": 3.854, "128": 2.172, "64": 1.333, "fastv:128": 2.595}, 32, 28, 14.4
+    ),
+    "llava_onevision": Shape(
+        3.209, {"full": 51.39, "640": 8.769, "320": 4.527, "160": 2.422, "fastv:320": 7.875}, 26, 28, 16.1
+    ),
+}
+FAMILY_OTHERS = [name for name in OTHERS if name != "cdpruner"]
+
+
+@dataclass(frozen=True)
+class Rounds:
+    """How long a bench.phases run on the GPU is: untimed rounds, timed rounds (the median), decode tokens."""
+
+    warmup: int
+    repeats: int
+    new_tokens: int
+
+    @property
+    def total(self) -> int:
+        return self.warmup + self.repeats
+
+    def argv(self) -> list[str]:
+        return ["--warmup", str(self.warmup), "--repeats", str(self.repeats), "--new-tokens", str(self.new_tokens)]
+
+
+# One warm-up round runs every mode once (cuBLAS and SDPA pick their kernels for its shapes on first use).
+# Sized so that the default plan fits its budget with the families step in it (a test checks).
+PHASES_ROUNDS, OTHERS_ROUNDS, FAMILY_ROUNDS = Rounds(1, 4, 3), Rounds(1, 4, 1), Rounds(1, 2, 1)
+CONVERSATION_NEW_TOKENS = 3  # per answer (bench.gpu_steps.conversation_argv)
+
+
+def family_modes(family: str) -> list[str]:
+    """The families step's modes on the GPU: full, VisionZip's middle preset and every other method at about
+    that count (each at its preset nearest it: the same prefill here)."""
+    budgets = [name for name in FAMILY_SHAPES[family].prefill_tflop if name != "full" and ":" not in name]
+    middle = budgets[1]
+    return ["full", middle, *(f"fastv:{middle}" if name == "fastv" else middle for name in FAMILY_OTHERS)]
+
+
+@dataclass(frozen=True)
 class Work:
     """What a step does on the GPU, counted; `seconds` turns it into time with the rates above."""
 
     imports_s: float = IMPORT_S
+    build_gb: float = 0.0
     write_gb: float = 0.0
     load_gb: float = 0.0
     layer_calls: int = 0
@@ -52,28 +111,50 @@ class Work:
     other_s: float = 0.0  # what the counts above miss (pytest's own tests, processor calls, the profiler)
 
     def seconds(self) -> float:
-        io = self.write_gb / WRITE_GBPS + self.load_gb / LOAD_GBPS
+        io = self.build_gb / BUILD_GBPS + self.write_gb / WRITE_GBPS + self.load_gb / LOAD_GBPS
         return self.imports_s + io + self.layer_calls * HOST_S_PER_LAYER + self.tflop / TFLOPS_BF16 + self.other_s
 
 
-def bench_work(modes: list[str], rounds: int, new_tokens: int, authors: bool) -> tuple[int, float]:
+def bench_work(
+    modes: list[str], rounds: int, new_tokens: int, authors: bool, shape: Shape = LLAVA_NEXT_7B
+) -> tuple[int, float]:
     """(layer calls, TFLOP) of bench.phases: every mode once per round, a prefill (tower + LM) and
     `new_tokens` decode steps each, and the authors' eager tower once per round."""
-    per_mode = TOWER_LAYERS + LM_LAYERS * (1 + new_tokens)
-    calls = rounds * (len(modes) * per_mode + (TOWER_LAYERS if authors else 0))
-    tflop = rounds * (sum(TOWER_TFLOP + PREFILL_TFLOP[mode] for mode in modes) + (TOWER_TFLOP if authors else 0))
+    per_mode = shape.tower_layers + shape.lm_layers * (1 + new_tokens)
+    calls = rounds * (len(modes) * per_mode + (shape.tower_layers if authors else 0))
+    tower = shape.tower_tflop
+    tflop = rounds * (sum(tower + shape.prefill_tflop[mode] for mode in modes) + (tower if authors else 0))
     return calls, tflop
 
 
+def families_work() -> Work:
+    """Both families built on the GPU, then bench.phases on each (a processor call per mode)."""
+    rounds = FAMILY_ROUNDS
+    counts = [
+        bench_work(family_modes(family), rounds.total, rounds.new_tokens, False, shape)
+        for family, shape in FAMILY_SHAPES.items()
+    ]
+    modes = sum(len(family_modes(family)) for family in FAMILY_SHAPES)
+    return Work(
+        build_gb=sum(shape.gb for shape in FAMILY_SHAPES.values()),
+        layer_calls=sum(calls for calls, _ in counts),
+        tflop=sum(tflop for _, tflop in counts),
+        # the tiny models' refusal check; a processor call per mode (at most 0.36 s on the loaded 2-core CPU here)
+        other_s=len(FAMILY_SHAPES) * 0.5 + 0.4 * modes,
+    )
+
+
 def gpu_work() -> dict[str, Work]:
-    """Each step's work with the default arguments (bench.gpu_steps' *_ARGV)."""
-    phases_calls, phases_tflop = bench_work(["full", "640", "320", "160"], rounds=10, new_tokens=8, authors=True)
+    """Each step's work with the default arguments (bench.gpu_measure's *_ARGV and the *_ROUNDS above)."""
+    phases = PHASES_ROUNDS
+    phases_calls, phases_tflop = bench_work(["full", "640", "320", "160"], phases.total, phases.new_tokens, True)
     # every other method keeps 320 tokens, so its prefill is VisionZip 320's, but FastV's (it prunes inside the LM)
     other_modes = ["full", "320", *("fastv:320" if name == "fastv" else "320" for name in OTHERS)]
-    others_calls, others_tflop = bench_work(other_modes, rounds=8, new_tokens=1, authors=False)
+    others_calls, others_tflop = bench_work(other_modes, OTHERS_ROUNDS.total, OTHERS_ROUNDS.new_tokens, False)
     every_mode = ["full", "640", "320", "160", *other_modes[2:]]
     profile_calls = 2 * len(every_mode) * (TOWER_LAYERS + LM_LAYERS)  # a warm-up and a captured prefill each
-    conversation_calls = 6 * 3 * 2 * (TOWER_LAYERS + LM_LAYERS * (1 + 8))  # 3 budgets x (1 + 1) x 3 turns x 2 sides
+    # 3 budgets x (1 + 1) conversations x 3 turns x 2 sides
+    conversation_calls = 6 * 3 * 2 * (TOWER_LAYERS + LM_LAYERS * (1 + CONVERSATION_NEW_TOKENS))
     return {
         "env": Work(imports_s=FIRST_IMPORT_S, other_s=8),  # nvidia-smi, the processor check
         "pytest": Work(other_s=15),  # tests/test_gpu.py: tiny-model turns on CUDA
@@ -85,7 +166,9 @@ def gpu_work() -> dict[str, Work]:
             other_s=4 + 0.5 * len(every_mode),  # processor calls per mode; reading each profile
         ),
         "others": Work(load_gb=GB_7B, layer_calls=others_calls, tflop=others_tflop, other_s=5),
-        "correct": Work(write_gb=6.0, layer_calls=4 * 9 * (TOWER_LAYERS + 4), other_s=6),  # fp32 wide, 4 LM layers
+        "families": families_work(),
+        # fp32 wide, 4 LM layers, built on the GPU and kept there; the tiny models of three families on both devices
+        "correct": Work(build_gb=6.0, layer_calls=4 * 9 * (TOWER_LAYERS + 4), other_s=10),
         "conversation": Work(
             load_gb=GB_7B, layer_calls=conversation_calls, tflop=6 * 3 * 2 * 45 / 2, other_s=5
         ),  # each turn: the full side about 45 TFLOP, VisionZip's a few
@@ -107,7 +190,12 @@ STEPS = [
     Step("pytest", "tests/test_gpu.py (the tests that skip without CUDA), gradio unimportable", 4.6, "pytest-gpu.txt"),
     Step("phases", "the random 7B built once; bench.phases, VisionZip beside full; a profiler capture per mode", 5.5),
     Step("others", "bench.phases, every other method at 320 beside full and VisionZip 320, one decode token", 5.2),
-    Step("correct", "selections on CUDA = CPU (fp32, every method); bf16 vs fp32 overlap and first-token KL", 5.9),
+    Step("families", "Qwen2.5-VL and LLaVA-OneVision at 7B shape, 28 LM layers: bench.phases, every method", 10.5),
+    Step(
+        "correct",
+        "selections on CUDA = CPU (fp32, every method, 3 families); bf16 vs fp32 overlap, first-token KL",
+        8.9,
+    ),
     Step("conversation", "bench.conversation: three turns through the app's turn code, full vs VisionZip", 5.5),
     Step("registry", "7B- and 13B-shaped models through the app's registry; then its memory policy", 4.2),
 ]

@@ -45,7 +45,7 @@ from bench.gpu_check import (
     pinned,
 )
 from bench.gpu_measure import free_memory, gpu_memory, model_checkpoint
-from bench.gpu_plan import OVERRUN, STEPS, Context
+from bench.gpu_plan import CONVERSATION_NEW_TOKENS, OVERRUN, STEPS, Context
 
 GIB = 2**30
 WATCHDOG_GRACE_S = 3  # after its deadline a step ends its own group, in case the parent could not
@@ -76,10 +76,11 @@ def recording_name(dry_run: bool) -> str:
 
 def conversation_argv(dry_run: bool) -> list[str]:
     """bench.conversation arguments, less the budgets: three turns; on the GPU one warm-up conversation per
-    budget (the app warms up per model and mode too) and one measured, 8 new tokens per answer."""
+    budget (the app warms up per model and mode too) and one measured, CONVERSATION_NEW_TOKENS per answer."""
     if dry_run:
         return "--device cpu --dtype float32 --turns 3 --repeats 1 --warmup 0 --max-new-tokens 2".split()
-    return "--wide 32 --dtype bfloat16 --device cuda --turns 3 --repeats 1 --warmup 1 --max-new-tokens 8".split()
+    argv = "--wide 32 --dtype bfloat16 --device cuda --turns 3 --repeats 1 --warmup 1 --max-new-tokens".split()
+    return [*argv, str(CONVERSATION_NEW_TOKENS)]
 
 
 # -- the app, through as few names as possible ------------------------------------------------------------
@@ -148,6 +149,7 @@ def step_functions() -> dict[str, Callable[[Context], dict[str, Any]]]:
         "pytest": step_pytest,
         "phases": gpu_measure.step_phases,
         "others": gpu_measure.step_others,
+        "families": gpu_measure.step_families,
         "correct": gpu_measure.step_correct,
         "conversation": step_conversation,
         "registry": step_registry,

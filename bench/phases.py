@@ -4,15 +4,21 @@
     python -m bench.phases --preset wide --dtype bfloat16 --out benchmarks          # 2 LM layers
     python -m bench.phases --preset wide --llm-layers 32 --dtype bfloat16 --device cuda --out benchmarks
     python -m bench.phases --preset real --model llava-hf/llava-v1.6-vicuna-7b-hf --dtype bfloat16 --device cuda
-    python -m bench.phases --family llava_onevision --preset wide --dtype bfloat16 --no-authors --out benchmarks
+    python -m bench.phases --family llava_onevision --preset wide --dtype bfloat16 --out benchmarks
+    python -m bench.phases --family qwen2_5_vl --preset wide --dtype bfloat16 --out benchmarks
     python -m bench.phases --plot benchmarks/*.json --out benchmarks                # TTFT figure
 
-One 672x672 image (5 tiles, 2928 stock visual tokens) and one chat question. Modes: `full` is the
-untouched stock model; 640 / 320 / 160 are VisionZip budgets applied with `visionzip.apply` and
-`handle.use(...)`. Every round runs every mode (order rotated each round), so ratios compare runs
-made side by side; the first `--warmup` rounds are dropped and each figure is the median of the rest.
-The phases of time to first token are timed inside one real forward by hooks on the modules (CUDA
-events on a GPU; VisionZip adds no host sync mid-forward), which makes them add up to the whole.
+One 672x672 image and one chat question: LLaVA-NeXT and LLaVA-OneVision see 5 tiles (2928 and 3699
+stock visual tokens), Qwen2.5-VL one 48x48-patch image (576 merged tokens). Modes: `full` is the
+untouched stock model; 640 / 320 / 160 (Qwen2.5-VL: 256 / 128 / 64) are VisionZip budgets applied with
+`visionzip.apply` and `handle.use(...)`, "METHOD:NAME" another method at its preset. Every round runs
+every mode (order rotated each round), so ratios compare runs made side by side; the first `--warmup`
+rounds are dropped and each figure is the median of the rest. The phases of time to first token are
+timed inside one real forward by hooks on the modules (CUDA events on a GPU; VisionZip adds no host
+sync mid-forward), which makes them add up to the whole. On Qwen2.5-VL the projector is the tower's own
+2x2 merger, and the methods choose after the tower together with the M-RoPE positions and the packing:
+there `pack ms` and `VZ ms` hold that choice, and selection + merge has no time of its own. The authors'
+approach (their eager CLIP tower reading the CLS row) runs on LLaVA-NeXT only.
 """
 
 from __future__ import annotations
@@ -43,7 +49,7 @@ from torch import nn
 
 import visionzip
 from app.hosting import machine_description  # noqa: F401 (bench.multiturn and bench.conversation import it from here)
-from visionzip.budget import Budget, preset_budget
+from visionzip.budget import PRESETS, Budget, preset_budget
 from visionzip.cost import llm_linear_params as _llm_linear_params
 from visionzip.cost import prefill_flops
 from visionzip.merge import choose_tokens, merge_tokens
@@ -54,6 +60,9 @@ IMAGE_SIZE = (672, 672)  # (H, W): a 2x2 anyres grid, 5 tiles, as in the paper's
 QUESTION = "What is shown in this image? Describe it in detail."
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 MIB = 2**20
+# what visionzip.cost's prefill_flops reads of an LM's config
+LM_SHAPE_KEYS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+LM_SHAPE_KEYS += ("num_key_value_heads", "vocab_size")
 
 
 # -- FLOPs each phase must do (multiply-add = 2 FLOPs; norms, softmax and activations left out) ----
@@ -94,6 +103,52 @@ def visionzip_flops(vision_config: Any, tiles: int, budget: Budget) -> float:
     )
     per_tile = signal + 2 * merged * budget.contextual * head_dim
     return float(tiles * per_tile)
+
+
+# Qwen2.5-VL: one image is a grid of patch rows x cols; its tower runs windows of merged cells in most
+# blocks and the whole image in `fullatt_block_indexes`; its merger (the projector) runs inside the tower.
+def qwen_window_patches(vision_config: Any, grid: tuple[int, int]) -> list[int]:
+    """Patches in each attention window of a windowed block (the tower's `get_window_index`: windows of
+    window_size px, in merged cells; the last row and column of windows are cut by the image's edge)."""
+    merge = vision_config.spatial_merge_size
+    side = vision_config.window_size // merge // vision_config.patch_size  # cells per window side
+    rows, cols = grid[0] // merge, grid[1] // merge
+    heights = [min(side, rows - top) for top in range(0, rows, side)]
+    widths = [min(side, cols - left) for left in range(0, cols, side)]
+    return [height * width * merge * merge for height in heights for width in widths]
+
+
+def qwen_tower_flops(vision_config: Any, grid: tuple[int, int]) -> float:
+    """Qwen2.5-VL's tower on one image of rows x cols patches, the merger left out (`qwen_merger_flops`):
+    the patch conv (3 x temporal x p x p inputs), per block the fused qkv, the output and the gated MLP's
+    matmuls 2*S*(4C^2 + 3CF), attention 4*s^2*C over each window s (or the whole image S in a
+    full-attention block)."""
+    patches, width = grid[0] * grid[1], vision_config.hidden_size
+    pixels = vision_config.in_channels * vision_config.temporal_patch_size * vision_config.patch_size**2
+    embed = 2 * patches * pixels * width
+    linear = 2 * patches * (4 * width * width + 3 * width * vision_config.intermediate_size)
+    blocks, full = vision_config.depth, len(vision_config.fullatt_block_indexes)
+    windows = sum(4 * size * size * width for size in qwen_window_patches(vision_config, grid))
+    attention = (blocks - full) * windows + full * 4 * patches * patches * width
+    return float(embed + blocks * linear + attention)
+
+
+def qwen_merger_flops(vision_config: Any, cells: int) -> float:
+    """The 2x2 merger on every cell (it runs before any method chooses): 4C -> 4C -> E, 2*N*(16C^2 + 4CE)."""
+    merged = vision_config.hidden_size * vision_config.spatial_merge_size**2
+    return float(2 * cells * (merged * merged + merged * vision_config.out_hidden_size))
+
+
+def qwen_visionzip_flops(vision_config: Any, grid: tuple[int, int], budget: Budget) -> float:
+    """VisionZip's own work on one image: the last full-attention block's qkv again on every patch
+    (2*S*3C^2), every query's attention logits (2*S^2*C) for the attention each patch receives, and the
+    head-mean key similarity of the merged cells to the targets (2MKd)."""
+    patches, width = grid[0] * grid[1], vision_config.hidden_size
+    cells = patches // vision_config.spatial_merge_size**2
+    dominant, contextual = min(budget.dominant, cells), min(budget.contextual, cells - min(budget.dominant, cells))
+    merged = cells - dominant - contextual
+    head_dim = width // vision_config.num_heads
+    return float(2 * patches * 3 * width * width + 2 * patches * patches * width + 2 * merged * contextual * head_dim)
 
 
 def decode_flops(text_config: Any, context: int) -> float:
@@ -204,17 +259,39 @@ def _proc_status_kib(field: str) -> int:
     raise OSError(f"/proc/self/status has no {field}")
 
 
+@dataclass(frozen=True)
+class ModelParts:
+    """The modules whose hooks split one forward into phases."""
+
+    tower: nn.Module
+    projector: nn.Module  # LLaVA's multi-modal projector; Qwen2.5-VL's merger, which runs inside its tower
+    signal_attention: nn.Module  # the attention whose pre-hook reads the methods' signal
+    language_model: nn.Module
+    projector_in_tower: bool = False
+
+
+def model_parts(model: nn.Module) -> ModelParts:
+    base = model.model
+    if hasattr(base, "visual"):  # Qwen2.5-VL: the signal is read at the last full-attention block
+        visual = base.visual
+        attention = visual.blocks[visual.config.fullatt_block_indexes[-1]].attn
+        return ModelParts(visual, visual.merger, attention, base.language_model, projector_in_tower=True)
+    layers = encoder_layers(base.vision_tower)
+    attention = layers[feature_layer_index(base.config.vision_feature_layer, len(layers))].self_attn
+    return ModelParts(base.vision_tower, base.multi_modal_projector, attention, base.language_model)
+
+
 class PhaseMarks:
     """Hooks that timestamp one forward's phases: the tower, VisionZip's signal hook (which runs
     inside the tower, on the feature layer's attention), selection + merge (tower end to projector),
     the projector, packing (projector end to the LM: packing, selection record, placing features in
     the prompt), the LM's decoder and its head; and the peak memory of everything before the LM.
+    On Qwen2.5-VL the projector (merger) runs inside the tower and the methods choose after it.
     Register after `visionzip.apply` so the signal marks bracket its hook."""
 
     def __init__(self, model: nn.Module, clock: Clock, peak: Peak) -> None:
-        base = model.model
-        layers = encoder_layers(base.vision_tower)
-        attention = layers[feature_layer_index(base.config.vision_feature_layer, len(layers))].self_attn
+        parts = model_parts(model)
+        self.projector_in_tower = parts.projector_in_tower
         self.marks: dict[str, Any] = {}
         self.vision_peak_mib: float | None = None
 
@@ -226,15 +303,34 @@ class PhaseMarks:
             return lambda *args: self.marks.__setitem__(name, clock.now())
 
         self._handles = [
-            base.vision_tower.register_forward_pre_hook(mark("tower_start")),
-            base.vision_tower.register_forward_hook(mark("tower_end")),
-            attention.register_forward_pre_hook(mark("signals_start"), prepend=True),
-            attention.register_forward_pre_hook(mark("signals_end")),
-            base.multi_modal_projector.register_forward_pre_hook(mark("projector_start")),
-            base.multi_modal_projector.register_forward_hook(mark("projector_end")),
-            base.language_model.register_forward_pre_hook(llm_start),
-            base.language_model.register_forward_hook(mark("decoder_end")),
+            parts.tower.register_forward_pre_hook(mark("tower_start")),
+            parts.tower.register_forward_hook(mark("tower_end")),
+            parts.signal_attention.register_forward_pre_hook(mark("signals_start"), prepend=True),
+            parts.signal_attention.register_forward_pre_hook(mark("signals_end")),
+            parts.projector.register_forward_pre_hook(mark("projector_start")),
+            parts.projector.register_forward_hook(mark("projector_end")),
+            parts.language_model.register_forward_pre_hook(llm_start),
+            parts.language_model.register_forward_hook(mark("decoder_end")),
         ]
+
+    def vision_ms(self, clock: Clock, reduced: bool) -> dict[str, float | None]:
+        """The vision step's parts in ms. Qwen2.5-VL: the tower less its merger; its methods choose between
+        the tower and the LM together with the M-RoPE positions and the packing, so there `select_merge_ms`
+        is None and `pack_ms` holds the choice too."""
+        m = self.marks
+        signals = clock.ms(m["signals_start"], m["signals_end"]) if "signals_end" in m and reduced else 0.0
+        projector = clock.ms(m["projector_start"], m["projector_end"])
+        tower = clock.ms(m["tower_start"], m["tower_end"]) - signals
+        if self.projector_in_tower:
+            return {"tower_ms": tower - projector, "signals_ms": signals, "select_merge_ms": None,
+                    "projector_ms": projector, "pack_ms": clock.ms(m["tower_end"], m["llm_start"])}  # fmt: skip
+        return {
+            "tower_ms": tower,
+            "signals_ms": signals,
+            "select_merge_ms": clock.ms(m["tower_end"], m["projector_start"]),
+            "projector_ms": projector,
+            "pack_ms": clock.ms(m["projector_end"], m["llm_start"]),
+        }
 
     def remove(self) -> None:
         for handle in self._handles:
@@ -249,15 +345,26 @@ class Subject:
     description: str
 
 
+FAMILIES = ["llava_next", "llava_onevision", "qwen2_5_vl"]
+FULL_DEPTH = {"llava_next": 32, "llava_onevision": 28, "qwen2_5_vl": 28}  # the 7B's LM layers
+MODEL_CLASSES = {
+    "llava_next": "LlavaNextForConditionalGeneration",
+    "llava_onevision": "LlavaOnevisionForConditionalGeneration",
+    "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
+}
 TINY_DESCRIPTIONS = {
     "llava_next": "tiny random LLaVA-NeXT (CLIP 64 wide x 4 layers, Llama 128 wide x 2 layers; real tile geometry)",
     "llava_onevision": "tiny random LLaVA-OneVision (SigLIP 64 wide x 4 layers, Qwen2 128 wide; real tile geometry)",
+    "qwen2_5_vl": "tiny random Qwen2.5-VL (tower 64 wide x 4 blocks, LM 128 wide; real patch, merge and window geometry)",
 }
 WIDE_DESCRIPTIONS = {
     "llava_next": "random-init LLaVA-NeXT of real width: CLIP-L/14-336 (24 layers, 1024 wide) + Llama "
     "4096 wide, 11008 MLP, 32 heads, vocab 32064, {layers} layers",
     "llava_onevision": "random-init LLaVA-OneVision of real width: SigLIP so400m/14-384 (26 layers, 1152 wide) "
     "+ Qwen2 3584 wide, 18944 MLP, 28 heads (4 KV), vocab 152064, {layers} layers",
+    "qwen2_5_vl": "random-init Qwen2.5-VL-7B of real width: tower 32 blocks x 1280 wide, 3420 MLP, 112-px windows, "
+    "full attention in blocks 7/15/23/31, 2x2 merger + LM 3584 wide, 18944 MLP, 28 heads (4 KV), "
+    "the tiny checkpoint's vocabulary, {layers} layers",
 }
 
 
@@ -269,33 +376,57 @@ def load_subject(
     model_id: str | None,
     family: str = "llava_next",
 ) -> Subject:
-    onevision = family == "llava_onevision"
     if preset == "tiny":
         from visionzip.tiny import load_tiny
 
         model, processor = load_tiny(family, dtype=dtype)
         description = TINY_DESCRIPTIONS[family]
     elif preset == "wide":
-        model, processor = (build_wide_onevision if onevision else build_wide)(llm_layers, dtype, device)
+        builders = {"llava_next": build_wide, "llava_onevision": build_wide_onevision, "qwen2_5_vl": build_wide_qwen}
+        model, processor = builders[family](llm_layers, dtype, device)
         description = WIDE_DESCRIPTIONS[family].format(layers=llm_layers)
-        # CDPruner's text side: a random CLIP-L text tower of real size (OneVision's SigLIP refuses CDPruner)
-        if not onevision and "VISIONZIP_CLIP" not in os.environ:
+        # CDPruner's text side: a random CLIP-L text tower of real size (SigLIP and Qwen's tower refuse CDPruner)
+        if family == "llava_next" and "VISIONZIP_CLIP" not in os.environ:
             os.environ["VISIONZIP_CLIP"] = str(random_clip_l())
             description += "; CDPruner's CLIP text tower: random, CLIP-L/14-336's shape"
     elif preset == "real":
         if not model_id:
             raise SystemExit(f"--preset real needs --model PATH_OR_ID (a {family} checkpoint)")
-        from transformers import LlavaNextForConditionalGeneration, LlavaOnevisionForConditionalGeneration
-
         from visionzip.workarounds import load_processor
 
         processor = load_processor(model_id)
-        model_class = LlavaOnevisionForConditionalGeneration if onevision else LlavaNextForConditionalGeneration
+        model_class = getattr(transformers, MODEL_CLASSES[family])
         model = model_class.from_pretrained(model_id, dtype=dtype, attn_implementation="sdpa")
         description = f"{model_id} ({model.config.text_config.num_hidden_layers} LM layers)"
     else:
         raise SystemExit(f"unknown preset {preset!r}: tiny, wide or real")
     return Subject(model.to(device).eval(), processor, description)
+
+
+def build_wide_qwen(llm_layers: int, dtype: torch.dtype, device: torch.device) -> tuple[nn.Module, Any]:
+    """Qwen2.5-VL-7B's shapes with random weights, from configs (no download); the tiny Qwen2.5-VL's
+    processor (real 14-px patches, 2x2 merge, chat template) and vocabulary."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    from visionzip.tiny import load_tiny
+
+    tiny, processor = load_tiny("qwen2_5_vl")
+    vision = dict(
+        depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=3584, patch_size=14,
+        spatial_merge_size=2, temporal_patch_size=2, window_size=112, fullatt_block_indexes=[7, 15, 23, 31],
+    )  # fmt: skip
+    text = dict(
+        vocab_size=tiny.config.text_config.vocab_size, hidden_size=3584, intermediate_size=18944,
+        num_hidden_layers=llm_layers, num_attention_heads=28, num_key_value_heads=4, max_position_embeddings=32768,
+        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [16, 24, 24]},
+        bos_token_id=None, eos_token_id=None, pad_token_id=None,
+    )  # fmt: skip
+    ids = {name: getattr(tiny.config, name) for name in ("image_token_id", "video_token_id")}
+    config = Qwen2_5_VLConfig(vision_config=vision, text_config=text, **ids)
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = Qwen2_5_VLForConditionalGeneration._from_config(config, dtype=dtype, attn_implementation="sdpa")
+    return model, processor
 
 
 def build_wide_onevision(llm_layers: int, dtype: torch.dtype, device: torch.device) -> tuple[nn.Module, Any]:
@@ -465,7 +596,8 @@ class Mode:
     inputs: dict[str, torch.Tensor]
     visual_tokens: int
     text_tokens: int
-    tiles: int  # 336x336 tiles the tower sees (base image + grid crops)
+    tiles: int  # tiles the tower sees (base image + grid crops); Qwen2.5-VL: 1, the image
+    grid: tuple[int, int] | None = None  # Qwen2.5-VL: the image's patch rows and columns; None with tiles
 
     @property
     def budget(self) -> Budget | None:
@@ -505,8 +637,14 @@ def prepare_modes(
             inputs = processor(images=image, text=prompt, return_tensors="pt")
         inputs = {key: value.to(device, dtype if value.is_floating_point() else None) for key, value in inputs.items()}
         visual = int((inputs["input_ids"] == image_token_id).sum())
-        tiles = inputs["pixel_values"].shape[1]  # (images=1, tiles, 3, 336, 336)
-        modes.append(Mode(name, reduction, inputs, visual, inputs["input_ids"].shape[1] - visual, tiles))
+        text = inputs["input_ids"].shape[1] - visual
+        if "image_grid_thw" in inputs:  # Qwen2.5-VL: (images=1, 3) frames, patch rows, patch columns
+            _, rows, cols = inputs["image_grid_thw"][0].tolist()
+            modes.append(Mode(name, reduction, inputs, visual, text, 1, (rows, cols)))
+        else:
+            modes.append(
+                Mode(name, reduction, inputs, visual, text, inputs["pixel_values"].shape[1])
+            )  # (1, tiles, ...)
     return modes
 
 
@@ -536,13 +674,8 @@ def run_prefill_decode(
             token = output.logits[:, -1].argmax(dim=-1, keepdim=True)
             steps.append((step_start, clock.now()))
     m = marks.marks
-    signals = clock.ms(m["signals_start"], m["signals_end"]) if "signals_end" in m and mode.reduction else 0.0
     result = {
-        "tower_ms": clock.ms(m["tower_start"], m["tower_end"]) - signals,
-        "signals_ms": signals,
-        "select_merge_ms": clock.ms(m["tower_end"], m["projector_start"]),
-        "projector_ms": clock.ms(m["projector_start"], m["projector_end"]),
-        "pack_ms": clock.ms(m["projector_end"], m["llm_start"]),
+        **marks.vision_ms(clock, mode.reduction is not None),
         "vision_ms": clock.ms(start, m["llm_start"]),
         "decoder_ms": clock.ms(m["llm_start"], m["decoder_end"]),
         "head_ms": clock.ms(m["decoder_end"], end),  # LM head on the last position + argmax
@@ -553,8 +686,9 @@ def run_prefill_decode(
         "peak_mib": peak.mib,
         "kv_cache_bytes": kv_bytes,
     }
-    if mode.budget:  # selection (the CLS-row hook inside the tower, top-k, grouping) + merge
-        result["visionzip_ms"] = signals + result["select_merge_ms"]
+    if mode.budget:  # selection (the signal hook inside the tower, top-k, grouping) + merge (Qwen: + packing)
+        after_tower = result["select_merge_ms"] if result["select_merge_ms"] is not None else result["pack_ms"]
+        result["visionzip_ms"] = result["signals_ms"] + after_tower
     # Any method's own work, and stock's packing: the vision step less the tower's and the projector's
     result["own_ms"] = result["vision_ms"] - result["tower_ms"] - result["projector_ms"]
     return result
@@ -621,11 +755,11 @@ def run_benchmark(
     """Run every mode `warmup + repeats` times, interleaved; return medians, derived ratios and targets."""
     if threads:
         torch.set_num_threads(threads)
-    budgets = budgets or ["640", "320", "160"]
+    budgets = budgets or [str(name) for name in sorted(PRESETS[family], reverse=True)]
     # VisionZip's budgets largest first (the last is the smallest), then the other methods' in the order given
     budgets = sorted((b for b in budgets if ":" not in b), key=int, reverse=True) + [b for b in budgets if ":" in b]
     torch_device = torch.device(device)
-    llm_layers = llm_layers or (32 if torch_device.type == "cuda" else 2)
+    llm_layers = llm_layers or (FULL_DEPTH[family] if torch_device.type == "cuda" else 2)
     clock, memory = Clock(torch_device), PeakMemory(torch_device)
     with torch.inference_mode():
         subject = load_subject(preset, DTYPES[dtype], torch_device, llm_layers, model_id, family)
@@ -678,7 +812,16 @@ def run_benchmark(
     if authors:
         vision.append({"approach": "authors", "budget": smallest.name, **_medians(runs["authors"])})
     # Per-round values too: on a shared machine the spread says how far to trust a median.
-    return {"meta": meta, "rows": rows, "vision": vision, "targets": targets(rows, vision), "runs": runs}
+    # The LM's shape, for FLOP counts made later from these results (bench.gpu_measure: FastV's own work)
+    text = {key: getattr(config.text_config, key) for key in LM_SHAPE_KEYS}
+    return {
+        "meta": meta,
+        "rows": rows,
+        "vision": vision,
+        "targets": targets(rows, vision),
+        "runs": runs,
+        "text_config": text,
+    }
 
 
 def timed_rounds(
@@ -711,11 +854,25 @@ def _medians(runs: list[dict[str, float]]) -> dict[str, float | None]:
     }
 
 
+def vision_gflop(config: Any, mode: Mode) -> dict[str, float]:
+    """The vision step's work: the tower, VisionZip's own (0 for the others) and the projector's. LLaVA:
+    the stock model (and a per-image method) projects every patch, VisionZip its kept tokens; Qwen2.5-VL's
+    merger runs on every cell before any method chooses."""
+    vision, budget = config.vision_config, mode.budget
+    if mode.grid is not None:
+        cells = mode.grid[0] * mode.grid[1] // vision.spatial_merge_size**2
+        tower, projector = qwen_tower_flops(vision, mode.grid), qwen_merger_flops(vision, cells)
+        own = qwen_visionzip_flops(vision, mode.grid, budget) if budget else 0.0
+    else:
+        patches = (vision.image_size // vision.patch_size) ** 2
+        tower = tower_flops(vision, mode.tiles)
+        projector = projector_flops(config, mode.tiles * (budget.per_tile if budget else patches))
+        own = visionzip_flops(vision, mode.tiles, budget) if budget else 0.0
+    return {"tower_gflop": tower / 1e9, "visionzip_gflop": own / 1e9, "projector_gflop": projector / 1e9}
+
+
 def mode_row(mode: Mode, runs: list[dict[str, float]], config: Any) -> dict[str, Any]:
-    tiles, context = mode.tiles, mode.visual_tokens + mode.text_tokens
-    patches = (config.vision_config.image_size // config.vision_config.patch_size) ** 2
-    # stock (and a per-image method) projects every patch; VisionZip its kept tokens
-    projected = tiles * (mode.budget.per_tile if mode.budget else patches)
+    context = mode.visual_tokens + mode.text_tokens
     row: dict[str, Any] = {
         "mode": mode.name,
         "dominant": mode.budget.dominant if mode.budget else None,
@@ -724,9 +881,7 @@ def mode_row(mode: Mode, runs: list[dict[str, float]], config: Any) -> dict[str,
         "text_tokens": mode.text_tokens,
         "context_tokens": context,
         **_medians(runs),
-        "tower_gflop": tower_flops(config.vision_config, tiles) / 1e9,
-        "visionzip_gflop": visionzip_flops(config.vision_config, tiles, mode.budget) / 1e9 if mode.budget else 0.0,
-        "projector_gflop": projector_flops(config, projected) / 1e9,
+        **vision_gflop(config, mode),
         "prefill_gflop": prefill_flops(config.text_config, context) / 1e9,
         "decode_gflop_per_token": decode_flops(config.text_config, context) / 1e9,
     }
@@ -858,7 +1013,7 @@ def report(results: dict[str, Any]) -> str:
 def result_name(meta: dict[str, Any]) -> str:
     layers = f"-{meta['llm_layers']}L" if meta["preset"] != "tiny" else ""
     threads = f"-{meta['threads']}t" if meta["device"] == "cpu" else ""
-    family = "onevision-" if meta.get("family") == "llava_onevision" else ""
+    family = {"llava_onevision": "onevision-", "qwen2_5_vl": "qwen-"}.get(meta.get("family"), "")
     return f"{family}{meta['preset']}{layers}-{meta['dtype']}-{meta['device']}{threads}"
 
 
@@ -905,7 +1060,7 @@ def ttft_figure(results: list[dict[str, Any]]):
                 )
             )
     figure.update_layout(
-        title="Time to first token vs visual tokens (672x672 image; full = stock LLaVA-NeXT)",
+        title="Time to first token vs visual tokens (672x672 image; full = the stock model)",
         xaxis_title="visual tokens fed to the language model",
         yaxis_title="time to first token (ms, log scale)",
         yaxis_type="log",
@@ -929,16 +1084,18 @@ def write_figure(json_paths: list[Path], out: Path) -> list[Path]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.phases", description=__doc__.split("\n")[0])
     parser.add_argument("--preset", choices=["tiny", "wide", "real"], default="tiny")
-    parser.add_argument("--family", choices=["llava_next", "llava_onevision"], default="llava_next")
-    parser.add_argument("--model", help="checkpoint path or id for --preset real (LLaVA-NeXT)")
+    parser.add_argument("--family", choices=FAMILIES, default="llava_next")
+    parser.add_argument("--model", help="checkpoint path or id of the family for --preset real")
     parser.add_argument("--dtype", choices=list(DTYPES), default="float32")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--llm-layers", type=int, help="LM layers for --preset wide (default 2 on CPU, 32 on CUDA)")
+    parser.add_argument(
+        "--llm-layers", type=int, help="LM layers for --preset wide (default 2 on CPU, the 7B's 32 or 28 on CUDA)"
+    )
     parser.add_argument(
         "--budgets",
         nargs="+",
-        default=["640", "320", "160"],
-        help='LLaVA-NeXT budget names: "640" is VisionZip\'s, "METHOD:NAME" another method\'s (e.g. divprune:320)',
+        help="budget names (default: VisionZip's presets of the family, 640 320 160 or Qwen2.5-VL's 256 128 64): "
+        '"640" is VisionZip\'s, "METHOD:NAME" another method\'s (e.g. divprune:320)',
     )
     parser.add_argument("--repeats", type=int, default=3, help="timed rounds (each runs every mode)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed rounds first")

@@ -45,6 +45,18 @@ def make_image():
 
 # -- the served demo: one definition; a module overrides `registry` or `max_new_tokens` to change it ----
 @pytest.fixture(scope="module")
+def app_main():
+    """app.py (a script beside the `app` package, so loaded from its file)."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("app_main", Path(__file__).resolve().parents[1] / "app.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
 def registry():
     from app.models import ModelRegistry
 

@@ -2,13 +2,11 @@
 projector" at the same budget on the one shared model, driven with gradio_client; and projectors
 that fit none of the app's models refused when it starts."""
 
-import importlib.util
 import json
 import os
 import re
 import shutil
 from pathlib import Path
-from types import ModuleType
 
 import numpy as np
 import pytest
@@ -31,15 +29,6 @@ BUDGET = visionzip.preset_budget("llava_next", 320)
 QUESTIONS = ["What colour is the box?", "And where is it?"]
 MAX_NEW_TOKENS = 6
 WIDTH, HEIGHT = 640, 480
-
-
-@pytest.fixture(scope="module")
-def app_main() -> ModuleType:
-    """app.py (a script beside the `app` package, so loaded from its file)."""
-    spec = importlib.util.spec_from_file_location("app_main", ROOT / "app.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")

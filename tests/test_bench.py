@@ -216,3 +216,60 @@ def test_cpu_peak_memory_sees_a_freed_allocation_and_resets():
     with memory.measure() as quiet:
         pass
     assert quiet.mib < 0.25 * block  # the earlier peak does not leak into the next measurement
+
+
+# -- Qwen2.5-VL ------------------------------------------------------------------------------------
+def test_qwen_run_holds_every_mode_with_its_counts(tmp_path):
+    """`--family qwen2_5_vl`: 672x672 px is 24x24 merged cells; every budget's count, VisionZip's and the
+    other methods' (Pool 64: 3x3 windows, an 8x8 grid; FastV keeps the placeholders), and no authors' row."""
+    argv = ["--family", "qwen2_5_vl", "--preset", "tiny", "--device", "cpu", "--repeats", "1", "--warmup", "0"]
+    argv += ["--new-tokens", "1", "--budgets", "256", "128", "64", "divprune:128", "pool:64", "fastv:128"]
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert bench.main([*argv, "--out", str(tmp_path)]) == 0
+    (path,) = tmp_path.glob("qwen-tiny-float32-cpu-*.json")
+    results = json.loads(path.read_text())
+    rows = {row["mode"]: row for row in results["rows"]}
+    counts = {"full": 576, "256": 256, "128": 128, "64": 64, "divprune:128": 128, "pool:64": 64, "fastv:128": 576}
+    assert {name: row["visual_tokens"] for name, row in rows.items()} == counts
+    assert rows["full"]["token_ratio"] == 1 and rows["64"]["token_ratio"] == rows["full"]["context_tokens"] / (
+        64 + rows["full"]["text_tokens"]
+    )
+    assert [entry["approach"] for entry in results["vision"]] == ["stock", "visionzip"]  # no CLS: no authors' code
+    for row in rows.values():
+        assert row["select_merge_ms"] is None and row["tower_ms"] > 0 and row["projector_ms"] > 0
+        assert row["vision_ms"] + row["prefill_ms"] == pytest.approx(row["ttft_ms"], rel=1e-6)
+        assert row["own_ms"] == pytest.approx(row["vision_ms"] - row["tower_ms"] - row["projector_ms"])
+    assert all(rows[name]["visionzip_ms"] >= rows[name]["pack_ms"] for name in ("256", "128", "64"))
+    assert all(f"| {name} | {count} |" in printed.getvalue() for name, count in counts.items())
+
+
+@pytest.mark.parametrize("size", [(672, 672), (392, 560)])  # 6x6 whole windows; 4x5 windows, the last row cut
+def test_qwen_flop_formulas_match_torch_flop_counter(make_image, size):
+    """The tower's windowed and full blocks, the merger, and VisionZip's signal and merge on Qwen2.5-VL,
+    against FlopCounterMode (eager attention: every matmul visible to it)."""
+    from visionzip.tiny import load_tiny
+
+    model, processor = load_tiny("qwen2_5_vl")
+    model.set_attn_implementation({"vision_config": "eager"})
+    vision = model.config.vision_config
+    inputs = processor(
+        images=make_image(*size), text="<|vision_start|><|image_pad|><|vision_end|>", return_tensors="pt"
+    )
+    grid = tuple(inputs["image_grid_thw"][0, 1:].tolist())
+    assert grid == (size[0] // 14, size[1] // 14)
+    cells = grid[0] * grid[1] // 4
+    visual = model.model.visual
+    tower = _counted(lambda: visual(inputs["pixel_values"], grid_thw=inputs["image_grid_thw"]))
+    merger = _counted(lambda: visual.merger(torch.zeros(cells * 4, vision.hidden_size)))
+    assert merger == bench.qwen_merger_flops(vision, cells)
+    assert tower == pytest.approx(bench.qwen_tower_flops(vision, grid) + merger, rel=1e-6)
+
+    budget = visionzip.Budget(40, 12)
+    handle = visionzip.apply(model, processor)
+    try:
+        with handle.use(dominant=budget.dominant, contextual=budget.contextual):
+            reduced = _counted(lambda: model.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"]))
+    finally:
+        handle.remove()
+    assert reduced == pytest.approx(tower + bench.qwen_visionzip_flops(vision, grid, budget), rel=1e-6)

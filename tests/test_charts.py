@@ -106,6 +106,18 @@ def test_speedup_is_full_over_reduced_whichever_side_is_full(conversation):
     assert list(trace(figure, "speed-up, total time (right ÷ left)").y) == pytest.approx([2.0, 2.0])
 
 
+def test_speedup_chart_names_the_turns_that_reused_both_kv_caches(conversation):
+    """A cached turn prefilled only its new text on both sides: its bar adds to the totals, but the axis and
+    the subtitle say it measured no reduction, so a diluted (or noisy) speed-up is not read as the method's."""
+    cached = [
+        TurnStats(**{**t.__dict__, "cached_tokens": t.visual_tokens + 40}) if t.turn == 3 else t for t in conversation
+    ]
+    figure = speedup_chart(cached)
+    assert list(trace(figure, "left: full: time so far").x) == ["turn 1", "turn 3 (cached)"]
+    assert "cached turns prefilled only their new text" in figure.layout.title.subtitle.text
+    assert not speedup_chart(conversation).layout.title.subtitle.text
+
+
 @pytest.mark.parametrize("chart", [tokens_chart, times_chart, speedup_chart])
 def test_charts_of_no_finished_turn_are_valid_and_say_so(chart, conversation):
     for turns in ([], [t for t in conversation if t.turn == 2 and t.side == "right"]):

@@ -99,6 +99,21 @@ def test_the_dry_run_records_what_each_step_measured(dry_run, tmp_path):
     assert profiled["layer_tokens"][0] == 2928 and profiled["layer_tokens"][-1] == 320  # FastV's layers below K, above
     others = steps["others"]["data"]["results"]["rows"]
     assert [row["mode"] for row in others] == ["full", "320", "random:320", "fastv:320"]
+    families = steps["families"]["data"]  # every method that runs on the family, at its preset nearest the middle
+    qwen, onevision = (families[name]["results"]["rows"] for name in ("qwen2_5_vl", "llava_onevision"))
+    assert [(row["mode"], row["visual_tokens"]) for row in qwen] == [
+        ("full", 576), ("64", 64), ("visionzip_dominant:128", 128), ("random:128", 128), ("pool:144", 144),
+        ("divprune:128", 128), ("vispruner:128", 128), ("fastv:128", 576),
+    ]  # fmt: skip
+    assert [(row["mode"], row["visual_tokens"]) for row in onevision] == [
+        ("full", 3699), ("160", 160), ("visionzip_dominant:320", 320), ("random:320", 320), ("pool:405", 405),
+        ("divprune:320", 320), ("vispruner:320", 320), ("fastv:320", 3699),
+    ]  # fmt: skip
+    for name in ("qwen2_5_vl", "llava_onevision"):
+        assert list(families[name]["refused"]) == ["cdpruner"] and "CDPruner" in families[name]["refused"]["cdpruner"]
+        rows = families[name]["results"]["rows"]
+        assert all(row["ttft_ms"] > 0 and row["tower_gflop"] > 0 for row in rows)
+        assert rows[-1]["lm_tokens_by_layer"].startswith("2 x ")  # FastV's own work counted, as on LLaVA-NeXT
     rows = steps["conversation"]["data"]["report"]["rows"]
     assert [row["turn"] for row in rows] == [1, 2, 3] and rows[0]["visionzip_visual_tokens"] < 2928
     replayed = recording.read(out / steps["conversation"]["data"]["recording"], tmp_path / "media")  # replayable
@@ -110,6 +125,7 @@ def test_the_dry_run_records_what_each_step_measured(dry_run, tmp_path):
     table = (out / gpu_check.RESULT_MD).read_text()
     assert "| full | 2928 |" in table and "FLOP bound" in table and "| issue 16 target |" in table
     assert "first-token KL" in table and "kernels / wall" in table
+    assert "### qwen2_5_vl" in table and "- cdpruner refuses llava_onevision: CDPruner" in table
 
 
 def test_fastvs_row_counts_the_work_of_its_own_layers(dry_run):
@@ -132,6 +148,11 @@ def test_the_correctness_checks_compare_selections_and_first_tokens(dry_run):
         assert [row["mode"] for row in correct[compared]["rows"]] == ["full", "320", "fastv:320"]
     assert all(row["same_selection"] and row["max_abs_logit_diff"] == 0 for row in correct["devices"]["rows"])
     assert [row["overlap"] for row in correct["devices"]["rows"]] == [None, 1.0, 1.0]  # full keeps every patch
+    for family, smallest, fastv in (("qwen2_5_vl", "64", "fastv:128"), ("llava_onevision", "160", "fastv:320")):
+        rows = correct["families"][family]["rows"]
+        assert [row["mode"] for row in rows] == ["full", smallest, fastv]
+        assert all(row["same_selection"] and row["max_abs_logit_diff"] == 0 for row in rows)
+        assert [row["overlap"] for row in rows] == [None, 1.0, 1.0]
     full, *reduced = correct["precision"]["rows"]
     assert full["overlap"] is None and all(0.0 <= row["overlap"] <= 1.0 for row in reduced)
     kl = [row["kl_fp32_bf16"] for row in correct["precision"]["rows"]]
@@ -191,8 +212,11 @@ def test_boxes_share_the_time_left_by_the_estimates_and_follow_the_plan():
         box = gpu_plan.box_for(index, steps, left, estimate, {})
         assert box == pytest.approx(row["box_s"], abs=0.5)
         left -= box
-    early = 300.0 - rows[0]["box_s"] / 2  # the first step ends at half its box: every later box grows
-    assert gpu_plan.box_for(1, steps, early, estimate, {}) > rows[1]["box_s"] + 1
+    # the first step ends at half its box: every later box grows by its share of the time left over
+    on_time = gpu_plan.box_for(1, steps, 300.0 - rows[0]["box_s"], estimate, {})
+    early = gpu_plan.box_for(1, steps, 300.0 - rows[0]["box_s"] / 2, estimate, {})
+    share = estimate[steps[1].name] / sum(estimate[step.name] for step in steps[1:])
+    assert early - on_time == pytest.approx(rows[0]["box_s"] / 2 * share) and early > on_time + 0.5
     fixed = gpu_plan.plan(steps, 300, estimate, {"registry": 150})
     assert fixed[-1]["box_s"] == 150 and sum(row["box_s"] for row in fixed) == pytest.approx(300, abs=len(steps))
 
@@ -231,6 +255,50 @@ def test_the_plans_flop_counts_are_bench_phases_counts():
         )
     fastv = fastv_prefill_gflop(config.text_config, 2, 2981, 373) / 1e3
     assert fastv == pytest.approx(gpu_plan.PREFILL_TFLOP["fastv:320"], rel=1e-3)
+
+
+@pytest.mark.parametrize("family", list(gpu_plan.FAMILY_SHAPES))
+def test_the_plans_family_shapes_are_bench_phases_counts(family):
+    """The families step's counted work: the towers' and prefills' TFLOP, layers and bf16 GB of the models it
+    builds, from bench.phases' own builders (on the meta device) and FLOP formulas."""
+    import torch
+
+    from bench import phases
+    from bench.gpu_measure import fastv_prefill_gflop
+
+    build = {"qwen2_5_vl": phases.build_wide_qwen, "llava_onevision": phases.build_wide_onevision}[family]
+    model, processor = build(phases.FULL_DEPTH[family], torch.bfloat16, torch.device("meta"))
+    shape, config = gpu_plan.FAMILY_SHAPES[family], model.config
+    assert sum(p.numel() for p in model.parameters()) * 2 / 1e9 == pytest.approx(shape.gb, abs=0.05)
+    assert (shape.lm_layers, shape.tower_layers) == (28, config.vision_config.num_hidden_layers)
+    names = [name for name in shape.prefill_tflop if ":" not in name][1:]
+    modes = phases.prepare_modes(
+        phases.Subject(model, processor, ""), names, torch.device("cpu"), torch.float32, family
+    )
+    assert phases.vision_gflop(config, modes[0])["tower_gflop"] / 1e3 == pytest.approx(shape.tower_tflop, rel=1e-3)
+    for mode in modes:
+        context = mode.visual_tokens + mode.text_tokens
+        assert phases.prefill_flops(config.text_config, context) / 1e12 == pytest.approx(
+            shape.prefill_tflop[mode.name], rel=1e-3
+        )
+    full, middle = modes[0], modes[2]
+    fastv = fastv_prefill_gflop(
+        config.text_config, 2, full.visual_tokens + full.text_tokens, full.text_tokens + middle.visual_tokens
+    )
+    assert fastv / 1e3 == pytest.approx(shape.prefill_tflop[f"fastv:{middle.name}"], rel=1e-3)
+
+
+@pytest.mark.parametrize("family", list(gpu_plan.FAMILY_SHAPES))
+def test_the_families_step_runs_every_method_the_library_lets_run(family):
+    from bench.gpu_measure import family_budgets, methods_on
+    from visionzip.budget import PRESETS
+
+    runs, refused = methods_on(family)
+    assert runs == gpu_plan.FAMILY_OTHERS and list(refused) == ["cdpruner"]  # the plan counts these modes
+    names = family_budgets(family, runs, "middle")
+    assert len(["full", *names]) == len(gpu_plan.family_modes(family))
+    middle = sorted(PRESETS[family], reverse=True)[1]
+    assert names[0] == str(middle) and [name.split(":")[0] for name in names[1:]] == runs
 
 
 def test_fastv_prefill_flops_by_hand():

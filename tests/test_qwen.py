@@ -54,33 +54,53 @@ def use(handle, method: str, **budget):
     return handle.use(method=method, **budget)
 
 
-@pytest.fixture
-def applied():
+def patched_tiny():
+    """(handle, model, stock, processor): the shared float64 tiny model patched for one test, removed after."""
     model, stock, processor = models()
     handle = visionzip.apply(model, processor)
     yield handle, model, stock, processor
     handle.remove()
 
 
+applied_fixture = pytest.fixture(name="applied")(patched_tiny)
+
+
+def assert_choice_matches(image, anchors: list, kept: list, signal, method: str) -> None:
+    """One image's (or slice's) recorded choice against its reference: kept cells, the signal the methods
+    that read it ranked by, and the anchors of merged tokens."""
+    tile = image.tiles[0]
+    assert tile.kept.tolist() == sorted(kept)
+    if method in ("visionzip", "visionzip_dominant", "vispruner"):
+        torch.testing.assert_close(tile.cls_attention.double(), signal, rtol=1e-6, atol=1e-9)
+    if method in ("visionzip", "pool"):
+        assert sorted(tile.kept.tolist() + tile.targets.tolist()) == anchors
+
+
 # -- off == stock ---------------------------------------------------------------------------------
-def test_off_equals_stock_bit_for_bit(make_image):
-    model, processor = load_tiny(QWEN)  # float32, as served
-    images = [make_image(200, 300, seed=1), make_image(333, 517, seed=2)]
-    stock_inputs = inputs_for(processor, images)
+def assert_off_equals_stock(make_inputs) -> None:
+    """The float32 model (as served) with reduction off, and after `remove()`, gives the stock prompt, logits
+    and greedy tokens bit for bit on the inputs `make_inputs(processor)` builds."""
+    model, processor = load_tiny(QWEN)
+    stock_inputs = make_inputs(processor)
     with torch.no_grad():
         stock_logits = model(**stock_inputs).logits
         stock_ids = model.generate(**stock_inputs, max_new_tokens=5, do_sample=False)
     handle = visionzip.apply(model, processor, dominant=20, contextual=5)
     try:
         with handle.use(enabled=False), torch.no_grad():
-            inputs = inputs_for(processor, images)
+            inputs = make_inputs(processor)
             assert torch.equal(inputs.input_ids, stock_inputs.input_ids)
             assert torch.equal(model(**inputs).logits, stock_logits)
             assert torch.equal(model.generate(**inputs, max_new_tokens=5, do_sample=False), stock_ids)
     finally:
         handle.remove()
     with torch.no_grad():
-        assert torch.equal(model(**inputs_for(processor, images)).logits, stock_logits)  # removed: stock again
+        assert torch.equal(model(**make_inputs(processor)).logits, stock_logits)  # removed: stock again
+
+
+def test_off_equals_stock_bit_for_bit(make_image):
+    images = [make_image(200, 300, seed=1), make_image(333, 517, seed=2)]
+    assert_off_equals_stock(lambda processor: inputs_for(processor, images))
 
 
 # -- counts -----------------------------------------------------------------------------------------
@@ -274,12 +294,7 @@ def test_method_matches_its_float64_reference(applied, make_image, method):
         with torch.no_grad():
             logits = model(**reduced).logits
     for image, (anchors, _, kept), signal in zip(call.selection, expected, scores):
-        tile = image.tiles[0]
-        assert tile.kept.tolist() == sorted(kept)
-        if method in ("visionzip", "visionzip_dominant", "vispruner"):
-            torch.testing.assert_close(tile.cls_attention.double(), signal, rtol=1e-6, atol=1e-9)
-        if method in ("visionzip", "pool"):
-            assert sorted(tile.kept.tolist() + tile.targets.tolist()) == anchors
+        assert_choice_matches(image, anchors, kept, signal, method)
     expected_logits = reference_logits(stock, full, reduced, [(a, t) for a, t, _ in expected])
     torch.testing.assert_close(logits, expected_logits, rtol=1e-9, atol=1e-9)
 
@@ -297,13 +312,11 @@ def test_generate_puts_the_kept_tokens_at_their_positions(applied, make_image):
     torch.testing.assert_close(out.logits[0][0], last.float())  # generate returns float32 logits
 
 
-def test_cdpruner_and_video_are_refused_with_a_reason(applied):
-    handle, model, _, _ = applied
+def test_cdpruner_is_refused_with_a_reason(applied):
+    handle, _, _, _ = applied
     with pytest.raises(ValueError, match="CDPruner scores the question with CLIP's text tower"):
         with handle.use(method="cdpruner", tokens=30):
             pass
-    with handle.use(method="random", tokens=30), pytest.raises(ValueError, match="images only, not video"):
-        model.model(input_ids=torch.zeros(1, 3, dtype=torch.long), pixel_values_videos=torch.zeros(8, 1176))
 
 
 # -- FastV: the oracle of tests/test_methods_fastv.py on Qwen2.5-VL's M-RoPE -------------------------------

@@ -1,6 +1,6 @@
 """The app on the tiny Qwen2.5-VL, through its handlers (no server): turns on both sides, a cached later
 turn equal to a re-prefill, the overlay on the merged cells, the difference view, Match, the quality
-signal, and video refused with a reason."""
+signal (video: tests/test_qwen_video_app.py)."""
 
 import threading
 from dataclasses import replace
@@ -109,14 +109,17 @@ def test_two_turns_with_overlay_difference_match_and_quality(handlers, picture):
     assert 0 < pooled <= right_count
 
 
-def test_video_is_refused_on_qwen_with_a_reason(registry):
-    from app.conversation import messages_for
-    from app.turn import prepare_video
+def test_a_qwen_conversation_records_and_replays_with_its_merged_cells(handlers, picture, tmp_path):
+    """A recording of a Qwen2.5-VL turn keeps each choice on its rows x cols merged grid (no image size: the
+    cells cover the picture as drawn) and reads back as the same cells."""
+    from app import recording
 
-    loaded = registry.get(TINY_QWEN_LABEL)
-    sides = {side: SideConfig(TINY_QWEN_LABEL, make_mode(FULL, QWEN)) for side in ("left", "right")}
-    conversation = Conversation(sides, media_path="clip.mp4", media_kind="video")
-    with pytest.raises(ValueError, match="reduces its images only"):
-        prepare_video(
-            loaded, make_mode("VisionZip 128", QWEN), conversation, messages_for(conversation, "left", "?"), 4
-        )
+    conversation = qwen_conversation(handlers, picture, "Full", "VisionZip 128")
+    conversation = list(handlers.ask(QUESTIONS[0], conversation))[-1]["state"]
+    where = recording.measured_on("test CPU", "wall clock", "tests", {"left": True, "right": True})
+    back = recording.read(recording.save(conversation, tmp_path / "qwen.vzrec.json", where), tmp_path / "media")
+    (got,), (want,) = back.turns[0].selections["right"], conversation.turns[0].selections["right"]
+    assert got.image_size is None and got.grid == want.grid == (17, 23)
+    tile, expected = got.tiles[0], want.tiles[0]
+    assert (tile.rows, tile.side) == (17, 23) and tile.groups().shape == (17, 23)
+    assert torch.equal(tile.groups(), expected.groups())

@@ -2,7 +2,8 @@
 
 Qwen2.5-VL's tower has no CLS token and ends in a 2x2 patch merger: an image of gh x gw patches
 becomes N = (gh/2) x (gw/2) merged tokens of the language model's width, in raster order over the
-merged grid ("cells").  Every method here chooses among those cells (per image, never per tile).
+merged grid ("cells").  Every method here chooses among those cells (per image, or per temporal slice
+of a video, never per tile).
 
 The signal the attention-reading methods use in place of a CLS row: the VisionZip authors' official
 code (github.com/dvlab-research/VisionZip, read for this port) covers LLaVA's CLIP tower only, and no

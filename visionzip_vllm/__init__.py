@@ -8,14 +8,17 @@ architecture names, so stock models stay stock; a server picks one and its metho
     vllm serve CHECKPOINT --hf-overrides '{"architectures": ["VisionZipLlavaNextForConditionalGeneration"],
                                            "visionzip": {"method": "visionzip", "dominant": 54, "contextual": 10}}'
 
+and, when started with "per_request": true (and vLLM's --trust-request-mm-kwargs), a request may choose its own
+method and budget, up to the server's count for its image, with `mm_processor_kwargs={"visionzip": {...}}`.
+
 This package imports vLLM; the `visionzip` library does not, and stays usable without it.
 """
 
 from __future__ import annotations
 
-from .options import ARCHITECTURES, OPTIONS_KEY, hf_overrides
+from .options import ARCHITECTURES, OPTIONS_KEY, hf_overrides, request_settings
 
-__all__ = ["ARCHITECTURES", "OPTIONS_KEY", "hf_overrides", "register"]
+__all__ = ["ARCHITECTURES", "OPTIONS_KEY", "hf_overrides", "register", "request_settings"]
 
 
 def register() -> None:

@@ -23,6 +23,8 @@ Optional, for a tower that is no plain ViT (Qwen2.5-VL's windowed tower and merg
   `tower_cells(handle, pixel_values, grid_thw, attention)` (per image, the tower's outputs and signal),
   `cells_selection(cells, settings)` (what a real call would record) and `budget_values(handle, image_size,
   method)` (every budget the method runs at on that image).
+- `num_video_tokens(handle, (frames, height, width), settings)` when the model takes a clip through its own
+  video path (Qwen2.5-VL: frames paired in time), reduced there; the app then hands it the clip natively.
 
 Adding a family is that file plus its line in `FAMILIES` below.
 """
