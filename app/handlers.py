@@ -33,6 +33,7 @@ from app.modes import (
     FULL,
     FULL_MODE,
     Mode,
+    budget_labels,
     checked_on,
     default_mode,
     make_mode,
@@ -347,14 +348,19 @@ class Handlers:
             titles = method_titles() if local else [mode.method_title]
             controls[f"{side}_method"] = gr.Dropdown(choices=titles, value=mode.method_title, interactive=local)
             choices = mode_choices(family, mode.method if mode.enabled else FULL) if local else [mode.name]
-            controls[f"{side}_mode"] = gr.Dropdown(choices=choices, value=mode.name, interactive=local)
+            labels = budget_labels(family, mode)  # in the unit the budget counts on this family
+            controls[f"{side}_mode"] = gr.Dropdown(
+                choices=choices, value=mode.name, interactive=local, info=labels["info"]
+            )
             controls[f"{side}_custom_row"] = gr.Row(visible=mode.name == CUSTOM)
             controls[f"{side}_tokens_row"] = gr.Row(visible=mode.name == CUSTOM_TOKENS)
+            boxes = {name: {"label": labels[name]} for name in ("dominant", "contextual", "tokens")}
             if values:
                 dominant, contextual = (mode.dominant, mode.contextual) if mode.name == CUSTOM else CUSTOM_START
-                controls[f"{side}_dominant"], controls[f"{side}_contextual"] = dominant, contextual
-                controls[f"{side}_tokens"] = mode.tokens if mode.tokens is not None else CUSTOM_TOKENS_START
+                boxes["dominant"]["value"], boxes["contextual"]["value"] = dominant, contextual
+                boxes["tokens"]["value"] = mode.tokens if mode.tokens is not None else CUSTOM_TOKENS_START
                 controls[f"{side}_tuned"] = gr.Checkbox(value=mode.tuned is not None)
+            controls.update({f"{side}_{name}": gr.Number(**box) for name, box in boxes.items()})
         return controls
 
     def show_modes(self, conversation: Conversation) -> Results:
@@ -523,29 +529,21 @@ class Handlers:
             cache = self.towers.put(key, self.run_tower(label, self._picture(conversation, side)))
         return cache
 
-    def can_scrub(self, config: SideConfig) -> bool:
-        """Whether the budget slider previews this side: its mode chooses from the tower's signals alone, and
-        its model's tower is a tiled one (`scrub.run_tower`; Qwen2.5-VL's, with no tiles, is not covered)."""
-        family = self.registry.get(config.model).handle.family
-        return scrub.can_scrub(config.mode) and not getattr(family, "BUDGET_PER_IMAGE", False)
-
     def scrub_slider(self, conversation: Conversation, side: str | None) -> Results:
         """The budget slider over every budget the side's method allows on this image, at its budget now;
         hidden, with the reason, when the method needs a question (or a tuned projector) to choose."""
         if side is None or conversation.media_kind != "image" or conversation.media_path is None:
             return {"scrub": gr.Slider(visible=False), "scrub_info": ""}
         config = conversation.sides[side]
-        if not self.can_scrub(config):
-            if scrub.can_scrub(config.mode):  # the mode could, the model's tower cannot
-                note = "Budget scrubbing reads a tiled tower's signals: Qwen2.5-VL's merged cells are not covered yet."
-            elif config.mode.reads_text:
+        if not scrub.can_scrub(config.mode):
+            if config.mode.reads_text:
                 note = f"Budget scrubbing: {config.mode.method_title} needs a question; ask one to see its choice."
             else:
                 note = "Budget scrubbing previews the model's own projector: untick the tuned projector to use it."
             return {"scrub": gr.Slider(visible=False), "scrub_info": note}
         loaded, image = self.registry.get(config.model), load_media(conversation)
         values = scrub.budget_values(loaded, config.mode, (image.height, image.width))
-        unit = "per image" if config.mode.reducer.budget_rule == "per image" else "per tile"
+        unit = config.mode.reducer.budget_unit(loaded.family)
         label = f"{render.SIDE_NAMES[side]} side's budget, {config.mode.method_title} (tokens {unit}): drag to preview"
         value = scrub.budget_value(loaded, config.mode)
         slider = gr.Slider(minimum=values[0], maximum=values[-1], value=value, step=1, label=label, visible=True)
@@ -556,7 +554,7 @@ class Handlers:
         the count and the predicted prefill redrawn without the chat or the tower.  A preview: the side
         keeps its budget (its Budget control sets what the next turn runs)."""
         side = render.vision_side(conversation)
-        if side is None or conversation.media_kind != "image" or not self.can_scrub(conversation.sides[side]):
+        if side is None or conversation.media_kind != "image" or not scrub.can_scrub(conversation.sides[side].mode):
             return {}
         result, shown = self.scrub_choice(conversation, side, value)
         view = chosen if chosen in overlay.view_choices(result.selection) else "all"
@@ -599,7 +597,7 @@ class Handlers:
         language model, cannot: it asks for a question)."""
         config = conversation.sides[side]
         note = changed_note(conversation, side)
-        if self.can_scrub(config):  # from the image's one tower run, as the budget slider draws it
+        if scrub.can_scrub(config.mode):  # from the image's one tower run, as the budget slider draws it
             selection = scrub.cached_selection(
                 self.registry.get(config.model), self.tower_cache(conversation, side), config.mode
             )

@@ -10,7 +10,7 @@ from dataclasses import dataclass, replace
 
 import visionzip
 from app.models import LoadedModel
-from visionzip.methods.base import PAPER_TOTALS
+from visionzip.methods.base import NOMINAL_TILES, PAPER_TOTALS
 from visionzip.projector import use_projector
 
 FULL = "Full"  # every visual token: no reduction (as a method and as a budget)
@@ -31,10 +31,14 @@ class Mode:
     method: str = "visionzip"  # a name in visionzip.METHODS
     tokens: int | None = None  # every other method's budget (per tile or per image, by its rule)
     seed: int = 0  # methods that draw at random
+    family: str = ""  # the model family it was made for (a PRESETS key): what its budget counts; "": unknown
 
     @property
     def label(self) -> str:
-        return self.settings().describe() + (f" + tuned projector ({self.tuned})" if self.tuned else "")
+        """The method and budget as the page puts it, in the family's unit ("VisionZip 54+10/tile" on
+        LLaVA-NeXT, "VisionZip 108+20/image" on Qwen2.5-VL)."""
+        settings = self.settings().describe(self.family or None)
+        return settings + (f" + tuned projector ({self.tuned})" if self.tuned else "")
 
     @property
     def reducer(self) -> visionzip.Method:
@@ -97,6 +101,38 @@ def mode_choices(family: str, method: str = "visionzip") -> list[str]:
     return [f"{reducer.title} {name}" for name in reducer.presets(family)] + [custom]
 
 
+def budget_labels(family: str, mode: Mode) -> dict[str, str]:
+    """What a side's budget controls say on `family` for `mode`'s method: the Budget presets' tooltip
+    ("info"), and the custom boxes' labels ("dominant", "contextual", "tokens"), each in the unit the budget
+    counts there (per tile on LLaVA-NeXT's and OneVision's anyres for a per-tile method, else per image)."""
+    reducer, tiles = mode.reducer, NOMINAL_TILES[family]
+    unit = reducer.budget_unit(family)
+    if not mode.enabled:
+        info = "Every visual token: no reduction."
+    elif unit == "per tile":
+        info = (
+            f"{reducer.title}'s budget is per tile: a preset names its total on a 2x2 grid ({tiles} tiles); "
+            "an image's count follows its own grid."
+        )
+    elif tiles == 1:
+        info = f"{reducer.title}'s budget is per image: this model does not tile the image."
+    else:
+        info = f"{reducer.title}'s budget is per image: the whole image's tokens, over all its tiles."
+    cls = ", counts CLS" if _cls_tokens(TILE_TOKENS.get(family, 577)) else ""
+    visionzip_unit = visionzip.get_method("visionzip").budget_unit(family)
+    return {
+        "info": info,
+        "dominant": f"Dominant tokens {visionzip_unit} (D{cls})",
+        "contextual": f"Contextual tokens {visionzip_unit} (C)",
+        "tokens": f"Visual tokens {unit}" if mode.enabled else "Visual tokens",
+    }
+
+
+def _cls_tokens(tokens_per_tile: int | None) -> int:
+    """1 where a tile's tokens hold a CLS token (577 = 24^2 + CLS), 0 where they do not (729 = 27^2, or no tiles)."""
+    return int(tokens_per_tile is not None and math.isqrt(tokens_per_tile) ** 2 != tokens_per_tile)
+
+
 # A tile's tokens where it is not CLIP-L/14-336's 577; None where budgets count an image's tokens (Qwen2.5-VL),
 # which the model's handle checks (`checked_on`).
 TILE_TOKENS: dict[str, int | None] = {"llava_onevision": 27 * 27, "qwen2_5_vl": None}
@@ -117,13 +153,24 @@ def make_mode(
     the family's (`TILE_TOKENS`), unchecked where it has no tiles."""
     if name == FULL:
         return FULL_MODE
+    return replace(_named_mode(name, family, dominant, contextual, tokens_per_tile, tokens, method), family=family)
+
+
+def _named_mode(
+    name: str,
+    family: str,
+    dominant: float | None,
+    contextual: float | None,
+    tokens_per_tile: int | None,
+    tokens: float | None,
+    method: str | None,
+) -> Mode:
     if tokens_per_tile is None:
         tokens_per_tile = TILE_TOKENS.get(family, 577)
     if name == CUSTOM:
         budget = visionzip.Budget(_whole(dominant, "dominant"), _whole(contextual, "contextual"))
         if tokens_per_tile is not None:
-            cls_tokens = int(math.isqrt(tokens_per_tile) ** 2 != tokens_per_tile)  # 577 = 24^2 + CLS; 729 = 27^2
-            budget = budget.check(tokens_per_tile, cls_tokens)
+            budget = budget.check(tokens_per_tile, _cls_tokens(tokens_per_tile))
         return Mode(name, True, budget.dominant, budget.contextual)
     if name == CUSTOM_TOKENS:
         if method in (None, FULL, "visionzip"):
@@ -195,7 +242,8 @@ def matched_mode(loaded: LoadedModel, mode: Mode, image_size: tuple[int, int], t
     if getattr(handle.family, "BUDGET_PER_IMAGE", False):  # Qwen2.5-VL: every budget counts one image's tokens
         return _matched_per_image(loaded, mode, target)
     if method.budget_rule == "per image":
-        return _checked(Mode(CUSTOM_TOKENS, True, method=method.name, tokens=target), handle.tokens_per_tile)
+        matched = Mode(CUSTOM_TOKENS, True, method=method.name, tokens=target, family=loaded.family)
+        return _checked(matched, handle.tokens_per_tile)
     tiles = handle.family.num_tiles(handle.base.config, image_size)
     per_tile = max(1, round((target - (1 if tiles == 1 else 0)) / tiles))
     if method.budget_kind == "dominant+contextual":  # VisionZip: the paper's 54:10 split of a tile's budget
@@ -214,7 +262,7 @@ def _matched_per_image(loaded: LoadedModel, mode: Mode, target: int) -> Mode:
         dominant = min(target, max(1, round(target * 54 / 64)))
         matched = make_mode(CUSTOM, loaded.family, dominant, target - dominant, loaded.handle.tokens_per_tile)
     else:
-        matched = Mode(CUSTOM_TOKENS, True, method=mode.method, tokens=target)
+        matched = Mode(CUSTOM_TOKENS, True, method=mode.method, tokens=target, family=loaded.family)
     return checked_on(loaded, matched)
 
 
@@ -234,8 +282,10 @@ def _allows(method: visionzip.Method, tokens: int, side: int) -> bool:
 def translate_mode(mode: Mode, family: str) -> Mode:
     """The same mode for another model family: presets map by rank (640 <-> 192, 320 <-> 128,
     160 <-> 64), as the paper pairs them; full and custom budgets carry over."""
-    if not mode.enabled or mode.name in (CUSTOM, CUSTOM_TOKENS) or mode.name in mode_choices(family, mode.method):
+    if not mode.enabled:
         return mode
+    if mode.name in (CUSTOM, CUSTOM_TOKENS) or mode.name in mode_choices(family, mode.method):
+        return replace(mode, family=family)  # the same budget, counted as the new family counts it
     rank = _preset_rank(mode, family)
     if rank is None:
         raise ValueError(f"unknown preset {mode.name!r}")

@@ -11,7 +11,7 @@ from app import charts, render
 from app.conversation import SIDES, Conversation
 from app.handlers import CUSTOM_START, CUSTOM_TOKENS_START, NO_DIFFERENCE, NO_IMAGE
 from app.models import ModelRegistry
-from app.modes import FULL, method_titles, mode_choices
+from app.modes import FULL, budget_labels, method_titles, mode_choices
 from app.video import DEFAULT_FRAMES, MAX_FRAMES
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
@@ -122,12 +122,15 @@ class Page:
                 self.add(f"{side}_model", model)
                 method = gr.Dropdown(method_titles(), value=mode.method_title, label="Method", elem_id=f"{side}-method")
                 self.add(f"{side}_method", method)
-                choices = mode_choices(registry.family(registry.default), mode.method if mode.enabled else FULL)
+                family = registry.family(start.sides[side].model)
+                choices = mode_choices(family, mode.method if mode.enabled else FULL)
+                labels = budget_labels(family, mode)  # in the unit the budget counts on this family
                 # any method's budget can arrive through the API: make_mode checks the name
                 budget = gr.Dropdown(
                     choices,
                     value=mode.name,
                     label="Budget",
+                    info=labels["info"],
                     allow_custom_value=True,
                     elem_id=f"{side}-mode",
                     min_width=150,
@@ -140,18 +143,15 @@ class Page:
             self.add(f"{side}_tuned", tuned)
             with gr.Row(visible=False) as custom_row:
                 self.add(f"{side}_custom_row", custom_row)
-                dominant_label = "Dominant tokens per tile (D, counts CLS)"
-                dominant = gr.Number(CUSTOM_START[0], label=dominant_label, precision=0, elem_id=f"{side}-dominant")
+                dominant = gr.Number(CUSTOM_START[0], label=labels["dominant"], precision=0, elem_id=f"{side}-dominant")
                 self.add(f"{side}_dominant", dominant)
-                contextual_label = "Contextual tokens per tile (C)"
                 contextual = gr.Number(
-                    CUSTOM_START[1], label=contextual_label, precision=0, elem_id=f"{side}-contextual"
+                    CUSTOM_START[1], label=labels["contextual"], precision=0, elem_id=f"{side}-contextual"
                 )
                 self.add(f"{side}_contextual", contextual)
             with gr.Row(visible=False) as tokens_row:
                 self.add(f"{side}_tokens_row", tokens_row)
-                tokens_label = "Visual tokens (per tile or per image, as the method counts them)"
-                tokens = gr.Number(CUSTOM_TOKENS_START, label=tokens_label, precision=0, elem_id=f"{side}-tokens")
+                tokens = gr.Number(CUSTOM_TOKENS_START, label=labels["tokens"], precision=0, elem_id=f"{side}-tokens")
                 self.add(f"{side}_tokens", tokens)
             chat = gr.Chatbot(
                 label=f"{render.SIDE_NAMES[side]} chat",

@@ -9,7 +9,7 @@ The file (UTF-8 JSON, at most MAX_FILE_BYTES):
     created       ISO 8601 UTC time of writing
     media         {kind: "image"|"video", name: file name, base64: the file's bytes}
     sides         {left|right: {model: label, mode: {name, enabled, dominant, contextual, tuned, method,
-                   tokens, seed}}}   (app.modes.Mode's fields; method is a visionzip.METHODS name)
+                   tokens, seed, family (optional)}}}   (app.modes.Mode's fields; method is a visionzip.METHODS name)
     settings      {num_frames, same_budget, quality_check, keep_cache}
     turns         [{question,
                     measured_on: {hardware, timing, where, tiny: {left|right: bool},
@@ -312,6 +312,8 @@ def _read_side(document: dict, where: str) -> SideConfig:
     kinds = {"name": str, "enabled": bool, "dominant": int, "contextual": int, "tuned": (str, None), "method": str}
     kinds |= {"tokens": (int, None), "seed": int}
     values = {name: _get(mode, name, kind, f"{where}.mode") for name, kind in kinds.items()}
+    if "family" in mode:  # optional: files written before modes knew their family read as unknown ("")
+        values["family"] = _get(mode, "family", str, f"{where}.mode")
     if values["method"] not in visionzip.METHODS:
         raise RecordingError(f"{where} used the method '{values['method']}', which this app does not have.")
     return SideConfig(model, Mode(**values))

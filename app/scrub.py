@@ -3,7 +3,10 @@ chat and without the vision tower.
 
 The tower runs once per image and model (`run_tower`): it keeps the feature layer's signals per tile (its
 output, the CLS attention row, the head-mean keys), which is all a per-tile method reads, and, made on
-first need, the image's stock packed projector rows, which is all a per-image method reads.  A budget's
+first need, the image's stock packed projector rows, which is all a per-image method reads.  On a family
+without tiles (Qwen2.5-VL: `BUDGET_PER_IMAGE`) it keeps the image's merged cells instead (the merger's
+outputs, the attention each receives and their keys: the family's `tower_cells`), and the family chooses
+on them (`cells_selection`).  A budget's
 choice is then only the method's own selection function on those (`cached_selection`), with the
 projection of the kept tokens left out: the overlay needs what was kept, not the features.  Plain
 functions, so that any view (the researcher's page, a presenter view) can call them.
@@ -14,6 +17,7 @@ from __future__ import annotations
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
 
 import torch
 from PIL import Image
@@ -25,6 +29,9 @@ from app.modes import Mode, allowed_tile_tokens, matched_mode, use_mode
 from visionzip.cost import prefill_flops
 from visionzip.tower import TowerSignals
 
+if TYPE_CHECKING:
+    from visionzip.patch.qwen2_5_vl import ImageCells
+
 MAX_CACHED_IMAGES = 4  # (model, image) pairs whose tower signals are kept; the least recently used go first
 
 
@@ -35,17 +42,18 @@ class TowerCache:
     model: str  # registry label
     image_size: tuple[int, int]  # (H, W)
     grid: tuple[int, int]  # the anyres grid (rows, cols); (0, 0) for a lone tile
-    signals: TowerSignals  # hidden (T, 1 + P, C), cls_attn (T, 1 + P), keys_mean (T, 1 + P, d) of the feature layer
+    signals: TowerSignals | None  # hidden (T, 1 + P, C), cls_attn (T, 1 + P), keys_mean (T, 1 + P, d); None on cells
     tower_ms: float  # the tower's own time for this image (clock after the device finished)
     picture: Image.Image | None = field(default=None, repr=False)  # the image itself, for redraws
     rows: torch.Tensor | None = None  # (N, E) the stock packed projector output, for per-image methods
     patch_map: torch.Tensor | None = None  # (N,) tile * P + patch behind each row, -1 for a newline
     orders: dict = field(default_factory=dict, repr=False)  # per-image method -> its order of the rows, or None
     choices: dict = field(default_factory=dict, repr=False)  # Mode.key -> ImageSelection, already chosen
+    cells: ImageCells | None = None  # a family without tiles: merger outputs (N, E), scores (N,), keys (N, d)
 
     @property
     def num_tiles(self) -> int:
-        return self.signals.hidden.shape[0]
+        return 1 if self.signals is None else self.signals.hidden.shape[0]
 
 
 @dataclass(frozen=True)
@@ -74,6 +82,8 @@ def can_scrub(mode: Mode) -> bool:
 def run_tower(loaded: LoadedModel, image: Image.Image) -> TowerCache:
     """Run the vision tower once on `image` with the signal hooks on, and keep their signals."""
     handle = loaded.handle
+    if _per_image_family(loaded):
+        return _run_cells(loaded, image)
     pixels = loaded.processor.image_processor(images=[image], return_tensors="pt")["pixel_values"]
     size = (image.height, image.width)
     count = handle.family.num_tiles(handle.base.config, size)
@@ -94,6 +104,27 @@ def run_tower(loaded: LoadedModel, image: Image.Image) -> TowerCache:
             kept, hidden=kept.hidden.cpu(), cls_attn=kept.cls_attn.cpu(), keys_mean=kept.keys_mean.cpu()
         )
     return cache
+
+
+def _per_image_family(loaded: LoadedModel) -> bool:
+    """A family without tiles, whose every budget counts one image's tokens (Qwen2.5-VL's merged cells)."""
+    return getattr(loaded.handle.family, "BUDGET_PER_IMAGE", False)
+
+
+def _run_cells(loaded: LoadedModel, image: Image.Image) -> TowerCache:
+    """`run_tower` on a family without tiles: the tower once, with the signal read, its cells kept."""
+    handle = loaded.handle
+    pixels = loaded.processor.image_processor(images=[image], return_tensors="pt")
+    grid_thw = pixels["image_grid_thw"].to(loaded.device)
+    with torch.inference_mode():
+        start = clock(loaded.device)
+        [cells] = handle.family.tower_cells(
+            handle, pixels["pixel_values"].to(loaded.device, loaded.dtype), grid_thw, True
+        )
+        tower_ms = (clock(loaded.device) - start) * 1000
+    if ON_ZEROGPU:  # made in a worker process: only CPU tensors come back
+        cells = replace(cells, features=cells.features.cpu(), scores=cells.scores.cpu(), keys=cells.keys.cpu())
+    return TowerCache(loaded.label, (image.height, image.width), cells.grid, None, tower_ms, image, cells=cells)
 
 
 def _stock_rows(loaded: LoadedModel, cache: TowerCache) -> tuple[torch.Tensor, torch.Tensor]:
@@ -128,6 +159,9 @@ def cached_selection(loaded: LoadedModel, cache: TowerCache, mode: Mode) -> visi
     method, handle = mode.reducer, loaded.handle
     with torch.inference_mode(), use_mode(loaded, mode):
         settings = handle.settings
+        if cache.cells is not None:  # a family without tiles chooses on the image's cells
+            cache.choices[mode.key] = handle.family.cells_selection(cache.cells, settings)
+            return cache.choices[mode.key]
         count = handle.num_image_tokens(cache.image_size)
         if method.budget_rule == "per tile":
             tiles = method.reduce_tiles(cache.signals, settings, _unprojected).tiles
@@ -135,7 +169,7 @@ def cached_selection(loaded: LoadedModel, cache: TowerCache, mode: Mode) -> visi
             kept = _image_rows(loaded, cache, method, settings)  # (k,) ascending rows
             tiles = method.image_record(kept, cache.patch_map, cache.num_tiles, handle.side)
         selection = visionzip.ImageSelection(
-            cache.image_size, cache.grid, list(tiles), count, method.name, settings.describe()
+            cache.image_size, cache.grid, list(tiles), count, method.name, settings.describe(handle.family.PRESETS_KEY)
         )
     cache.choices[mode.key] = selection
     return selection
@@ -163,6 +197,8 @@ def budget_values(loaded: LoadedModel, mode: Mode, image_size: tuple[int, int]) 
     """Every budget `mode`'s method allows on this image, in its own unit (tokens per tile for a per-tile
     method, VisionZip's dominant + contextual included; tokens per image for a per-image one), ascending."""
     method, handle = mode.reducer, loaded.handle
+    if _per_image_family(loaded):
+        return handle.family.budget_values(handle, image_size, method.name)
     if method.budget_rule == "per image":
         with handle.use(enabled=False):
             return list(range(1, handle.num_image_tokens(image_size) + 1))
@@ -182,7 +218,7 @@ def budget_value(loaded: LoadedModel, mode: Mode) -> int:
 def mode_at(loaded: LoadedModel, mode: Mode, image_size: tuple[int, int], value: int) -> Mode:
     """`mode`'s method at budget `value` (in its own unit), or the nearest budget it allows."""
     method, handle = mode.reducer, loaded.handle
-    if method.budget_rule == "per image":
+    if method.budget_rule == "per image" or _per_image_family(loaded):  # the value is the image's count
         return replace(matched_mode(loaded, mode, image_size, int(value)), seed=mode.seed)
     tiles = handle.family.num_tiles(handle.base.config, image_size)
     target = int(value) * tiles + (1 if tiles == 1 else 0)  # matched_mode counts a lone tile's newline

@@ -49,12 +49,10 @@ AFTER_TURN = [
 ]
 FILMSTRIP = ["filmstrip", "legend", "view", "image_views"]
 DIFFERENCE = ["difference_table", "difference_image", "difference_json"]
-MODE_PARTS = ("method", "mode", "custom_row", "tokens_row")  # what follows a side's mode
+# what follows a side's mode (the custom boxes' labels say the family's unit; their values follow in MODE_CONTROLS)
+MODE_PARTS = ("method", "mode", "custom_row", "tokens_row", "dominant", "contextual", "tokens")
 MODE_VIEW = [f"{side}_{part}" for side in SIDES for part in MODE_PARTS]
-MODE_CONTROLS = [
-    *MODE_VIEW,
-    *(f"{side}_{part}" for side in SIDES for part in ("dominant", "contextual", "tokens", "tuned")),
-]
+MODE_CONTROLS = [*MODE_VIEW, *(f"{side}_tuned" for side in SIDES)]
 MODE_OUTPUTS = ["state", *MODE_VIEW, *HEADERS]
 MODEL_OUTPUTS = ["state", *HEADERS, *MODE_VIEW, "banner", "models_info", "left_tuned", "right_tuned"]
 

@@ -204,4 +204,4 @@ def test_limits_are_refused_with_the_limits_named(fastv, make_image):
         padded["attention_mask"][0, 0] = 0
         with pytest.raises(ValueError, match="no padding"):
             model(**padded)
-    assert visionzip.Settings(True, handle.budget, method="fastv", tokens=64).describe() == "FastV K=2, 64 kept"
+    assert visionzip.Settings(True, handle.budget, method="fastv", tokens=64).describe() == "FastV K=2, 64 kept/image"

@@ -87,7 +87,9 @@ def test_llava_15_matches_reference_and_records_the_cls_row(make_image):
             [tile] = handle.last_selection[b].tiles
             assert tile.kept.tolist() == expected[b][1][0][1]
             torch.testing.assert_close(tile.cls_attention, cls_rows[b][1:].float(), rtol=1e-5, atol=1e-7)
-        assert handle.last_selection[0].budget == "VisPruner 64/tile (32 important + 32 diverse)"
+        assert (
+            handle.last_selection[0].budget == "VisPruner 64/image (32 important + 32 diverse)"
+        )  # one tile: the image
         assert count_placeholders(inputs, model) == 2 * 64
     finally:
         handle.remove()

@@ -7,7 +7,7 @@ import torch
 import visionzip
 from app import scrub
 from app.handlers import Handlers, new_conversation
-from app.models import TINY_15_LABEL, TINY_LABEL, ModelRegistry
+from app.models import TINY_15_LABEL, TINY_LABEL, TINY_QWEN_LABEL, ModelRegistry
 from app.modes import default_mode, use_mode
 from app.ui import OVERLAY, SCRUB
 from visionzip.cost import prefill_flops
@@ -34,11 +34,13 @@ def image():
 
 
 class TowerCalls(list):
-    """Each forward of the model's vision tower appends to this list, until `remove_hook()`."""
+    """Each forward of the model's vision tower (Qwen2.5-VL's `visual`) appends to this list, until `remove_hook()`."""
 
     def __init__(self, loaded) -> None:
         super().__init__()
-        self.remove_hook = loaded.model.model.vision_tower.register_forward_hook(lambda *args: self.append(1)).remove
+        base = loaded.model.model
+        tower = base.visual if hasattr(base, "visual") else base.vision_tower
+        self.remove_hook = tower.register_forward_hook(lambda *args: self.append(1)).remove
 
 
 def fresh_selection(loaded, image, mode) -> visionzip.ImageSelection:
@@ -51,6 +53,20 @@ def fresh_selection(loaded, image, mode) -> visionzip.ImageSelection:
     return call.selection[0]
 
 
+def generated_selection(loaded, image, mode) -> visionzip.ImageSelection:
+    """What a real generate() keeps under `mode`: the processor's prompt, the tower, the method and one new
+    token; the call's own record (Qwen2.5-VL: its cells, whose M-RoPE positions the kept tokens keep)."""
+    content = [{"type": "image"}, {"type": "text", "text": "What is in the picture?"}]
+    text = loaded.processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+    with torch.inference_mode(), use_mode(loaded, mode) as call:
+        inputs = loaded.processor(images=[image], text=text, return_tensors="pt")
+        loaded.model.generate(**inputs, max_new_tokens=1, do_sample=False)
+    placeholders = int((inputs["input_ids"] == loaded.model.config.image_token_id).sum())
+    [selection] = call.selection
+    assert placeholders == selection.num_tokens  # the prompt held as many tokens as the method produced
+    return selection
+
+
 def same_choice(one: visionzip.ImageSelection, other: visionzip.ImageSelection) -> bool:
     fields = ("kept", "targets", "merged", "merged_into")
     return (
@@ -61,10 +77,13 @@ def same_choice(one: visionzip.ImageSelection, other: visionzip.ImageSelection) 
     )
 
 
-@pytest.mark.parametrize("label", [TINY_LABEL, TINY_15_LABEL, ONEVISION])
+@pytest.mark.parametrize("label", [TINY_LABEL, TINY_15_LABEL, ONEVISION, TINY_QWEN_LABEL])
 @pytest.mark.parametrize("method", AGNOSTIC, ids=[m.name for m in AGNOSTIC])
 def test_each_budget_keeps_what_a_full_run_keeps_and_the_tower_runs_once(registry, image, label, method):
+    """At several budgets the slider's choice, from one tower run, is what a full run at that budget keeps (on
+    Qwen2.5-VL, whose budgets count an image's merged cells, a real generate())."""
     loaded = registry.get(label)
+    qwen = label == TINY_QWEN_LABEL
     mode = default_mode(method.name, loaded.family)
     size = (image.height, image.width)
     values = scrub.budget_values(loaded, mode, size)
@@ -76,14 +95,22 @@ def test_each_budget_keeps_what_a_full_run_keeps_and_the_tower_runs_once(registr
         assert len(calls) == 1  # once for the image, whatever the budgets
     finally:
         calls.remove_hook()
+    if qwen:
+        with loaded.handle.use(enabled=False):
+            assert values[0] == 1 and values[-1] == loaded.handle.num_image_tokens(size)  # 1 cell to every cell
     for value, result in zip(picks, results):
         assert scrub.budget_value(loaded, result.mode) == value  # every value offered is one the method allows
-        assert same_choice(result.selection, fresh_selection(loaded, image, result.mode)), (method.name, value)
+        real = (generated_selection if qwen else fresh_selection)(loaded, image, result.mode)
+        assert same_choice(result.selection, real), (method.name, value)
         with use_mode(loaded, result.mode):
             assert result.visual_tokens == loaded.handle.num_image_tokens(size)
         text = loaded.model.config.text_config
         assert result.prefill_gflop == pytest.approx(prefill_flops(text, result.visual_tokens + 20) / 1e9)
         assert result.stock_prefill_gflop == pytest.approx(prefill_flops(text, result.stock_tokens + 20) / 1e9)
+        if qwen:  # per image, no tiles; pooling offers only the counts its square windows make
+            assert "/image" in result.mode.label and "/tile" not in result.mode.label
+            assert result.selection.budget == result.mode.label  # the library's record says what the page says
+            assert method.name != "pool" or result.visual_tokens == value
 
 
 def test_pool_offers_only_the_window_sizes(registry, image):

@@ -8,12 +8,12 @@ predicted prefill from one tower run, without the chat; the keys keep stepping p
 import numpy as np
 import pytest
 from test_overlay_provenance import fresh_selection
-from test_scrub import TowerCalls
+from test_scrub import TowerCalls, generated_selection
 
 from app import overlay
 from app.conversation import load_media
 from app.handlers import Handlers, new_conversation
-from app.models import TINY_LABEL, ModelRegistry
+from app.models import TINY_LABEL, TINY_QWEN_LABEL, ModelRegistry
 from app.modes import use_mode
 from app.presenter import OVERLAYS, SIDE_VIEWS, SLIDERS, VIEWS
 from app.talk import TalkHandlers
@@ -122,6 +122,36 @@ def replace_right(conversation, mode):
     from dataclasses import replace
 
     return replace(conversation, sides={**conversation.sides, "right": replace(conversation.sides["right"], mode=mode)})
+
+
+def test_the_slider_previews_a_qwen_side_on_its_merged_cells(talk, picture):
+    """Qwen2.5-VL in the presenter view: the slider runs over the image's merged cells (budgets per image),
+    from one tower run, and each redraw is the overlay of the cells a real generate() at that budget keeps."""
+    conversation = talk.set_media({"path": picture}, new_conversation(talk.registry))["state"]
+    conversation = talk.page.set_model(conversation, TINY_LABEL, TINY_QWEN_LABEL)["state"]
+    conversation = set_right(talk, conversation, "VisionZip", "VisionZip 128")
+    loaded, image = talk.registry.get(TINY_QWEN_LABEL), load_media(conversation)
+    with loaded.handle.use(enabled=False):
+        cells = loaded.handle.num_image_tokens((image.height, image.width))  # 24 x 24 cells of 28 px
+    calls = TowerCalls(loaded)
+    try:
+        shown = talk.preview(conversation)
+        slider = shown["right_scrub"]
+        assert slider.visible and (slider.minimum, slider.maximum, slider.value) == (1, cells, 128)
+        assert "tokens per image" in slider.label and "VisionZip 108+20/image" in shown["right_title"]
+        redrawn = {value: talk.scrub_right(conversation, value) for value in (30, 300)}
+        assert len(calls) == 1  # the preview's tower run serves every budget
+    finally:
+        calls.remove_hook()
+    for value, results in redrawn.items():
+        mode = results_mode(talk, conversation, value)  # the same 54:10 split, of the image's budget
+        assert f"Preview at {mode.label}: the right side still runs VisionZip 108+20/image" in results["right_chosen"]
+        assert (
+            f"**{value:,} visual tokens**" in results["right_scrub_info"]
+            and f"of {cells:,}" in results["right_scrub_info"]
+        )
+        expected = generated_selection(loaded, image, mode)
+        assert np.array_equal(drawn(results["right_overlay"]), drawn(overlay.draw_overlay(image, expected)))
 
 
 def test_the_budget_keys_step_presets_and_the_slider_follows(talk, picture):

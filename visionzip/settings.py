@@ -32,11 +32,12 @@ class Settings:
     fastv_layer: int = 2  # FastV's K: layer K-1's attention ranks, layers K.. run on the kept tokens
     text: str | None = None  # the question, for methods that choose by it (CDPruner)
 
-    def describe(self) -> str:
-        """The method and its budget as the page and the records put it, or "full"."""
+    def describe(self, family: str | None = None) -> str:
+        """The method and its budget as the page and the records put it, or "full"; `family` (a PRESETS
+        key) says what the budget counts there (per tile, or per image); None: the method's own rule."""
         from .methods import get_method  # at call time: the registry's modules import this one
 
-        return get_method(self.method).describe(self) if self.enabled else "full"
+        return get_method(self.method).describe(self, family) if self.enabled else "full"
 
 
 @dataclass

@@ -90,7 +90,7 @@ def frame_features(handle: Handle, pixel_values: torch.Tensor, batch_size: int =
     features = torch.cat(chunks)
     if settings.enabled:
         tile_size = (pixel_values.shape[-2], pixel_values.shape[-1])
-        method, describe = get_method(settings.method).name, settings.describe()
+        method, describe = get_method(settings.method).name, settings.describe(handle.family.PRESETS_KEY)
         handle.record([ImageSelection(tile_size, (0, 0), tile, features.shape[1], method, describe) for tile in tiles])
     return features
 

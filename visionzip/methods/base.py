@@ -80,9 +80,21 @@ class Method:
         if not 1 <= tokens <= side * side:
             raise ValueError(f"{self.title}: tokens={tokens} is out of range; a tile has {side * side} patches")
 
-    def describe(self, settings: Settings) -> str:
-        unit = "/tile" if self.budget_rule == "per tile" else "/image"
-        return f"{self.title} {settings.tokens}{unit}"
+    def budget_unit(self, family: str | None = None) -> str:
+        """What this method's budget counts on `family` (a PRESETS key): "per tile" on a tiled family
+        (LLaVA-NeXT's and OneVision's anyres) for a per-tile method, else "per image" (LLaVA-1.5's one tile
+        is the whole image; Qwen2.5-VL has no tiles).  None: the method's own rule."""
+        if family is not None and NOMINAL_TILES[family] == 1:
+            return "per image"
+        return self.budget_rule
+
+    def unit(self, family: str | None = None) -> str:
+        """`budget_unit` as the budget's suffix: "/tile" or "/image"."""
+        return "/tile" if self.budget_unit(family) == "per tile" else "/image"
+
+    def describe(self, settings: Settings, family: str | None = None) -> str:
+        """The method and its budget on `family`, e.g. "DivPrune 320/image" (None: the method's own rule)."""
+        return f"{self.title} {settings.tokens}{self.unit(family)}"
 
     def presets(self, family: str) -> dict[int, int]:
         """The paper's budget names for `family` (largest first) -> this method's `tokens`: the total

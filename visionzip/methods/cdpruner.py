@@ -111,9 +111,9 @@ class CDPruner(Method):
                 "(SigLIP), so there is no faithful relevance score: CDPruner does not run on this model"
             )
 
-    def describe(self, settings: Settings) -> str:
+    def describe(self, settings: Settings, family: str | None = None) -> str:
         theta = "" if self.theta is None else f", theta={self.theta}"
-        return f"CDPruner {settings.tokens}/tile{theta}"
+        return f"CDPruner {settings.tokens}{self.unit(family)}{theta}"
 
     def tile_tokens(self, settings: Settings, side: int) -> int:
         return settings.tokens

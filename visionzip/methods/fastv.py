@@ -326,8 +326,8 @@ class FastV(Method):
                 f"layers: need 1 <= K <= {layers - 1} (layer K-1's attention ranks, layers K.. are pruned)"
             )
 
-    def describe(self, settings: Settings) -> str:
-        return f"FastV K={settings.fastv_layer}, {settings.tokens} kept"
+    def describe(self, settings: Settings, family: str | None = None) -> str:
+        return f"FastV K={settings.fastv_layer}, {settings.tokens} kept{self.unit(family)}"
 
     def image_tokens(self, settings: Settings, stock_tokens: int) -> int:
         if settings.tokens > stock_tokens:

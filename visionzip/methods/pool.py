@@ -20,6 +20,8 @@ if TYPE_CHECKING:
 
 
 POOLED_COUNTS = {"llava_onevision": (81, 9)}  # families whose tiles are not 24x24: their windows' counts
+# families whose window follows each image's grid: the budget is a most (visionzip.merged_grid.pool_window)
+WINDOW_BY_IMAGE = {"qwen2_5_vl"}
 
 
 def pool_patches(patches: torch.Tensor, window: int) -> torch.Tensor:
@@ -74,9 +76,11 @@ class Pool(Method):
                 f"valid counts (window): {windows}"
             )
 
-    def describe(self, settings: Settings) -> str:
+    def describe(self, settings: Settings, family: str | None = None) -> str:
+        if family in WINDOW_BY_IMAGE:
+            return f"Pool {settings.tokens}{self.unit(family)} (at most: the smallest square window that fits)"
         grid = math.isqrt(settings.tokens)
-        return f"Pool {settings.tokens}/tile ({grid}x{grid} grid)"
+        return f"Pool {settings.tokens}{self.unit(family)} ({grid}x{grid} grid)"
 
     def presets(self, family: str) -> dict[int, int]:
         """2x2, 3x3 and 4x4 windows of a 24x24 tile (144, 64, 36 tokens), named by their total over the

@@ -43,8 +43,8 @@ class RandomPatches(Method):
         "and LightCompress (github.com/ModelTC/LightCompress, token_reduction/random.py)"
     )
 
-    def describe(self, settings: Settings) -> str:
-        return f"Random {settings.tokens}/tile, seed {settings.seed}"
+    def describe(self, settings: Settings, family: str | None = None) -> str:
+        return f"Random {settings.tokens}{self.unit(family)}, seed {settings.seed}"
 
     def tile_tokens(self, settings: Settings, side: int) -> int:
         return settings.tokens

@@ -42,8 +42,8 @@ class VisionZipMethod(Method):
     def check(self, settings: Settings, side: int) -> None:
         settings.budget.check(side * side + 1)  # the handle checks it too; a method checks its own budget
 
-    def describe(self, settings: Settings) -> str:
-        return f"VisionZip {settings.budget.dominant}+{settings.budget.contextual}/tile"
+    def describe(self, settings: Settings, family: str | None = None) -> str:
+        return f"VisionZip {settings.budget.dominant}+{settings.budget.contextual}{self.unit(family)}"
 
     def tile_tokens(self, settings: Settings, side: int) -> int:
         return settings.budget.per_tile

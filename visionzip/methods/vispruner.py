@@ -79,9 +79,9 @@ class VisPruner(Method):
     reference = "arXiv 2412.01818 (ICCV 2025); github.com/Theia-4869/VisPruner"
     needs_attention = True
 
-    def describe(self, settings: Settings) -> str:
+    def describe(self, settings: Settings, family: str | None = None) -> str:
         important = int(settings.tokens * IMPORTANT_RATIO)
-        return f"VisPruner {settings.tokens}/tile ({important} important + {settings.tokens - important} diverse)"
+        return f"VisPruner {settings.tokens}{self.unit(family)} ({important} important + {settings.tokens - important} diverse)"
 
     def tile_tokens(self, settings: Settings, side: int) -> int:
         return settings.tokens

@@ -18,7 +18,11 @@ Optional, for a tower that is no plain ViT (Qwen2.5-VL's windowed tower and merg
   the tower (one CLS token where the tower has a class embedding, none on SigLIP);
 - `check_settings(handle, settings)`: budget rules of its own, in place of `Budget.check` and the
   method's per-tile `check` (`core.checked_settings`);
-- `BUDGET_PER_IMAGE = True` when it has no tiles (every budget counts one image's tokens).
+- `BUDGET_PER_IMAGE = True` when it has no tiles (every budget counts one image's tokens), with what the
+  app's budget slider (`app/scrub.py`) needs to choose again at any budget from one tower run:
+  `tower_cells(handle, pixel_values, grid_thw, attention)` (per image, the tower's outputs and signal),
+  `cells_selection(cells, settings)` (what a real call would record) and `budget_values(handle, image_size,
+  method)` (every budget the method runs at on that image).
 - `num_video_tokens(handle, (frames, height, width), settings)` when the model takes a clip through its own
   video path (Qwen2.5-VL: frames paired in time), reduced there; the app then hands it the clip natively.
 

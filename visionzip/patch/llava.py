@@ -52,7 +52,7 @@ def reduced_image_features(
         stock = stock_tile_features(handle, pixel_values, **tower_kwargs)  # (B, P or 1 + P, E)
         patch_map = torch.arange(stock.shape[1]) - (stock.shape[1] - handle.side * handle.side)  # CLS -> -1
         features, tiles = zip(*(reduce_packed(handle, image, patch_map, 1, settings) for image in stock))
-    describe = settings.describe()
+    describe = settings.describe(handle.family.PRESETS_KEY)
     handle.record(
         [
             ImageSelection(size, (0, 0), tile, image.shape[0], method.name, describe)

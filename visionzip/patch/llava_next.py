@@ -107,7 +107,7 @@ def anyres_image_features(
         packed, tiles = _pack_tiles(handle, pixel_values, sizes, tile_counts, settings, **tower_kwargs)
     else:
         packed, tiles = _pack_rows(handle, pixel_values, sizes, tile_counts, settings, packing, **tower_kwargs)
-    method, describe = get_method(settings.method).name, settings.describe()
+    method, describe = get_method(settings.method).name, settings.describe(handle.family.PRESETS_KEY)
     handle.record(
         [
             ImageSelection(size, grid_shape(config, size), image_tiles, tokens.shape[0], method, describe)

@@ -232,11 +232,11 @@ def _slice_cells(grid_thw: torch.Tensor, merge: int) -> list[int]:
     return [h * w // merge**2 for t, h, w in grid_thw.tolist() for _ in range(t)]
 
 
-def _tower_signals(handle: Handle, pixel_values: torch.Tensor, grid_thw: torch.Tensor, settings: Settings):
+def _tower_signals(handle: Handle, pixel_values: torch.Tensor, grid_thw: torch.Tensor, attention: bool):
     """The tower on every input: (sum N, E) merged outputs and, per temporal slice (one per image), its
-    cells' scores and keys (None when the method reads no signal)."""
+    cells' scores and keys (None unless `attention`: read the signal)."""
     visual = handle.base.visual
-    with handle.capture(attention=get_method(settings.method).needs_attention) as signals:
+    with handle.capture(attention=attention) as signals:
         merged = visual(pixel_values.type(visual.dtype), grid_thw=grid_thw).pooler_output  # (N total, E)
     config = visual.config
     slice_cells = _slice_cells(grid_thw, config.spatial_merge_size)
@@ -251,9 +251,54 @@ def _tower_signals(handle: Handle, pixel_values: torch.Tensor, grid_thw: torch.T
     return merged, scores, keys
 
 
+@dataclass
+class ImageCells:
+    """One image's merger outputs and the tower's signal on them: everything a method chooses from, so
+    a budget slider can choose again at any budget without the tower (`cells_selection`)."""
+
+    features: torch.Tensor  # (N, E) merger outputs, raster order over the cells
+    scores: torch.Tensor | None  # (N,) attention received per cell, None when not read
+    keys: torch.Tensor | None  # (N, d) head-mean keys per cell, None when not read
+    grid: tuple[int, int]  # (rows, cols) of cells
+
+
+def tower_cells(
+    handle: Handle, pixel_values: torch.Tensor, grid_thw: torch.Tensor, attention: bool
+) -> list[ImageCells]:
+    """The tower on images (one temporal slice each), with the signal read (`attention`) or not: per image its cells."""
+    merged, scores, keys = _tower_signals(handle, pixel_values, grid_thw, attention)
+    merge = handle.base.visual.config.spatial_merge_size
+    grids = [(h // merge, w // merge) for _, h, w in grid_thw.tolist()]
+    return [ImageCells(*parts) for parts in zip(merged.split(_slice_cells(grid_thw, merge)), scores, keys, grids)]
+
+
+def cells_selection(cells: ImageCells, settings: Settings) -> ImageSelection:
+    """What `settings` keeps of one image's cells, recorded as a real call records it: a budget slider's
+    choice from one tower run (cells read with the signal) at any budget.  Methods that read no signal
+    get none, as in a real call; Random draws as `encode_images` draws an image's one slice."""
+    method = get_method(settings.method)
+    if settings.method in REFUSED or method.reads_text:
+        raise ValueError(f"{method.title} cannot choose from the tower's cells alone on Qwen2.5-VL")
+    signal = (cells.scores, cells.keys) if method.needs_attention else (None, None)
+    count, total = grid_count(cells.grid, settings), cells.grid[0] * cells.grid[1]
+    drawn = draw_patches(1, total, count, settings.seed)[0] if settings.method == "random" and count < total else None
+    tokens, choice = _choose(cells.features, *signal, cells.grid, settings, drawn)
+    tiles = LazyTiles(1, lambda: [_tile(choice, *cells.grid)])
+    return ImageSelection(None, cells.grid, tiles, tokens.shape[0], method.name, settings.describe(PRESETS_KEY))
+
+
+def budget_values(handle: Handle, image_size: tuple[int, int], method: str) -> list[int]:
+    """Every per-image budget `method` runs at on an image of `image_size`, ascending: 1 to its N cells, or
+    for pooling the counts its square windows give (`grid_count`)."""
+    rows, cols = merged_grid(handle.processor, image_size)
+    if method == "pool":
+        return sorted({math.ceil(rows / window) * math.ceil(cols / window) for window in range(1, max(rows, cols) + 1)})
+    return list(range(1, rows * cols + 1))
+
+
 def encode_images(handle: Handle, pixel_values: torch.Tensor, grid_thw: torch.Tensor, settings: Settings):
     """The tower on every image or clip, then the method per temporal slice: one `Chosen` per input."""
-    merged, scores, keys = _tower_signals(handle, pixel_values, grid_thw, settings)
+    merged, scores, keys = _tower_signals(handle, pixel_values, grid_thw, get_method(settings.method).needs_attention)
     merge = handle.base.visual.config.spatial_merge_size
     slices = iter(zip(scores, keys))
     features = iter(merged.split(_slice_cells(grid_thw, merge)))
@@ -271,7 +316,7 @@ def encode_images(handle: Handle, pixel_values: torch.Tensor, grid_thw: torch.Te
 def _selections(handle: Handle, chosen: list[Chosen], settings: Settings) -> list[ImageSelection]:
     """One `ImageSelection` per image or per clip's temporal slice."""
     method = get_method(settings.method)
-    describe = settings.describe()
+    describe = settings.describe(handle.family.PRESETS_KEY)
     images = []
     for (rows, cols), slices in ((one.grid, one.slices) for one in chosen):
         for tokens, choice in slices:
