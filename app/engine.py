@@ -3,10 +3,13 @@ conversation sent as OpenAI chat messages over HTTP (httpx), the answer streamed
 (time.perf_counter around the request: the network and the server's queue are in it).
 
 What the server reports is what the side shows: its method and budget come from the plugin's `GET /visionzip`
-(the server's own model config, `visionzip_vllm/report.py`), the visual-token count from vLLM's `/tokenize` of
-the same messages (the image placeholder's copies: the plugin's reduced count), the text tokens from the
-answer's `usage.prompt_tokens` less that count.  What a server cannot give (the vision / prefill split, which
-tokens the method kept, the full first-token distribution) is said on the page (`LIMITS`), never guessed.
+(the server's own model config, `visionzip_vllm/report.py`), or, on a server started with "per_request", from
+the side's own choice, sent with each request as the plugin's `mm_processor_kwargs` (`request_options`; the
+server refuses, with its reason, a budget above its own count per image).  The visual-token count comes from
+vLLM's `/tokenize` of the same messages and options (the image placeholder's copies: the plugin's reduced
+count), the text tokens from the answer's `usage.prompt_tokens` less that count.  What a server cannot give
+(the vision / prefill split, which tokens the method kept, the full first-token distribution) is said on the
+page (`LIMITS`), never guessed.
 """
 
 from __future__ import annotations
@@ -26,22 +29,47 @@ from PIL import Image
 
 from app.modes import FULL_MODE, Mode
 from app.stats import TurnStats
-from visionzip_vllm.options import OPTIONS_KEY, server_settings
+from visionzip_vllm.options import FULL, OPTIONS_KEY, REFUSED, STOCK_ARCHITECTURES, server_settings
 from visionzip_vllm.report import MIDDLEWARE, PATH
 
 LABEL_PREFIX = "vLLM server · "  # every engine side's model label starts so (see is_engine_label)
 CONNECT_TIMEOUT_S = 5.0
 ANSWER_TIMEOUT_S = 120.0  # the longest wait for the server's next streamed token
-LIMITS = (
-    "runs on a vLLM server: its method and budget are the server's (set when it starts); TTFT and decode speed "
-    "are measured on this app's clock over HTTP, with no vision / prefill split and no per-layer counts; the "
-    "server does not return which tokens it kept (no overlay, difference view or budget scrubbing for this "
-    "side) nor the full first-token distribution (no KL quality signal); the KV-cache toggle does not apply "
-    "(vLLM's own prefix cache reuses the repeated conversation)"
+FIXED = "its method and budget are the server's (set when it starts)"
+PER_REQUEST = (
+    "its method and budget are sent with each request (the server lets requests choose them, up to its own count "
+    "per image: a larger budget is refused with the server's reason)"
+)
+LIMITS = (  # {method}: FIXED or PER_REQUEST
+    "runs on a vLLM server: {method}; TTFT and decode speed are measured on this app's clock over HTTP, with "
+    "no vision / prefill split and no per-layer counts; the server does not return which tokens it kept (no "
+    "overlay, difference view or budget scrubbing for this side) nor the full first-token distribution (no KL "
+    "quality signal); the KV-cache toggle does not apply (vLLM's own prefix cache reuses the repeated conversation)"
 )
 NO_QUALITY = "not on a vLLM side: the KL needs the first token's full distribution, which the server does not return"
 NO_VIDEO = "A vLLM side answers about images only here: send an image, or pick a local model for video."
 NO_CACHE_TOGGLE = "the toggle does not apply to a vLLM side (vLLM's automatic prefix cache reuses repeated prefixes)"
+
+
+FAMILIES = {  # vLLM's stock architecture -> the library's family
+    "LlavaNextForConditionalGeneration": "llava_next",
+    "LlavaForConditionalGeneration": "llava",
+    "LlavaOnevisionForConditionalGeneration": "llava_onevision",
+}
+
+
+def request_options(mode: Mode) -> dict:
+    """A side's Mode as the plugin's per-request options (`mm_processor_kwargs["visionzip"]`)."""
+    if not mode.enabled:
+        return {"method": FULL}
+    if mode.method == "visionzip":
+        return {"method": "visionzip", "dominant": mode.dominant, "contextual": mode.contextual}
+    return {"method": mode.method, "tokens": mode.tokens, "seed": mode.seed}
+
+
+def limits(report: ServerReport | None) -> str:
+    """What a side on this server cannot show, and whose method and budget it runs (`LIMITS`)."""
+    return LIMITS.format(method=PER_REQUEST if report is not None and report.per_request else FIXED)
 
 
 class EngineError(RuntimeError):
@@ -59,6 +87,30 @@ class ServerReport:
     served_model: str
     options: dict | None  # the "visionzip" options of --hf-overrides; None: the model runs stock
     image_token_id: int
+    architecture: str | None = None  # the served model class (ours, or vLLM's stock one)
+
+    @property
+    def per_request(self) -> bool:
+        """Whether requests may choose their own method and budget (the plugin's "per_request" option)."""
+        return bool(self.options and self.options.get("per_request", False))
+
+    @property
+    def family(self) -> str:
+        """The library's model family the server runs ("llava_next" when it does not say)."""
+        stock = {ours: stock for stock, ours in STOCK_ARCHITECTURES.items()}.get(self.architecture, self.architecture)
+        return FAMILIES.get(stock, "llava_next")
+
+    @staticmethod
+    def serves(method: str) -> bool:
+        """Whether a request may ask for `method` (a library name, or FULL): not FastV or CDPruner (the plugin's
+        REFUSED, with its reasons)."""
+        return method not in REFUSED
+
+    @staticmethod
+    def check_request(mode: Mode) -> None:
+        """A ValueError with the plugin's reason where a request cannot ask for `mode`'s method."""
+        if mode.enabled and mode.method in REFUSED:
+            raise ValueError(REFUSED[mode.method])
 
     @property
     def mode(self) -> Mode:
@@ -99,7 +151,7 @@ class EngineServer:
             models = self._get_json("/v1/models", "a vLLM (OpenAI-compatible) server")
             report = self._get_json(PATH, "a server with the visionzip_vllm plugin's report")
             served = report.get("served_model_names") or [model["id"] for model in models["data"]]
-            read = ServerReport(served[0], report["options"], int(report["image_token_id"]))
+            read = ServerReport(served[0], report["options"], int(report["image_token_id"]), report.get("architecture"))
             read.mode  # noqa: B018 - options this app's plugin code cannot read raise here, not in a later view
             self.report, self.problem = read, None
             return self.report
@@ -183,6 +235,7 @@ class EngineTurn:
     request: list[dict]  # the OpenAI chat messages
     visual_tokens: int
     prompt_tokens: int
+    mm_kwargs: dict | None = None  # the side's own method and budget, on a per-request server
     keep_cache: bool = False  # the conversation's KV-cache toggle, which does not apply here (said in the stats)
     messages: list[dict] = field(default_factory=list)
     text: str | None = None
@@ -196,7 +249,7 @@ class EngineTurn:
         self, turn: int, side: str, max_new_tokens: int, stop: threading.Event, label: str
     ) -> Iterator[tuple[str, TurnStats | None]]:
         """Yields (answer so far, None) per streamed token, then (answer, stats)."""
-        body = chat_body(self.report, self.request, max_new_tokens, stream=True)
+        body = chat_body(self.report, self.request, max_new_tokens, stream=True, mm_kwargs=self.mm_kwargs)
         answer, times, texts, usage = "", [], [], None
         client = httpx.Client(timeout=httpx.Timeout(ANSWER_TIMEOUT_S, connect=CONNECT_TIMEOUT_S))
         start = time.perf_counter()
@@ -251,9 +304,14 @@ class EngineTurn:
         )
 
 
-def chat_body(report: ServerReport, messages: list[dict], max_tokens: int, stream: bool) -> dict:
-    """A greedy chat request for the served model (what the app sends; a test sends the same without stream)."""
+def chat_body(
+    report: ServerReport, messages: list[dict], max_tokens: int, stream: bool, mm_kwargs: dict | None = None
+) -> dict:
+    """A greedy chat request for the served model (what the app sends; a test sends the same without stream),
+    with the side's reduction as vLLM's `mm_processor_kwargs` on a per-request server."""
     body = {"model": report.served_model, "messages": messages, "max_tokens": max_tokens, "temperature": 0}
+    if mm_kwargs is not None:
+        body["mm_processor_kwargs"] = mm_kwargs
     if stream:
         body |= {"stream": True, "stream_options": {"include_usage": True}}
     return body
@@ -274,18 +332,31 @@ def sse_chunks(response: httpx.Response) -> Iterator[dict]:
 
 
 def prepare_engine_turn(
-    server: EngineServer, messages: list[dict], image: Image.Image | None, max_new_tokens: int, keep_cache: bool
+    server: EngineServer,
+    messages: list[dict],
+    image: Image.Image | None,
+    max_new_tokens: int,
+    keep_cache: bool,
+    mode: Mode | None = None,
 ) -> EngineTurn:
     """Read what the server runs now and count this turn's visual tokens with its /tokenize (the image's
-    placeholders, the plugin's reduced count); raises EngineError or ValueError before anything is generated."""
+    placeholders, the plugin's reduced count); on a per-request server the side's `mode` runs, sent with both
+    requests (a budget the server refuses fails here, with its reason); raises EngineError or ValueError before
+    anything is generated."""
     if image is None:
         raise ValueError(NO_VIDEO)
     report = server.read_report()
     request = openai_messages(messages, image)
-    tokenized = checked_json(
-        server.request("POST", "/tokenize", json={"model": report.served_model, "messages": request, "add_generation_prompt": True},
-                       timeout=ANSWER_TIMEOUT_S),
-        f"{server.url}/tokenize", "counting tokens",
-    )  # fmt: skip
+    if report.per_request:  # the side's choice, in both requests; the server refuses one above its count
+        run = mode or report.mode
+        report.check_request(run)
+        mm_kwargs = {OPTIONS_KEY: request_options(run)}
+        where, what = f"the vLLM server at {server.url}", "able to run this side's method and budget"
+    else:
+        run, mm_kwargs = report.mode, None
+        where, what = f"{server.url}/tokenize", "counting tokens"
+    body = {"model": report.served_model, "messages": request, "add_generation_prompt": True}
+    body |= {"mm_processor_kwargs": mm_kwargs} if mm_kwargs else {}
+    tokenized = checked_json(server.request("POST", "/tokenize", json=body, timeout=ANSWER_TIMEOUT_S), where, what)
     visual = tokenized["tokens"].count(report.image_token_id)
-    return EngineTurn(server, report, report.mode, request, visual, int(tokenized["count"]), keep_cache, messages)
+    return EngineTurn(server, report, run, request, visual, int(tokenized["count"]), mm_kwargs, keep_cache, messages)

@@ -38,7 +38,7 @@ from app.modes import (
     default_mode,
     make_mode,
     matched_mode,
-    method_by_title,
+    method_name,
     method_titles,
     mode_choices,
     tile_limit,
@@ -320,10 +320,16 @@ class Handlers:
         sides = dict(conversation.sides)
         for side, (name, dominant, contextual, tuned, title, tokens) in values.items():
             if self.registry.is_engine(sides[side].model):
-                continue  # its method and budget are the server's (mode_controls shows them, fixed)
+                try:  # a per-request server runs the side's choice; any other its own (mode_controls shows it fixed)
+                    budget = (dominant, contextual, tokens)
+                    mode = self._requested_mode(sides[side], trigger == f"{side}-method", name, title, *budget)
+                except ValueError as error:
+                    raise gr.Error(f"{render.SIDE_NAMES[side]} side: {error}") from None
+                sides[side] = replace(sides[side], mode=mode)
+                continue
             try:
                 loaded = self.registry.get(sides[side].model)
-                method = FULL if title in (None, FULL) else method_by_title(title).name
+                method = method_name(title)
                 if trigger == f"{side}-method":
                     mode = default_mode(method, loaded.family, like=sides[side].mode)
                 else:
@@ -337,6 +343,27 @@ class Handlers:
         conversation = replace(conversation, sides=sides)
         return {"state": conversation, **self.mode_controls(conversation, values=False), **self.headers(conversation)}
 
+    def _requested_mode(
+        self, config: SideConfig, method_changed: bool, name: str, title: str | None, *budget: float | None
+    ) -> Mode:
+        """The mode a vLLM side asks its server for: the chosen one where the server lets requests choose (a
+        method it refuses raises its reason; a budget above its own is refused by the server at the turn)."""
+        report = self.registry.engines[config.model].report
+        # the same preset as now (the server's own settings included, which no dropdown lists); a custom budget
+        # is read again from its boxes
+        unchanged = (name, title) == (config.mode.name, config.mode.method_title)
+        unchanged = unchanged and name not in (CUSTOM, CUSTOM_TOKENS)
+        if report is None or not report.per_request or unchanged:
+            return config.mode
+        method = method_name(title)
+        if method_changed:
+            mode = default_mode(method, report.family, like=config.mode)
+        else:
+            dominant, contextual, tokens = budget
+            mode = make_mode(name, report.family, dominant, contextual, None, tokens, method)
+        report.check_request(mode)
+        return mode
+
     def mode_controls(self, conversation: Conversation, values: bool = True) -> Results:
         """Each side's method, budget choices and custom boxes as the mode in force (`values`: the
         custom numbers too, so a refused budget leaves no trace)."""
@@ -344,13 +371,21 @@ class Handlers:
         for side in SIDES:
             mode = conversation.sides[side].mode
             family = self.registry.family(conversation.sides[side].model)
-            local = not self.registry.is_engine(conversation.sides[side].model)  # a server's mode is its own
-            titles = method_titles() if local else [mode.method_title]
-            controls[f"{side}_method"] = gr.Dropdown(choices=titles, value=mode.method_title, interactive=local)
-            choices = mode_choices(family, mode.method if mode.enabled else FULL) if local else [mode.name]
+            server = self.registry.engines.get(conversation.sides[side].model)
+            report = server.report if server is not None else None
+            live = server is None or (report is not None and report.per_request)  # else the server's mode, fixed
+            if server is None:
+                titles = method_titles()
+            elif live:  # the methods a request may ask this server for
+                titles = [title for title in method_titles() if report.serves(method_name(title))]
+            else:
+                titles = [mode.method_title]
+            controls[f"{side}_method"] = gr.Dropdown(choices=titles, value=mode.method_title, interactive=live)
+            choices = mode_choices(family, mode.method if mode.enabled else FULL) if live else []
+            choices += [] if mode.name in choices else [mode.name]  # the server's own settings, on a vLLM side
             labels = budget_labels(family, mode)  # in the unit the budget counts on this family
             controls[f"{side}_mode"] = gr.Dropdown(
-                choices=choices, value=mode.name, interactive=local, info=labels["info"]
+                choices=choices, value=mode.name, interactive=live, info=labels["info"]
             )
             controls[f"{side}_custom_row"] = gr.Row(visible=mode.name == CUSTOM)
             controls[f"{side}_tokens_row"] = gr.Row(visible=mode.name == CUSTOM_TOKENS)
@@ -425,7 +460,7 @@ class Handlers:
             raise gr.Error("Upload an image first: the count to match is the other side's count for that image.")
         if engine_sides(self.registry, conversation):
             raise gr.Error(
-                "Match needs both sides' models in this app: a vLLM side's budget is the server's, set when it starts."
+                "Match needs both sides' models in this app: it counts a budget's tokens on the loaded model."
             )
         try:
             picture = load_media(conversation)

@@ -185,9 +185,10 @@ class ModelRegistry:
             raise ModelLoadError(f"{label} answers on its vLLM server: this needs a model loaded in the app")
 
     def family(self, label: str) -> str:
-        """ "llava_next" or "llava" for a label, without loading its weights."""
-        if label in self.engines:
-            return "llava_next"  # the plugin serves LLaVA-NeXT only (visionzip_vllm.options.ARCHITECTURES)
+        """The library's model family of a label ("llava_next", "llava", ...), without loading its weights."""
+        if label in self.engines:  # as the server last reported (LLaVA-NeXT until it answers)
+            report = self.engines[label].report
+            return report.family if report is not None else "llava_next"
         source = self._source(label)
         if is_tiny(source):
             return source.removeprefix(TINY)

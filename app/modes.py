@@ -91,6 +91,11 @@ def method_by_title(title: str) -> visionzip.Method:
     raise ValueError(f"unknown method {title!r}; choose one of {method_titles()}")
 
 
+def method_name(title: str | None) -> str:
+    """The registry name of a method dropdown's title (FULL, or None, stays FULL)."""
+    return FULL if title in (None, FULL) else method_by_title(title).name
+
+
 def mode_choices(family: str, method: str = "visionzip") -> list[str]:
     """The budgets a side can pick for `method` (a registry name, or FULL): the paper's presets for
     this model family, largest first, then the custom entry."""

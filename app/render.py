@@ -13,8 +13,7 @@ from pathlib import Path
 import gradio as gr
 
 from app.conversation import SIDES, Conversation, SideConfig, messages_for
-from app.engine import LIMITS as ENGINE_LIMITS
-from app.engine import EngineServer, is_engine_label
+from app.engine import EngineServer, is_engine_label, limits
 from app.hosting import timing_method
 from app.media import MediaError, load_image
 from app.models import LoadedModel, ModelRegistry, resolve_device
@@ -169,7 +168,7 @@ def engine_header(server: EngineServer, config: SideConfig) -> str:
         detail = f"{config.model} · {config.mode.label}"
     if server.problem:
         detail += f" · ⚠️ {server.problem}"
-    return f"### {title}\n{detail}<br><small>This side {ENGINE_LIMITS}.</small>"
+    return f"### {title}\n{detail}<br><small>This side {limits(server.report)}.</small>"
 
 
 def video_budget(loaded: LoadedModel, conversation: Conversation, side: str, max_new_tokens: int) -> str:

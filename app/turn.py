@@ -551,7 +551,7 @@ def prepare_sides(
             messages = messages_for(conversation, side, question)
             if registry.is_engine(config.model):
                 server, keep = registry.engines[config.model], conversation.keep_cache
-                prepared[side] = prepare_engine_turn(server, messages, image, max_new_tokens, keep)
+                prepared[side] = prepare_engine_turn(server, messages, image, max_new_tokens, keep, config.mode)
                 prepared[side].text = question
                 if prepared[side].mode != config.mode:  # the server's settings now: the page shows them from here on
                     conversation.sides = {**conversation.sides, side: replace(config, mode=prepared[side].mode)}

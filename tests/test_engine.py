@@ -1,8 +1,10 @@
 """A side on a vLLM server (app/engine.py): the handlers, the API and one browser page against a real vLLM
-server with the visionzip_vllm plugin (VisionZip 320 on the tiny LLaVA-NeXT), started once for this module from
-.venv-vllm with bench/serve.py's own start and stop.  The answers are checked against direct requests to the same
-server (greedy, the same messages built here), the visual counts against the library's count for the image size;
-the error cases (nothing listening, not a vLLM server, no plugin report, no answer in time) need no vLLM."""
+server with the visionzip_vllm plugin (VisionZip 320 on the tiny LLaVA-NeXT, "per_request": requests may choose
+their own method and budget up to that count per image), started once for this module from .venv-vllm with
+bench/serve.py's own start and stop.  The answers are checked against direct requests to the same server (greedy,
+the same messages and mm_processor_kwargs built here), the visual counts against the library's count for the image
+size and mode; the error cases (nothing listening, not a vLLM server, no plugin report, no answer in time) and a
+server that fixes its method for every request are served here without vLLM."""
 
 from __future__ import annotations
 
@@ -34,6 +36,7 @@ from bench.phases import parse_budget
 ROOT = Path(__file__).resolve().parent.parent
 VLLM_PYTHON = ROOT / ".venv-vllm" / "bin" / "python"
 BUDGET = "visionzip:320"  # the server's method and budget (LLaVA-NeXT's middle preset: 54 + 10 per tile)
+SERVER_MODE = "VisionZip 54+10/tile"
 MAX_NEW_TOKENS = 6
 QUESTIONS = ["What is in the picture?", "What is in its top-left corner?"]
 
@@ -45,11 +48,13 @@ def vllm_server(tiny_cache, tmp_path_factory) -> SimpleNamespace:
         pytest.skip(f"needs the vLLM venv {VLLM_PYTHON.relative_to(ROOT)} (bash scripts/setup.sh --vllm)")
     from bench.serve import start_server, stop_server, wait_ready
     from visionzip.tiny import hub_layout_checkpoint
+    from visionzip_vllm import hf_overrides
 
     checkpoint = hub_layout_checkpoint("llava_next")
     args = SimpleNamespace(vllm_python=VLLM_PYTHON, dtype="float32", clients=2, preset="tiny", kv_space_gib=1)
     log = tmp_path_factory.mktemp("vllm") / "server.log"
-    process, url = start_server(args, checkpoint, BUDGET, log)
+    overrides = hf_overrides(**parse_budget(BUDGET).server_options(), per_request=True)
+    process, url = start_server(args, checkpoint, overrides, log)
     try:
         try:
             wait_ready(process, url, 600, log)
@@ -88,12 +93,13 @@ def handlers(registry, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def reduced_count(tiny_next):
-    """The plugin's reduced count for an image size, from the library on transformers' model."""
+    """The plugin's reduced count for an image size under a budget ("visionzip:320", "divprune:320"), from the
+    library on transformers' model."""
     model, processor = tiny_next
     handle = visionzip.apply(model, processor)
 
-    def count(height: int, width: int) -> int:
-        with handle.use(**parse_budget(BUDGET).use()):
+    def count(height: int, width: int, budget: str = BUDGET) -> int:
+        with handle.use(**parse_budget(budget).use()):
             return handle.num_image_tokens((height, width))
 
     yield count
@@ -106,9 +112,12 @@ def picture_file(tmp_path: Path, make_image, height: int, width: int) -> str:
     return str(path)
 
 
-def direct_answer(url: str, picture: str, turns: list[tuple[str, str]], question: str) -> dict:
+def direct_answer(
+    url: str, picture: str, turns: list[tuple[str, str]], question: str, budget: str | None = None
+) -> dict:
     """The server's greedy answer to the conversation, sent here as OpenAI messages: the image file as a data URL
-    in the first user turn, then the earlier (question, answer) pairs."""
+    in the first user turn, then the earlier (question, answer) pairs; `budget` ("divprune:320") as the request's
+    mm_processor_kwargs, None: the server's own."""
     image = {"type": "image_url", "image_url": {"url": "data:image/png;base64," + base64.b64encode(Path(picture).read_bytes()).decode()}}  # fmt: skip
     messages = []
     for index, (asked, answer) in enumerate([*turns, (question, None)]):
@@ -118,49 +127,100 @@ def direct_answer(url: str, picture: str, turns: list[tuple[str, str]], question
         if answer is not None:
             messages.append({"role": "assistant", "content": [{"type": "text", "text": answer}]})
     body = {"model": "served", "messages": messages, "max_tokens": MAX_NEW_TOKENS, "temperature": 0}
+    if budget is not None:
+        body["mm_processor_kwargs"] = {"visionzip": parse_budget(budget).server_options()}
     response = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=120)
     response.raise_for_status()
     return response.json()
 
 
-@pytest.mark.parametrize("size", [(480, 640), (336, 1008)])  # a 2x2 grid (5 tiles), a 1x3 grid (4 tiles)
+def right_mode(handlers: Handlers, conversation, name: str, title: str) -> dict:
+    """The page's set_mode with the right side's method and budget chosen, the left side's as they are."""
+    left = conversation.sides["left"].mode
+    return handlers.set_mode(conversation, left.name, 54, 10, name, 54, 10, left_method=left.method_title, right_method=title)  # fmt: skip
+
+
+# (image size, the right side's budget: None for the server's own, else (mode, method title, the library's name));
+# a 2x2 grid (5 tiles) and a 1x3 grid (4 tiles), each budget at most the server's count for that image
+TURNS = [
+    ((480, 640), None),
+    ((480, 640), ("DivPrune 320", "DivPrune", "divprune:320")),
+    ((336, 1008), ("VisionZip 160", "VisionZip", "visionzip:160")),
+]
+
+
+@pytest.mark.parametrize(("size", "chosen"), TURNS)
 def test_a_vllm_side_answers_what_the_server_answers_a_direct_request(
-    handlers, engine_label, vllm_server, reduced_count, size, tmp_path, make_image
+    handlers, engine_label, vllm_server, reduced_count, size, chosen, tmp_path, make_image
 ):
     picture = picture_file(tmp_path, make_image, *size)
     conversation = handlers.set_media({"path": picture}, new_conversation(handlers.registry))["state"]
     conversation = handlers.set_model(conversation, TINY_LABEL, engine_label)["state"]
+    budget = None
+    if chosen is not None:  # the side's own method and budget, sent with each request
+        name, title, budget = chosen
+        conversation = right_mode(handlers, conversation, name, title)["state"]
+    label = conversation.sides["right"].mode.label
+    assert (label == SERVER_MODE) == (chosen is None)
     earlier = []
     for number, question in enumerate(QUESTIONS, start=1):
         conversation = list(handlers.ask(question, conversation))[-1]["state"]
         turn = conversation.turns[-1]
         served, local = turn.stats["right"], turn.stats["left"]
-        direct = direct_answer(vllm_server.url, picture, earlier, question)
+        direct = direct_answer(vllm_server.url, picture, earlier, question, budget)
         assert served.error is None and local.error is None, (served.error, local.error)
         assert turn.answers["right"] == direct["choices"][0]["message"]["content"]
         assert served.new_tokens == direct["usage"]["completion_tokens"]
-        assert served.visual_tokens == reduced_count(*size)  # the plugin's reduced count, not the stock 2,000+
+        assert served.visual_tokens == reduced_count(*size, budget or BUDGET)  # the reduced count, not 2,000+
         assert served.context_tokens == direct["usage"]["prompt_tokens"]
         assert served.text_tokens == direct["usage"]["prompt_tokens"] - served.visual_tokens
-        assert served.mode == "VisionZip 54+10/tile" and served.turn == number and served.ttft_ms > 0
+        assert served.mode == label and served.turn == number and served.ttft_ms > 0
         assert "".join(text for _, text in turn.tokens["right"]) == turn.answers["right"]  # the race replays it
         assert "not on a vLLM side" in served.quality_reference
         earlier.append((question, turn.answers["right"]))
     assert len(conversation.turns) == 2
+    assert f"{label}<br>" in handlers.headers(conversation)["right_header"]  # what the server ran
+
+
+def test_a_vllm_side_offers_what_the_server_serves_and_refuses_a_budget_above_its_own(
+    handlers, engine_label, vllm_server, reduced_count, tmp_path, make_image
+):
+    picture = picture_file(tmp_path, make_image, 480, 640)
+    conversation = handlers.set_media({"path": picture}, new_conversation(handlers.registry))["state"]
+    conversation = handlers.set_model(conversation, TINY_LABEL, engine_label)["state"]
+    controls = handlers.mode_controls(conversation)
+    methods = controls["right_method"].choices
+    assert controls["right_method"].interactive and controls["right_mode"].interactive
+    assert ("DivPrune", "DivPrune") in methods and not {"FastV", "CDPruner"} & {value for _, value in methods}
+    with pytest.raises(gr.Error, match="Right side: FastV drops image tokens inside the language model"):
+        right_mode(handlers, conversation, "FastV 320", "FastV")  # what the API could still ask for
+    conversation = list(handlers.ask(QUESTIONS[0], conversation))[-1]["state"]
+    kept = conversation.sides
+    conversation = right_mode(handlers, conversation, "VisionZip 640", "VisionZip")["state"]
+    assert conversation.sides["right"].mode.label == "VisionZip 108+20/tile"
+    conversation = list(handlers.ask(QUESTIONS[1], conversation))[-1]["state"]
+    turn = conversation.turns[-1]
+    refusal = turn.stats["right"].error
+    assert refusal and f"gives this 480x640 image {reduced_count(480, 640, 'visionzip:640')} tokens" in refusal
+    assert f"more than the {reduced_count(480, 640)} of the server's {SERVER_MODE}" in refusal
+    assert vllm_server.checkpoint not in refusal and turn.stats["left"].error is None and turn.answers["left"]
+    assert len(conversation.turns) == 2 and conversation.turns[0].answers["right"]  # the conversation is kept
+    conversation = replace(conversation, sides=kept)  # back within the server's count: the side answers again
+    conversation = list(handlers.ask(QUESTIONS[1], conversation))[-1]["state"]
+    assert conversation.turns[-1].stats["right"].error is None and len(conversation.turns) == 3
 
 
 def test_what_a_vllm_side_cannot_show_is_said(handlers, engine_label, vllm_server, tmp_path, make_image):
     picture = picture_file(tmp_path, make_image, 480, 640)
     conversation = handlers.set_media({"path": picture}, new_conversation(handlers.registry))["state"]
     conversation = handlers.set_model(conversation, TINY_LABEL, engine_label)["state"]
-    conversation = handlers.set_mode(conversation, "Full", 54, 10, "VisionZip 160", 27, 5)["state"]
-    assert conversation.sides["right"].mode.label == "VisionZip 54+10/tile"  # the server's, not the page's
     header = handlers.headers(conversation)["right_header"]
     assert "on vLLM" in header and "no overlay" in header and "KV-cache toggle does not apply" in header
+    assert "sent with each request" in header
     conversation = list(handlers.ask(QUESTIONS[0], conversation))[-1]["state"]
     reason = ON_SERVER.format(side="right")
     assert handlers.refresh_overlay(conversation, "all")["legend"] == reason  # not a stale or local drawing
-    conversation = handlers.set_mode(conversation, "DivPrune 320", 54, 10, "VisionZip 160", 27, 5, left_method="DivPrune")["state"]  # fmt: skip
+    conversation = handlers.set_mode(conversation, "DivPrune 320", 54, 10, "VisionZip 160", 27, 5, left_method="DivPrune", right_method="VisionZip")["state"]  # fmt: skip
     assert handlers.compare_sides(conversation)["difference_table"] == reason
     with pytest.raises(gr.Error, match="Match needs both sides' models in this app"):
         handlers.match_right(conversation)
@@ -194,6 +254,22 @@ class NotVllm(http.server.BaseHTTPRequestHandler):
 
 class StockVllm(NotVllm):
     models = True
+
+
+class FixedVllm(StockVllm):
+    """A vLLM server with the plugin that runs VisionZip 54+10 for every request (no "per_request")."""
+
+    def do_GET(self) -> None:
+        if self.path != "/visionzip":
+            return super().do_GET()
+        options = {"method": "visionzip", "dominant": 54, "contextual": 10}
+        architecture = "VisionZipLlavaForConditionalGeneration"  # a LLaVA-1.5 server
+        report = {"served_model_names": ["fixed"], "options": options, "image_token_id": 32000, "architecture": architecture}  # fmt: skip
+        body = json.dumps(report).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.end_headers()
+        self.wfile.write(body)
 
 
 @pytest.fixture
@@ -256,6 +332,19 @@ def test_an_unusable_server_is_refused_with_its_reason_and_the_other_side_keeps_
         assert str(tmp_path) not in stats["right"].error
 
 
+def test_a_server_without_per_request_keeps_its_own_method_and_budget(local_handlers, http_server):
+    start = new_conversation(local_handlers.registry)
+    label = offer(local_handlers, http_server(FixedVllm))
+    conversation = local_handlers.set_model(start, TINY_LABEL, label)["state"]
+    assert conversation.sides["right"].mode.label == SERVER_MODE and local_handlers.registry.family(label) == "llava"
+    conversation = right_mode(local_handlers, conversation, "VisionZip 64", "VisionZip")["state"]
+    assert conversation.sides["right"].mode.label == SERVER_MODE  # the server's, not the page's
+    controls = local_handlers.mode_controls(conversation)
+    assert not controls["right_method"].interactive and not controls["right_mode"].interactive
+    assert [value for _, value in controls["right_mode"].choices] == [conversation.sides["right"].mode.name]
+    assert "set when it starts" in local_handlers.headers(conversation)["right_header"]
+
+
 def test_a_vllm_side_refuses_video_and_the_other_side_answers(local_handlers):
     label = offer(local_handlers, f"http://127.0.0.1:{free_port()}")
     start = new_conversation(local_handlers.registry)
@@ -302,6 +391,18 @@ def test_the_api_runs_a_side_on_the_server_and_names_a_dead_one(
     served = next(record for record in stats if record["side"] == "right")
     assert served["error"] is None and served["visual_tokens"] == reduced_count(480, 640)
     assert served["engine"] and right[-1]["content"]
+    with pytest.raises(Exception, match="FastV is not in the list of choices"):  # not served: not offered
+        client.predict(right_mode="FastV 320", right_method="FastV", api_name="/set_mode")
+    client.predict(right_mode="DivPrune 160", right_method="DivPrune", api_name="/set_mode")
+    _, right, stats, _ = client.predict(QUESTIONS[1], api_name="/ask")
+    served = [record for record in stats if record["side"] == "right"][-1]
+    assert served["mode"] == "DivPrune 160/image"
+    assert served["error"] is None and served["visual_tokens"] == reduced_count(480, 640, "divprune:160")
+    client.predict(right_mode="VisionZip 640", right_method="VisionZip", api_name="/set_mode")
+    _, right, stats, _ = client.predict(QUESTIONS[0], api_name="/ask")
+    refused, local = ([record for record in stats if record["side"] == side][-1] for side in ("right", "left"))
+    assert f"more than the {reduced_count(480, 640)} of the server's {SERVER_MODE}" in refused["error"]
+    assert local["error"] is None and local["turn"] == refused["turn"] == 3
 
 
 @pytest.mark.browser
