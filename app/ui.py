@@ -272,9 +272,10 @@ class Wiring:
     def wire_models(self) -> None:
         models = [f"{side}_model" for side in SIDES]
         triggers = [self.page[name].input for name in models]
-        changed = self.on(
-            triggers, self.handlers.set_model, ["state", *models], MODEL_OUTPUTS, api_name="set_model", **self.GPU
-        )
+        # "always_last": a pick made while the other side's model is still loading runs after it (Gradio's
+        # default, "once", dropped it: the dropdown showed the new model while the side kept the old one)
+        options = dict(api_name="set_model", trigger_mode="always_last", **self.GPU)
+        changed = self.on(triggers, self.handlers.set_model, ["state", *models], MODEL_OUTPUTS, **options)
         self.refresh_tokens(changed)
         self.follow(changed.failure, self.handlers.show_models, ["state"], models, **self.PRIVATE)
 
