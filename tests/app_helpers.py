@@ -3,8 +3,12 @@ one that never stops talking until told to, and a checkpoint whose weights are d
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -22,7 +26,9 @@ from app.ui import launch
 from visionzip import preset_budget
 from visionzip.tiny import tiny_checkpoint
 
-ARTIFACTS = Path(__file__).resolve().parents[1] / "artifacts"  # screenshots, kept for a look after the run
+ROOT = Path(__file__).resolve().parents[1]
+VLLM_PYTHON = ROOT / ".venv-vllm" / "bin" / "python"  # bash scripts/setup.sh --vllm
+ARTIFACTS = ROOT / "artifacts"  # screenshots, kept for a look after the run
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [
     "--no-sandbox",
@@ -136,3 +142,22 @@ def expected_visual_tokens(processor, width: int, height: int) -> tuple[int, int
     full = int((stock["input_ids"] == processor.image_token_id).sum())
     tiles = image_size_to_num_patches([height, width], processor.image_processor.image_grid_pinpoints, 336)
     return full, tiles * preset_budget("llava_next", 320).per_tile
+
+
+def run_in_vllm_venv(script: str, job: dict, what: str, timeout: int, **env: str) -> dict:
+    """Run tests/`script` in the vLLM venv with `job` as JSON on its stdin; its last "RESULT {json}" line.
+    A failed run fails the test with the end of its log."""
+    run = subprocess.run(
+        [str(VLLM_PYTHON), str(ROOT / "tests" / script)],
+        input=json.dumps(job),
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT), **env),
+        cwd=ROOT,
+        timeout=timeout,
+    )
+    lines = [line for line in run.stdout.splitlines() if line.startswith("RESULT ")]
+    if run.returncode != 0 or not lines:
+        sys.stderr.write(run.stderr[-6000:])
+        pytest.fail(f"{what} failed (exit {run.returncode}); its log's end is above")
+    return json.loads(lines[-1][len("RESULT ") :])

@@ -21,7 +21,7 @@ from types import SimpleNamespace
 import gradio as gr
 import httpx
 import pytest
-from app_helpers import ARTIFACTS, free_port
+from app_helpers import ARTIFACTS, VLLM_PYTHON, free_port
 from gradio_client import Client, handle_file
 from test_browser_methods import ask_turns, choose, wait_for_text
 
@@ -34,7 +34,6 @@ from app.modes import FULL_MODE
 from bench.phases import parse_budget
 
 ROOT = Path(__file__).resolve().parent.parent
-VLLM_PYTHON = ROOT / ".venv-vllm" / "bin" / "python"
 BUDGET = "visionzip:320"  # the server's method and budget (LLaVA-NeXT's middle preset: 54 + 10 per tile)
 SERVER_MODE = "VisionZip 54+10/tile"
 MAX_NEW_TOKENS = 6

@@ -7,13 +7,10 @@ checkpoint's config names (the torchvision one), and predicted counts == placeho
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from app_helpers import VLLM_PYTHON, run_in_vllm_venv
 
 import visionzip
 from app.models import TINY_QWEN_LABEL
@@ -21,7 +18,6 @@ from tests.test_qwen import BUDGETS as QWEN_BUDGETS
 from tests.test_qwen import SIZES as QWEN_SIZES
 
 ROOT = Path(__file__).resolve().parent.parent
-VLLM_PYTHON = ROOT / ".venv-vllm" / "bin" / "python"
 # `image_processor_type` in the real checkpoints' preprocessor_config.json (Qwen/Qwen2.5-VL-7B-Instruct,
 # llava-hf/llava-onevision-qwen2-7b-ov-hf), which the tiny checkpoints write too
 REAL_TYPES = {"qwen2_5_vl": "Qwen2VLImageProcessor", "llava_onevision": "LlavaOnevisionImageProcessor"}
@@ -56,21 +52,7 @@ def fast_counts(tiny_cache) -> dict:
 
     for family in REAL_TYPES:  # built here, offline, as the app builds them; the vLLM venv only loads them
         tiny_checkpoint(family)
-    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT), VISIONZIP_CACHE=tiny_cache)
-    run = subprocess.run(
-        [str(VLLM_PYTHON), str(ROOT / "tests" / "fast_processor_counts.py")],
-        input=json.dumps(JOB),
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=ROOT,
-        timeout=900,
-    )
-    lines = [line for line in run.stdout.splitlines() if line.startswith("RESULT ")]
-    if run.returncode != 0 or not lines:
-        sys.stderr.write(run.stderr[-6000:])
-        pytest.fail(f"the fast-processor run failed (exit {run.returncode}); its log's end is above")
-    return json.loads(lines[-1][len("RESULT ") :])
+    return run_in_vllm_venv("fast_processor_counts.py", JOB, "the fast-processor run", 900, VISIONZIP_CACHE=tiny_cache)
 
 
 @pytest.mark.parametrize("family", sorted(REAL_TYPES))

@@ -7,22 +7,18 @@ options are refused with their reason, as a 400 by the OpenAI-compatible server.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from app_helpers import VLLM_PYTHON, run_in_vllm_venv
 
 import visionzip
 from bench.phases import parse_budget
 from tests.conftest import random_image
 
 ROOT = Path(__file__).resolve().parent.parent
-VLLM_PYTHON = ROOT / ".venv-vllm" / "bin" / "python"
 NEEDS_VLLM = f"needs the vLLM venv {VLLM_PYTHON.relative_to(ROOT)} (bash scripts/setup.sh --vllm)"
 PROMPT = (
     "A chat between a curious human and an artificial intelligence assistant. The assistant gives helpful, "
@@ -116,21 +112,7 @@ def run_vllm(
     )
     if processor_kwargs is not None:
         job["processor_kwargs"] = processor_kwargs
-    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT))
-    run = subprocess.run(
-        [str(VLLM_PYTHON), str(ROOT / "tests" / "vllm_generate.py")],
-        input=json.dumps(job),
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=ROOT,
-        timeout=1200,
-    )
-    lines = [line for line in run.stdout.splitlines() if line.startswith("RESULT ")]
-    if run.returncode != 0 or not lines:
-        sys.stderr.write(run.stderr[-6000:])
-        pytest.fail(f"vLLM run failed (exit {run.returncode}); its log's end is above")
-    return json.loads(lines[-1][len("RESULT ") :])["results"]
+    return run_in_vllm_venv("vllm_generate.py", job, "vLLM run", 1200)["results"]
 
 
 @pytest.fixture(scope="module")
