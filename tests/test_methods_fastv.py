@@ -87,7 +87,7 @@ def test_selection_logits_and_cache_match_the_oracle(fastv, make_image, family, 
     [image] = call.selection
     rows = image.tiles.choice.rows
     assert sorted(span[rows].tolist()) == sorted(set(span.tolist()) - set(dropped))
-    assert image.budget == f"FastV K={layer}, {tokens} kept of {images}" and image.num_tokens == images
+    assert image.budget == f"FastV K={layer}, {tokens} kept/image of its {images}" and image.num_tokens == images
     # real per-layer counts and cache lengths: full below K, reduced from K on
     assert call.layer_tokens == [images] * layer + [tokens] * (LM_LAYERS - layer)
     cached = [out.cache.layers[i].keys.shape[-2] for i in range(LM_LAYERS)]

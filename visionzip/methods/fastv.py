@@ -233,7 +233,7 @@ class FastVHooks:
         kept, rows = keep_positions(prefill.scores, list(positions.split(counts)), settings.tokens)
         for image, image_rows, count in zip(images, rows, counts):
             image.tiles.choice.rows = image_rows.detach()
-            image.budget = f"FastV K={settings.fastv_layer}, {settings.tokens} kept of {count}"
+            image.budget = f"{settings.describe()} of its {count}"  # the label, then what it chose from
         cos, sin = kwargs["position_embeddings"]
         replaced = {"position_embeddings": (cos[:, kept], sin[:, kept])}  # the original positions' RoPE
         position_ids = kwargs.get("position_ids")
