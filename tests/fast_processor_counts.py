@@ -4,7 +4,9 @@ this CPU.  For each family the job (JSON on stdin) names, whose tiny checkpoint 
 VISIONZIP_CACHE, it loads the model as the app does (`app.models.ModelRegistry`) and reports, as one JSON line
 on stdout ("RESULT {...}"): the processor classes the app and `AutoImageProcessor` picked, and for each image
 size and method budget of the job, the predicted count, the prompt's placeholders and the features produced.
-The calling test asserts; this script only measures."""
+With "frame_pairs" in the job, it also runs the app's frame-pair video processor (visionzip.workarounds, PIL, used
+where torchvision is missing) and Qwen2-VL's own torchvision video processor on the same clips and reports their
+grids and mean pixel difference.  The calling test asserts; this script only measures."""
 
 from __future__ import annotations
 
@@ -54,11 +56,40 @@ def counts(loaded, sizes, budgets) -> list[dict]:
     return rows
 
 
+def frame_pairs(clips: list[list[int]]) -> list[dict]:
+    """For each [frames, H, W, seed]: both video processors' grids and their mean absolute pixel difference."""
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+    from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
+
+    from visionzip.workarounds import FramePairVideoProcessor
+
+    images = Qwen2VLImageProcessorPil.from_pretrained(str(tiny_checkpoint("qwen2_5_vl")))
+    stock = Qwen2VLVideoProcessor(
+        size=dict(images.size), image_mean=images.image_mean, image_std=images.image_std, cap_pixels_per_frame=False
+    )
+    rows = []
+    for frames, height, width, seed in clips:
+        clip = [image(height, width, seed * 100 + k) for k in range(frames)]
+        ours, theirs = FramePairVideoProcessor(images)(clip), stock(clip, return_tensors="pt")
+        difference = (ours["pixel_values_videos"] - theirs["pixel_values_videos"]).abs().mean()
+        rows.append(
+            dict(
+                clip=[frames, height, width],
+                ours=ours["video_grid_thw"].tolist(),
+                theirs=theirs["video_grid_thw"].tolist(),
+                mean_difference=float(difference),
+            )
+        )
+    return rows
+
+
 def main() -> None:
-    """The job on stdin: {family: {label, sizes: [[H, W], ...], budgets: {method: handle.use() budget}}}."""
+    """The job on stdin: {family: {label, sizes: [[H, W], ...], budgets: {method: handle.use() budget}}}, and
+    optionally "frame_pairs": [[frames, H, W, seed], ...]."""
     registry = ModelRegistry(device="cpu")
-    report = {}
-    for family, case in json.load(sys.stdin).items():
+    job = json.load(sys.stdin)
+    report = {"frame_pairs": frame_pairs(job.pop("frame_pairs"))} if "frame_pairs" in job else {}
+    for family, case in job.items():
         loaded = registry.get(case["label"])
         sizes, budgets = [tuple(size) for size in case["sizes"]], case["budgets"]
         source = str(tiny_checkpoint(family))  # where the registry loaded it from (the calling test built it)

@@ -24,6 +24,7 @@ REAL_TYPES = {"qwen2_5_vl": "Qwen2VLImageProcessor", "llava_onevision": "LlavaOn
 REFUSED = {"cdpruner"}  # on both families: it needs CLIP's text tower (see README, "Model families")
 # each family's image sizes (several grids) and every method that runs on it, at a budget its tiles allow
 JOB = {
+    "frame_pairs": [[5, 200, 300, 3], [4, 333, 517, 1], [1, 100, 150, 2]],  # odd, even and single-frame clips
     # (30, 40) holds fewer cells than FastV keeps: its refusal is tests/test_qwen.py's
     "qwen2_5_vl": dict(
         label=TINY_QWEN_LABEL, sizes=[size for size in QWEN_SIZES if min(size) >= 56], budgets=QWEN_BUDGETS
@@ -73,3 +74,12 @@ def test_fast_processor_counts_predicted_equal_placeholders_equal_features(fast_
     stock = {tuple(row["size"]): row["produced"] for row in rows if row["method"] == "full"}
     reduced = [row for row in rows if row["method"] not in ("full", "fastv")]
     assert any(row["produced"] < stock[tuple(row["size"])] for row in reduced)  # the reduction did reduce
+
+
+def test_the_frame_pair_processor_matches_qwens_video_processor(fast_counts):
+    """Where torchvision is missing the app builds Qwen2.5-VL's video inputs from the image processor (frames
+    paired in time); Qwen2-VL's own torchvision video processor gives the same grids and, up to resampling,
+    the same pixels."""
+    for row in fast_counts["frame_pairs"]:
+        assert row["ours"] == row["theirs"], row
+        assert row["mean_difference"] < 0.05, row

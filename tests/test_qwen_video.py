@@ -263,23 +263,6 @@ def test_frame_pairs_fill_the_temporal_slots_as_the_video_processor_does(make_im
                 assert torch.equal(rows[t * cells + n, :, slot], expected), (t, n, slot)
 
 
-def test_the_frame_pair_processor_matches_qwens_video_processor(make_image):
-    """Where torchvision is installed, Qwen2-VL's own video processor gives the same grids and (up to
-    resampling) the same pixels."""
-    pytest.importorskip("torchvision", reason="Qwen2-VL's video processor needs torchvision, not installed here")
-    from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
-
-    _, processor = load_tiny(QWEN)
-    images = processor.image_processor
-    stock = Qwen2VLVideoProcessor(
-        size=dict(images.size), image_mean=images.image_mean, image_std=images.image_std, cap_pixels_per_frame=False
-    )
-    clip = clip_frames(make_image, 5, 200, 300, seed=3)
-    ours, theirs = processor.video_processor(clip), stock(clip, return_tensors="pt")
-    assert torch.equal(ours["video_grid_thw"], theirs["video_grid_thw"])
-    assert (ours["pixel_values_videos"] - theirs["pixel_values_videos"]).abs().mean() < 0.05
-
-
 def test_features_encoded_without_the_reduction_are_refused_under_it(applied, make_image):
     """Stock video features handed to a reducing forward would sit at the wrong positions: refused, not placed."""
     handle, model, _, processor = applied
