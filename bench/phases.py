@@ -775,42 +775,12 @@ def run_benchmark(
         runs = timed_rounds(subject, modes, smallest if authors else None, clock, memory, warmup + repeats, new_tokens)
         runs = {name: results[warmup:] for name, results in runs.items()}
     config = subject.model.config
-    meta = {
-        "family": family,
-        "preset": preset,
-        "model": subject.description,
-        "parameters": sum(p.numel() for p in subject.model.parameters()),
-        "weights_mib": round(sum(p.numel() * p.element_size() for p in subject.model.parameters()) / MIB, 1),
-        "llm_layers": config.text_config.num_hidden_layers,
-        "device": torch_device.type,
-        "threads": torch.get_num_threads(),
-        "machine": machine_description(torch_device),
-        "dtype": dtype,
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "visionzip": visionzip.__version__,
-        "python": platform.python_version(),
-        "image_size": list(IMAGE_SIZE),
-        "text_tokens": modes[0].text_tokens,
-        "repeats": repeats,
-        "warmup": warmup,
-        "new_tokens": new_tokens,
-        "timing": clock.method + "; medians over repeats after warm-up rounds, modes interleaved per round",
-        "memory": memory.method,
-        "lm_head_input": "dense copy (CPU bf16 workaround, as the app)" if dense_head else "stock",
-        "load_average": f"{load_before[0]:.1f} at start, {os.getloadavg()[0]:.1f} at end (1-minute, whole machine)",
-        "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
-    }
+    settings = dict(family=family, preset=preset, dtype=dtype, repeats=repeats, warmup=warmup, new_tokens=new_tokens)
+    lm_head_input = "dense copy (CPU bf16 workaround, as the app)" if dense_head else "stock"
+    meta = run_meta(subject, torch_device, settings, modes[0].text_tokens, clock, memory, lm_head_input, load_before)
     rows = [mode_row(mode, runs[mode.name], config) for mode in modes]
     add_ratios(rows)
-    # The vision phase (start of the forward to the LM) of the stock and VisionZip runs, beside the
-    # authors' approach at the same budget (theirs leaves out embedding and packing: a head start).
-    vision = [
-        {"approach": approach, "budget": row["mode"], **{key: row[key] for key in ("vision_ms", "vision_peak_mib")}}
-        for approach, row in (("stock", rows[0]), ("visionzip", [r for r in rows if r["mode"].isdigit()][-1]))
-    ]
-    if authors:
-        vision.append({"approach": "authors", "budget": smallest.name, **_medians(runs["authors"])})
+    vision = vision_rows(rows, runs, smallest if authors else None)
     # Per-round values too: on a shared machine the spread says how far to trust a median.
     # The LM's shape, for FLOP counts made later from these results (bench.gpu_measure: FastV's own work)
     text = {key: getattr(config.text_config, key) for key in LM_SHAPE_KEYS}
@@ -822,6 +792,58 @@ def run_benchmark(
         "runs": runs,
         "text_config": text,
     }
+
+
+def run_meta(
+    subject: Subject,
+    device: torch.device,
+    settings: dict[str, Any],
+    text_tokens: int,
+    clock: Clock,
+    memory: PeakMemory,
+    lm_head_input: str,
+    load_before: tuple[float, float, float],
+) -> dict[str, Any]:
+    """What a result file says about its run: the model, the machine, the software and how it was timed."""
+    config = subject.model.config
+    return {
+        "family": settings["family"],
+        "preset": settings["preset"],
+        "model": subject.description,
+        "parameters": sum(p.numel() for p in subject.model.parameters()),
+        "weights_mib": round(sum(p.numel() * p.element_size() for p in subject.model.parameters()) / MIB, 1),
+        "llm_layers": config.text_config.num_hidden_layers,
+        "device": device.type,
+        "threads": torch.get_num_threads(),
+        "machine": machine_description(device),
+        "dtype": settings["dtype"],
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "visionzip": visionzip.__version__,
+        "python": platform.python_version(),
+        "image_size": list(IMAGE_SIZE),
+        "text_tokens": text_tokens,
+        "repeats": settings["repeats"],
+        "warmup": settings["warmup"],
+        "new_tokens": settings["new_tokens"],
+        "timing": clock.method + "; medians over repeats after warm-up rounds, modes interleaved per round",
+        "memory": memory.method,
+        "lm_head_input": lm_head_input,
+        "load_average": f"{load_before[0]:.1f} at start, {os.getloadavg()[0]:.1f} at end (1-minute, whole machine)",
+        "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
+    }
+
+
+def vision_rows(rows: list[dict[str, Any]], runs: dict[str, list], authors: Mode | None) -> list[dict[str, Any]]:
+    """The vision phase (start of the forward to the LM) of the stock and VisionZip runs, beside the
+    authors' approach at `authors`' budget (theirs leaves out embedding and packing: a head start)."""
+    vision = [
+        {"approach": approach, "budget": row["mode"], **{key: row[key] for key in ("vision_ms", "vision_peak_mib")}}
+        for approach, row in (("stock", rows[0]), ("visionzip", [r for r in rows if r["mode"].isdigit()][-1]))
+    ]
+    if authors is not None:
+        vision.append({"approach": "authors", "budget": authors.name, **_medians(runs["authors"])})
+    return vision
 
 
 def timed_rounds(
