@@ -199,7 +199,8 @@ def wire_talk(wiring: Wiring, talk: TalkHandlers) -> None:
         (page["load"].upload, talk.load_recording, "load"),
         (page["shipped"].input, talk.load_shipped, "shipped"),
     ):
-        wiring.follow(wiring.on([trigger], handler, [source, "state"], loaded, **private).success, *race, **after)
+        loading = wiring.on([trigger], handler, [source, "state"], loaded, **private, **gpu)  # it replaces the talk
+        wiring.follow(loading.success, *race, **after)
     modes = ["state", "left_method", "left_budget", "right_method", "right_budget"]
     triggers = [page[f"{side}_{part}"].input for side in SIDES for part in ("method", "budget")]
     changed = wiring.on(

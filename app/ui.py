@@ -114,8 +114,9 @@ class Wiring:
     """Every event of the page, in one place: `on` connects triggers to a handler by component names,
     `follow` chains a handler after an event (`then`, `success` or `failure`)."""
 
-    # Model work and every change to the conversation share one slot: a change made while a turn
-    # streams (new media, clear, regenerate) waits for it instead of being overwritten by its next chunk.
+    # Model work and everything that reads the conversation to write it, a header or a control share one
+    # slot: a change made while a turn streams (new media, clear, regenerate) waits for it instead of being
+    # overwritten by its next chunk, and no refresh writes back a mode the user has changed since it began.
     GPU = dict(concurrency_id="gpu", concurrency_limit=1)
     PRIVATE = dict(api_visibility="private")
     QUIET = dict(api_visibility="private", show_progress="hidden")  # follow-up refreshes: no spinners
@@ -176,7 +177,9 @@ class Wiring:
     def after_turn(self, event) -> None:
         if self.talk is not None:  # the conversation as a recording, for "Download recording"
             self.follow(event.then, self.talk.recording_after_turn, ["state"], ["export_recording"], **self.QUIET)
-        event = self.follow(event.then, self.handlers.after_turn, ["state"], AFTER_TURN, **self.QUIET)
+        # in the slot: it writes the headers from the conversation it read, so a mode change made while it
+        # ran would otherwise be overwritten by the old mode's header
+        event = self.follow(event.then, self.handlers.after_turn, ["state"], AFTER_TURN, **self.QUIET, **self.GPU)
         # a text-dependent method chose anew (or kept its frozen choice): the overlay shows which
         self.follow(event.then, self.handlers.overlay_after_turn, ["state", "view"], OVERLAY, **self.QUIET, **self.GPU)
 
@@ -189,9 +192,7 @@ class Wiring:
             triggers, handlers.set_media, media_inputs, MEDIA, api_name="set_media", preprocess=False, **self.GPU
         )
         self.after_turn(self.refresh_tokens(changed))
-        self.follow(
-            changed.failure, handlers.show_media, ["state"], ["media", "video"], show_progress="hidden", **self.PRIVATE
-        )
+        self.follow(changed.failure, handlers.show_media, ["state"], ["media", "video"], **self.QUIET, **self.GPU)
 
         triggers = [
             page["frames"].change,
@@ -255,7 +256,7 @@ class Wiring:
         inputs += [f"{side}_tokens" for side in SIDES]
         options = dict(api_name="set_mode", trigger_mode="always_last", show_progress="hidden", **self.GPU)
         changed = self.on(triggers, self.handlers.set_mode, inputs, MODE_OUTPUTS, **options)  # may load a model
-        self.follow(changed.failure, self.handlers.show_modes, ["state"], MODE_CONTROLS, **self.QUIET)
+        self.follow(changed.failure, self.handlers.show_modes, ["state"], MODE_CONTROLS, **self.QUIET, **self.GPU)
         self.refresh_tokens(changed)
         for side in SIDES:  # "match": this side's method at the other side's count
             handler = getattr(self.handlers, f"match_{side}")
@@ -277,7 +278,7 @@ class Wiring:
         options = dict(api_name="set_model", trigger_mode="always_last", **self.GPU)
         changed = self.on(triggers, self.handlers.set_model, ["state", *models], MODEL_OUTPUTS, **options)
         self.refresh_tokens(changed)
-        self.follow(changed.failure, self.handlers.show_models, ["state"], models, **self.PRIVATE)
+        self.follow(changed.failure, self.handlers.show_models, ["state"], models, **self.PRIVATE, **self.GPU)
 
     def wire_recordings(self) -> None:
         """Replay a recording on this page: no model runs, nothing after it is refreshed from one."""
