@@ -8,15 +8,15 @@ weights), one 672x672 image (5 tiles, 2,928 stock tokens), each method at the pa
 variant is one vision step, `get_image_features` under the method; `own ms` is that step less the tower's
 and the projector's time, as `bench.phases` counts it (DivPrune's therefore holds the stock unpad/newline
 packing it chooses from, which the full model pays too; `stock` shows that part alone, and `own beyond
-stock` is DivPrune's own less stock's).  CDPruner's swap includes its CLIP side (`ClipText.embed_text`,
-the question's text tower); what both versions share (the patch embeddings, the projector) is in both
-rows.  Every round runs every variant, in an order rotated each round; the first --warmup rounds are
+stock` is DivPrune's own less stock's).  CDPruner's swap is its whole `reduce_tiles` and its CLIP side
+(`ClipText.embed_text`, the question's text tower); the projector is timed apart in both rows.  Every round runs every variant, in an order rotated each round; the first --warmup rounds are
 dropped, each figure is the median of the rest.  `selection alone` then times just the selection functions
 (DivPrune's greedy max-min, CDPruner's kernel and greedy MAP), variants interleaved, 3 x --repeats rounds
 after one untimed, on the arguments they got in a vision step.  Every %tower divides by the tower's median
 over all variants' rounds (the same work in each; on a shared CPU its time swings with the load).  The
 baseline's functions are read from git (`git show COMMIT:path`), so the run needs the repository's
-history; the run checks that both variants keep the same tokens.
+history, and a baseline file gets the baseline's own copy of the library modules in BASELINE_IMPORTS; the
+run checks that both variants keep the same tokens.
 """
 
 from __future__ import annotations
@@ -52,20 +52,18 @@ from bench.phases import (
 
 REPOSITORY = Path(__file__).resolve().parents[1]
 # What is swapped for the baseline's, per method: the modules it chooses in and the functions of each
-# ("Class.method" for a method of a class there).  SELECTED: those the selection alone runs, in the first module.
+# ("Class.method" for a method of a class there).  SELECTED: what the selection alone runs, in the first module.
 SWAPPED = {
     "divprune": {"visionzip/methods/divprune.py": ("divprune_select",)},
     "cdpruner": {
-        "visionzip/methods/cdpruner.py": ("dpp_kernel", "fast_greedy_map"),
+        "visionzip/methods/cdpruner.py": ("CDPruner.reduce_tiles",),  # its kernel and picks, whatever their names
         "visionzip/clip_text.py": ("ClipText.embed_text",),  # the CLIP side: the question's text tower
     },
 }
-SELECTED = {"divprune": ("divprune_select",), "cdpruner": ("dpp_kernel", "fast_greedy_map")}
-# The selection alone, from the arguments its functions got in a vision step: f the functions, a their arguments.
-SELECTION = {
-    "divprune": lambda f, a: f["divprune_select"](*a["divprune_select"]),
-    "cdpruner": lambda f, a: f["fast_greedy_map"](f["dpp_kernel"](*a["dpp_kernel"]), *a["fast_greedy_map"][1:]),
-}
+SELECTED = {"divprune": "divprune_select", "cdpruner": "dpp_select"}
+# The library modules a baseline's method file imports relatively that it gets in the baseline's version too
+# (else an older divprune.py would run with this checkout's similarity.py)
+BASELINE_IMPORTS = ("similarity",)
 TABLE = [
     ("variant", "variant", "{}"),
     ("tower ms", "tower_ms", "{:.1f}"),
@@ -82,15 +80,48 @@ TABLE = [
 
 def baseline_functions(commit: str, path: str, names: tuple[str, ...]) -> dict[str, Callable]:
     """The named functions of `path` as it was at `commit`, loaded as a module of this package (its
-    relative imports resolve here)."""
-    source = subprocess.run(
+    relative imports resolve here, but for BASELINE_IMPORTS, which are the commit's too)."""
+    source = git_show(commit, path)
+    package = ".".join(Path(path).parent.parts)
+    for name in BASELINE_IMPORTS:
+        imported = f"{(package.count('.') + 1) * '.'}{name} import"  # as the file writes it: from ..similarity
+        if f"from {imported}" in source:
+            private = baseline_module(commit, f"visionzip/{name}.py", "visionzip")
+            source = source.replace(
+                f"from {imported}", f"from {imported.removesuffix(f'{name} import')}{private} import"
+            )
+    module = baseline_module(commit, path, package, source)
+    return {name: _attribute(module, name) for name in names}
+
+
+def baseline_module(commit: str, path: str, package: str, source: str | None = None) -> str | types.ModuleType:
+    """`path` at `commit` (or `source` given for it) as a module `_baseline_NAME` of `package`: the module,
+    and its bare name when it was loaded for another baseline file to import."""
+    name = f"_baseline_{Path(path).stem}"
+    module = types.ModuleType(f"{package}.{name}")
+    module.__package__ = package
+    sys.modules[module.__name__] = module  # a dataclass in it looks its module up while being made
+    exec(compile(source or git_show(commit, path), f"{commit}:{path}", "exec"), module.__dict__)
+    return module if source is not None else name
+
+
+def git_show(commit: str, path: str) -> str:
+    return subprocess.run(
         ["git", "show", f"{commit}:{path}"], cwd=REPOSITORY, capture_output=True, text=True, check=True
     ).stdout
-    module = types.ModuleType(f"visionzip.methods._baseline_{Path(path).stem}")
-    module.__package__ = "visionzip.methods"
-    sys.modules[module.__name__] = module  # a dataclass in it looks its module up while being made
-    exec(compile(source, f"{commit}:{path}", "exec"), module.__dict__)
-    return {name: _attribute(module, name) for name in names}
+
+
+def baseline_selection(commit: str, method: str) -> Callable:
+    """The baseline's selection alone, called as this checkout's SELECTED function: CDPruner before
+    `dpp_select` existed is its `fast_greedy_map` of its `dpp_kernel`."""
+    path = next(iter(SWAPPED[method]))
+    try:
+        return baseline_functions(commit, path, (SELECTED[method],))[SELECTED[method]]
+    except AttributeError:
+        if method != "cdpruner":
+            raise
+    old = baseline_functions(commit, path, ("dpp_kernel", "fast_greedy_map"))
+    return lambda features, scores, steps: old["fast_greedy_map"](old["dpp_kernel"](features, scores), steps)
 
 
 def _attribute(module: Any, name: str) -> Any:
@@ -130,13 +161,20 @@ class Variant:
     name: str  # "stock", or "METHOD:320 (this checkout)" / "METHOD:320 (baseline COMMIT)"
     method: str | None
     functions: dict[str, dict[str, Callable]] | None  # per swapped file, the baseline's; None: this checkout's
+    selection: Callable | None = None  # the baseline's selection alone (as SELECTED is called); None: this checkout's
+
+    def select(self, *arguments: Any) -> torch.Tensor:
+        if self.selection is not None:
+            return self.selection(*arguments)
+        return getattr(_module(next(iter(SWAPPED[self.method]))), SELECTED[self.method])(*arguments)
 
 
 def variants(baseline: str) -> list[Variant]:
     rows = [Variant("stock", None, None)]
     for method, files in SWAPPED.items():
         functions = {path: baseline_functions(baseline, path, names) for path, names in files.items()}
-        rows.append(Variant(f"{method}:320 (baseline {baseline})", method, functions))
+        selection = baseline_selection(baseline, method)
+        rows.append(Variant(f"{method}:320 (baseline {baseline})", method, functions, selection))
         rows.append(Variant(f"{method}:320 (this checkout)", method, None))
     return rows
 
@@ -177,22 +215,17 @@ def run_vision_step(subject: Any, inputs: dict, variant: Variant, clock: Clock) 
     return phases, kept
 
 
-def selection_arguments(subject: Any, inputs: dict, method: str, clock: Clock) -> dict[str, tuple]:
-    """The arguments this checkout's selection functions of `method` get in one vision step."""
-    path = next(iter(SWAPPED[method]))
-    module, names = _module(path), SELECTED[method]
-    arguments: dict[str, tuple] = {}
+def selection_arguments(subject: Any, inputs: dict, method: str, clock: Clock) -> tuple:
+    """The arguments this checkout's selection function of `method` gets in one vision step."""
+    path, name = next(iter(SWAPPED[method])), SELECTED[method]
+    function, arguments = getattr(_module(path), name), []
 
-    def recorder(name: str, function: Callable) -> Callable:
-        def record(*args: Any) -> Any:
-            arguments[name] = args
-            return function(*args)
+    def record(*args: Any) -> Any:
+        arguments.append(args)
+        return function(*args)
 
-        return record
-
-    recorders = {name: recorder(name, getattr(module, name)) for name in names}
-    run_vision_step(subject, inputs, Variant("recording", method, {path: recorders}), clock)
-    return arguments
+    run_vision_step(subject, inputs, Variant("recording", method, {path: {name: record}}), clock)
+    return arguments[-1]
 
 
 def time_selections(subject: Any, inputs: dict, rows: list[Variant], clock: Clock, repeats: int) -> dict[str, list]:
@@ -203,12 +236,9 @@ def time_selections(subject: Any, inputs: dict, rows: list[Variant], clock: Cloc
     arguments = {method: selection_arguments(subject, inputs, method, clock) for method in SWAPPED}
     for round_ in range(1 + repeats):
         for row in (row for row in rows if row.method):
-            path = next(iter(SWAPPED[row.method]))
-            source = row.functions[path] if row.functions else vars(_module(path))
-            functions = {name: source[name] for name in SELECTED[row.method]}
             with torch.inference_mode():
                 start = clock.now()
-                outputs[row.name] = SELECTION[row.method](functions, arguments[row.method])
+                outputs[row.name] = row.select(*arguments[row.method])
                 end = clock.now()
             if round_:
                 times[row.name].append(clock.ms(start, end))

@@ -57,3 +57,27 @@ def _settings(tokens):
     from visionzip.settings import Settings
 
     return Settings(True, Budget(54, 10), method="divprune", tokens=tokens)
+
+
+def test_a_baseline_method_file_runs_with_the_baselines_own_similarity_module():
+    """An older divprune.py must not borrow this checkout's faster similarity.py: the run would credit the
+    baseline with the change it measures."""
+    import visionzip.similarity as similarity
+
+    needs_git_history()
+    [baseline] = baseline_functions("HEAD", "visionzip/methods/divprune.py", ("screened_order",)).values()
+    assert baseline.__globals__["screening_products"] is not similarity.screening_products
+    assert baseline.__globals__["screening_products"].__module__ == "visionzip._baseline_similarity"
+
+
+def test_cdpruners_selection_before_dpp_select_is_its_kernel_then_its_greedy_map():
+    from bench.selection import baseline_selection
+    from visionzip.methods.cdpruner import dpp_kernel, fast_greedy_map
+
+    needs_git_history()
+    commit = "c5c03c7"  # the last commit without dpp_select
+    if subprocess.run(["git", "cat-file", "-e", commit], cwd=REPOSITORY, capture_output=True).returncode:
+        pytest.skip(f"needs commit {commit} in the repository's history (a shallow clone lacks it)")
+    old = baseline_selection(commit, "cdpruner")
+    features, scores = torch.randn(2, 40, 16, dtype=torch.float64), torch.rand(2, 40, dtype=torch.float64)
+    assert torch.equal(old(features, scores, 9), fast_greedy_map(dpp_kernel(features, scores), 9))

@@ -14,7 +14,8 @@ from transformers.models.llava_next.modeling_llava_next import get_anyres_image_
 
 import visionzip
 from visionzip.clip_text import load_clip_text
-from visionzip.methods.cdpruner import dpp_kernel, fast_greedy_map, relevance
+from visionzip.methods.cdpruner import dpp_kernel, dpp_select, fast_greedy_map, relevance, screened_greedy_map
+from visionzip.similarity import bfloat16_matmul_pays
 from visionzip.tiny import TINY_CLIP_LABEL, load_tiny, tiny_clip_checkpoint
 
 SIDE = 24
@@ -56,6 +57,39 @@ def test_ties_go_to_the_first_index_and_every_pick_is_new():
     low_rank = synthetic_kernels(1, 40, 3, 5)  # rank 3: the fourth pick on is past the numerical rank
     picks = fast_greedy_map(low_rank, 40)[0].tolist()
     assert sorted(picks) == list(range(40)) and picks[:3] == naive_greedy_log_det(low_rank[0], 3)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float64])
+def test_the_bfloat16_screen_changes_no_pick(dtype):
+    """The screened way (a bfloat16 kernel only guesses which float32 rows to compute) picks what the
+    naive log-det picks on the float64 kernel, in the same order, whether its guesses are short or long."""
+    generator = torch.Generator().manual_seed(3)
+    features = torch.randn(3, 150, 96, generator=generator, dtype=torch.float64)
+    weights = torch.rand(3, 150, generator=generator, dtype=torch.float64) + 0.05
+    kernels = dpp_kernel(features.to(dtype).double(), weights)  # the spec's kernel of what the model holds
+    for steps in (1, 2, 37, 90):  # within the kernel's rank (96)
+        expected = [naive_greedy_log_det(kernel, steps) for kernel in kernels]
+        for lookahead in (1, 32, 90):
+            picks = screened_greedy_map(features.to(dtype), weights, steps, lookahead)
+            assert picks.tolist() == expected, (steps, lookahead)
+        assert torch.equal(dpp_select(features.to(dtype), weights, steps, screen=False), picks)
+
+
+def test_a_tile_of_576_patches_on_this_cpu_takes_the_screened_way(monkeypatch):
+    """What a LLaVA tile gets at the paper's budgets (64 or 128 of 576) on a CPU with bfloat16 matrix units."""
+    if not bfloat16_matmul_pays(torch.device("cpu")):
+        pytest.skip("this CPU has no bfloat16 matrix units (AMX or AVX512-BF16): the dense way runs")
+    generator = torch.Generator().manual_seed(4)
+    features = torch.randn(2, 576, 160, generator=generator).bfloat16()  # rank 160: past every budget here
+    weights = torch.rand(2, 576, generator=generator) + 0.05
+    import visionzip.methods.cdpruner as cdpruner
+
+    ran = []
+    monkeypatch.setattr(cdpruner, "screened_greedy_map", lambda *a: ran.append(a[2]) or screened_greedy_map(*a))
+    for steps in (64, 144, 145):  # up to a quarter of the tile
+        picks = dpp_select(features, weights, steps)
+        assert torch.equal(picks, fast_greedy_map(dpp_kernel(features, weights), steps))
+    assert ran == [64, 144]
 
 
 def test_relevance_is_minus_cosine_normalised_over_all_tiles_together():

@@ -22,12 +22,18 @@ from torch import nn
 
 from ..merge import take_tokens
 from ..selection import kept_tiles
-from ..similarity import cosine_gram
+from ..similarity import (
+    bfloat16_matmul_pays,
+    cosine_gram,
+    weighted_unit_rows,
+)
 from .base import Method, TileOutput
 
 if TYPE_CHECKING:
     from ..settings import Handle, Settings
     from ..tower import TowerSignals
+
+LOOKAHEAD = 32  # picks a screened guess runs ahead, every tile at once: each guess reads all float32 rows
 
 
 # -- the method: pure tensor functions ------------------------------------------------------------
@@ -52,36 +58,116 @@ def dpp_kernel(features: torch.Tensor, relevance: torch.Tensor) -> torch.Tensor:
     """(T, N, E) projector outputs, (T, N) relevance -> (T, N, N) L = diag(r) S diag(r), S the cosine
     similarity of the features, in float32 or wider (the official code casts to float32); every tile at
     once, from the symmetric half (`cosine_gram`)."""
-    dtype = torch.promote_types(torch.promote_types(features.dtype, relevance.dtype), torch.float32)
-    return cosine_gram(features.to(dtype), relevance)
+    return cosine_gram(features, relevance)
+
+
+def dpp_select(features: torch.Tensor, relevance: torch.Tensor, steps: int, screen: bool | None = None) -> torch.Tensor:
+    """(T, N, E) projector outputs, (T, N) relevance -> (T, steps) each tile's picks in the order picked:
+    `fast_greedy_map` of `dpp_kernel`.
+
+    Two ways to the same picks (`screen`: None picks by device and budget): the dense one computes every
+    tile's whole N x N float32 kernel; the screened one (`screened_greedy_map`), where a bfloat16 product
+    is several times faster than a float32 one, computes float32 kernel rows only for the picks."""
+    if screen is None:  # a screen pays off when few rows are picked (float32 rows: steps x N x E per tile)
+        screen = steps * 4 <= features.shape[-2] and bfloat16_matmul_pays(features.device)
+    if screen:
+        return screened_greedy_map(features, relevance, steps)
+    return fast_greedy_map(dpp_kernel(features, relevance), steps)
+
+
+class GreedyMap:
+    """Fast greedy MAP inference of a DPP (Chen et al., 2018), one kernel per tile at once: the state
+    after each pick, advanced by the picked items' kernel rows.
+
+    Each step takes j = argmax of the remaining marginal gains d2 (first index on ties), then e = (L[j] -
+    sum_t c_t[j] c_t) / sqrt(d2[j]), d2 -= e^2, d2[j] = -inf.  Past the kernel's numerical rank d2 turns 0
+    or negative and the official code goes NaN (repeated picks); here the rest are then the lowest
+    unpicked indices, so the count stays exact (unreachable at the official budgets)."""
+
+    def __init__(self, diagonal: torch.Tensor, steps: int) -> None:
+        tiles, size = diagonal.shape  # (T, N): L's diagonal, the first gains
+        self.tiles = torch.arange(tiles, device=diagonal.device)
+        self.gains = diagonal.clone()  # (T, N) d2
+        self.vectors = diagonal.new_zeros(tiles, steps, size)  # (T, steps, N) the c_t
+        self.taken = torch.zeros(tiles, size, dtype=torch.bool, device=diagonal.device)
+        self.step = 0
+
+    def best(self) -> torch.Tensor:
+        """(T,) each tile's next pick."""
+        return self.gains.argmax(dim=-1)
+
+    def take(self, best: torch.Tensor, kernel_rows: torch.Tensor) -> None:
+        """Pick `best` (T,), whose kernel rows L[best] are `kernel_rows` (T, N)."""
+        step, tiles = self.step, self.tiles
+        done = self.vectors[:, :step]  # (T, step, N): a view, read by bmm in place
+        projected = (done[tiles, :, best].unsqueeze(1) @ done).squeeze(1)  # (T, N) sum_t c_t[j] c_t
+        vector = (kernel_rows - projected) / self.gains[tiles, best].sqrt().unsqueeze(-1)
+        self.vectors[:, step] = vector
+        self.taken[tiles, best] = True
+        gains = self.gains - vector.square()
+        # NaN only past the numerical rank: then below every open gain; picked ones stay -inf
+        self.gains = torch.where(gains.isnan(), torch.finfo(gains.dtype).min, gains).masked_fill(self.taken, -torch.inf)
+        self.step += 1
+
+    def copy(self) -> GreedyMap:
+        twin = object.__new__(GreedyMap)
+        twin.tiles, twin.gains, twin.step = self.tiles, self.gains, self.step
+        twin.vectors, twin.taken = self.vectors.clone(), self.taken.clone()
+        return twin
 
 
 def fast_greedy_map(kernel: torch.Tensor, steps: int) -> torch.Tensor:
-    """Fast greedy MAP inference of a DPP (Chen et al., 2018), one kernel per tile at once.
+    """kernel: (T, N, N) positive semi-definite -> (T, steps) picks in the order picked (`GreedyMap`)."""
+    state = GreedyMap(torch.diagonal(kernel, dim1=1, dim2=2), steps)
+    picks = []
+    for _ in range(steps):
+        picks.append(state.best())
+        state.take(picks[-1], kernel[state.tiles, picks[-1]])
+    return torch.stack(picks, dim=1)
 
-    kernel: (T, N, N) positive semi-definite.  Returns (T, steps) picks in the order picked.  Each step
-    takes j = argmax of the remaining marginal gains d2 (first index on ties), then e = (L[j] - sum_t
-    c_t[j] c_t) / sqrt(d2[j]), d2 -= e^2, d2[j] = -inf.  Past the kernel's numerical rank d2 turns 0 or
-    negative and the official code goes NaN (repeated picks); here the rest are then the lowest unpicked
-    indices, so the count stays exact (unreachable at the official budgets).
-    """
-    tiles, size, _ = kernel.shape
-    rows = torch.arange(tiles, device=kernel.device)
-    vectors = kernel.new_zeros(steps, tiles, size)  # (steps, T, N) the c_t
-    gains = torch.diagonal(kernel, dim1=1, dim2=2).clone()  # (T, N) d2
-    picks = torch.empty(steps, tiles, dtype=torch.long, device=kernel.device)
-    taken = torch.zeros(tiles, size, dtype=torch.bool, device=kernel.device)
+
+def screened_greedy_map(
+    features: torch.Tensor, relevance: torch.Tensor, steps: int, lookahead: int = LOOKAHEAD
+) -> torch.Tensor:
+    """`fast_greedy_map` of `dpp_kernel`, reading float32 kernel rows only where a pick depends on them.
+
+    Every pick reads only float32 rows (of the rows picked so far) and the float32 diagonal, so the
+    bfloat16 product of the features decides nothing; it only guesses which rows will be needed: the
+    greedy runs `lookahead` picks ahead on its rows, and the float32 rows of those guesses are computed in
+    one product for all tiles.  A pick outside the guess starts the next guess."""
+    weighted = weighted_unit_rows(features, relevance)  # (T, N, E) r_i u_i, float32 or wider
+    rounded = features.bfloat16()  # the model's own features when it runs in bfloat16
+    products = rounded @ rounded.transpose(-1, -2)  # (T, N, N) bfloat16 v_i . v_j
+    scale = relevance.to(weighted.dtype) / products.diagonal(dim1=-2, dim2=-1).to(weighted.dtype).sqrt()  # r / |v|
+    rows = weighted.new_zeros(*weighted.shape[:-1], weighted.shape[-2])  # (T, N, N) float32 rows, as computed
+    known = torch.zeros(rows.shape[:-1], dtype=torch.bool, device=weighted.device)  # (T, N)
+    state = GreedyMap(torch.linalg.vector_norm(weighted, dim=-1).square_(), steps)  # the diagonal r_i^2 |u_i|^2
+    tiles = state.tiles.unsqueeze(-1)  # (T, 1)
+    picks = []
     for step in range(steps):
-        best = gains.argmax(dim=-1)  # (T,)
-        picks[step] = best
-        projected = torch.einsum("st,stn->tn", vectors[:step, rows, best], vectors[:step])  # (T, N)
-        vector = (kernel[rows, best] - projected) / gains[rows, best].sqrt().unsqueeze(-1)
-        vectors[step] = vector
-        gains = gains - vector.square()
-        taken[rows, best] = True
-        # NaN only past the numerical rank: then below every open gain; picked ones stay -inf
-        gains = torch.where(gains.isnan(), torch.finfo(gains.dtype).min, gains).masked_fill(taken, -torch.inf)
-    return picks.T
+        best = state.best()
+        if not bool(known[state.tiles, best].all()):  # guess no further than the picks still to make
+            guesses = guess_picks(state.copy(), best, (products, scale), min(lookahead, steps - step))  # (T, g)
+            rows[tiles, guesses] = weighted[tiles, guesses] @ weighted.transpose(-1, -2)  # (T, g, N)
+            known[tiles, guesses] = True
+        picks.append(best)
+        state.take(best, rows[state.tiles, best])
+    return torch.stack(picks, dim=1)
+
+
+def guess_picks(
+    state: GreedyMap, best: torch.Tensor, screen: tuple[torch.Tensor, torch.Tensor], count: int
+) -> torch.Tensor:
+    """(T, count): `best` and the picks the greedy would make after it on the screened kernel's rows
+    (bfloat16 products (T, N, N) of the features, scaled by r_i / |v_i| (T, N))."""
+    products, scale = screen
+    guesses = [best]
+    for _ in range(1, count):
+        pick, tiles = guesses[-1], state.tiles
+        row = products[tiles, pick].to(scale.dtype) * scale * scale[tiles, pick].unsqueeze(-1)  # (T, N)
+        state.take(pick, row)
+        guesses.append(state.best())
+    return torch.stack(guesses, dim=1)
 
 
 # -- the method ---------------------------------------------------------------------------------------
@@ -132,7 +218,7 @@ class CDPruner(Method):
         with torch.no_grad():  # the choice is discrete; gradients, if any, flow through the kept features
             image_embeds = clip.embed_patches(post_layernorm(handle.base.vision_tower)(patches))  # (T, N, P)
             scores = relevance(image_embeds, clip.embed_text(settings.text, patches.device), self.theta)
-            kept = fast_greedy_map(dpp_kernel(features, scores), settings.tokens).sort(dim=1).values  # (T, k)
+            kept = dpp_select(features, scores, settings.tokens).sort(dim=1).values  # (T, k)
         tokens = take_tokens(features, kept)  # (T, k, E)
         call = handle.current_call()
         if call is not None:

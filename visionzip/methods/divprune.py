@@ -21,7 +21,7 @@ if TYPE_CHECKING:
 
 SCREEN_MIN_ROWS = 1024  # below this the dense float32 matrix is cheap (a LLaVA-1.5 image has 576 rows)
 SCREEN_BAND = 256  # rows of the screened products converted at once: a band stays in cache
-LOOKAHEAD = 64  # picks a screened guess runs ahead (2,928 rows, 320 picks: 7 products, 376 rows in all)
+LOOKAHEAD = 64  # picks a screened guess runs ahead (2,928 rows, 320 picks: 7 products, 320 rows in all)
 
 
 def divprune_select(features: torch.Tensor, tokens: int) -> torch.Tensor:
@@ -95,8 +95,9 @@ def screened_order(features: torch.Tensor, tokens: int, lookahead: int = LOOKAHE
     picks, closest = [first], torch.full_like(distance[0], float("inf"))  # (N,) distance to the picked set
     while True:
         pick = picks[-1]
-        if pick not in rows:
-            rows.update(distance_rows(unit, guess_picks(closest, products, norms, pick, lookahead), rows))
+        if pick not in rows:  # guess no further than the picks still to make
+            guesses = guess_picks(closest, products, norms, pick, min(lookahead, tokens - len(picks) + 1))
+            rows.update(distance_rows(unit, guesses, rows))
         closest = torch.minimum(closest, rows[pick])
         closest[pick] = -float("inf")  # picked: out of the race
         if len(picks) == tokens:
