@@ -570,6 +570,11 @@ class Handlers:
         if side is None or conversation.media_kind != "image" or conversation.media_path is None:
             return {"scrub": gr.Slider(visible=False), "scrub_info": ""}
         config = conversation.sides[side]
+        if self.registry.is_engine(config.model):  # no tower here to choose again from
+            return {
+                "scrub": gr.Slider(visible=False),
+                "scrub_info": ON_SERVER.format(side=render.SIDE_NAMES[side].lower()),
+            }
         if not scrub.can_scrub(config.mode):
             if config.mode.reads_text:
                 note = f"Budget scrubbing: {config.mode.method_title} needs a question; ask one to see its choice."

@@ -300,10 +300,17 @@ class TalkHandlers:
         yield {**self.views(current, live_counts=False), **self.overlays(current), **sliders}  # back at the budgets
 
     def live_measured_on(self, conversation: Conversation, turn: Turn) -> dict:
-        """Where a live turn ran: this machine, its clock, and whether each side's model is the tiny one."""
-        device = torch.device(next(iter(turn.stats.values())).device if turn.stats else "cpu")
+        """Where a live turn ran: this machine and its clock, or per side where one ran on a vLLM server (its
+        stats name the server), and whether each side's model is the tiny one."""
+        local = [stats.device for stats in turn.stats.values() if stats.engine is None]
+        device = torch.device(local[0] if local else "cpu")
+        machine, timing = machine_description(device), timing_method(device)
+        servers = {side: stats.device for side, stats in turn.stats.items() if stats.engine is not None}
+        if servers:  # a side on vLLM: its times are its tokens' arrivals here, streamed over HTTP
+            machine = "; ".join(f"{SIDE_NAMES[side]} side: {servers.get(side, machine)}" for side in SIDES)
+            timing = f"{timing} here; a vLLM side: when each streamed token arrived (HTTP)"
         tiny = {side: self.registry.is_tiny(conversation.sides[side].model) for side in SIDES}
-        return recording.measured_on(machine_description(device), timing_method(device), "live, in this app", tiny)
+        return recording.measured_on(machine, timing, "live, in this app", tiny)
 
     # -- the race --------------------------------------------------------------------------------
     def play_race(self, conversation: Conversation, slowdown: str = "measured pace") -> Iterator[Results]:

@@ -26,11 +26,13 @@ from gradio_client import Client, handle_file
 from test_browser_methods import ask_turns, choose, wait_for_text
 
 import visionzip
+from app import recording
 from app.conversation import SideConfig
 from app.engine import NO_VIDEO, EngineServer
 from app.handlers import ON_SERVER, Handlers, new_conversation
 from app.models import TINY_LABEL, ModelRegistry
 from app.modes import FULL_MODE
+from app.talk import TalkHandlers
 from bench.phases import parse_budget
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -228,6 +230,32 @@ def test_what_a_vllm_side_cannot_show_is_said(handlers, engine_label, vllm_serve
     assert "does not apply to a vLLM side" in conversation.turns[-1].stats["right"].cache_note
     shown = [header, *(message["content"] for message in handlers.views(conversation)["right_chat"])]
     assert not any(vllm_server.checkpoint in text for text in shown)
+
+
+def test_a_presenter_turn_with_the_left_side_on_vllm_is_recorded_and_replays_naming_the_server(
+    handlers, engine_label, vllm_server, tmp_path, make_image
+):
+    """The presenter view's turn, its recording and its replay, with the vLLM side first: where each side was
+    measured is said (the server's side was timed by its streamed tokens' arrival here, not on this machine)."""
+    talk = TalkHandlers(handlers, examples=[])
+    picture = picture_file(tmp_path, make_image, 480, 640)
+    conversation = handlers.set_media({"path": picture}, new_conversation(handlers.registry))["state"]
+    conversation = handlers.set_model(conversation, engine_label, TINY_LABEL)["state"]
+    results = list(talk.ask(QUESTIONS[0], conversation))[-1]
+    conversation, turn = results["state"], results["state"].turns[-1]
+    assert turn.stats["left"].engine and turn.stats["left"].error is None and turn.answers["left"]
+    server = turn.stats["left"].device  # "vLLM server at host:port"
+    assert turn.measured_on["hardware"].startswith(f"Left side: {server}; Right side: ")
+    assert "streamed token" in turn.measured_on["timing"]
+    saved = talk.recording_after_turn(conversation)["export_recording"].value["path"]
+    replayed = recording.read(saved, tmp_path / "media")
+    shown = talk.load_recording(saved, new_conversation(handlers.registry))
+    assert replayed.turns[0].answers == turn.answers and f"Left side: {server}" in shown["status"]
+    for side in ("left", "right"):
+        assert replayed.turns[0].stats[side].visual_tokens == turn.stats[side].visual_tokens
+    assert replayed.sides["left"].model == engine_label and vllm_server.checkpoint not in json.dumps(
+        recording.to_document(replayed, turn.measured_on)
+    )
 
 
 # -- error cases: no vLLM needed ---------------------------------------------------------------------
