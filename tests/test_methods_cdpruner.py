@@ -200,6 +200,34 @@ def test_llava_next_picks_and_features_match_the_reference(models64, tiny_clip, 
         handle.remove()
 
 
+def test_video_frames_are_scored_over_the_whole_clip_in_any_batches(models64, tiny_clip, make_image, monkeypatch):
+    """A video's frames reach the tower 16 at a time; relevance is normalised over every frame of the call, as
+    the official code normalises one batch of tiles, so no frame's choice depends on how frames are batched;
+    the question goes through the text tower once per call."""
+    from visionzip.clip_text import ClipText
+    from visionzip.video import frame_features, frame_pixel_values
+
+    model, oracle, processor = models64["llava_next"]
+    pixels = frame_pixel_values(processor, [make_image(336, 336, seed=seed) for seed in range(20)])
+    embed_text, texts = ClipText.embed_text, []
+    monkeypatch.setattr(ClipText, "embed_text", lambda clip, *args: texts.append(args) or embed_text(clip, *args))
+    handle = visionzip.apply(model, processor)
+    try:
+        kept = {}
+        for batch_size in (16, 20, 7):
+            with handle.use(method="cdpruner", tokens=24, text=QUESTION) as call, torch.no_grad():
+                assert frame_features(handle, pixels, batch_size=batch_size).shape[:2] == (20, 24)
+            kept[batch_size] = [image.tiles[0].kept.tolist() for image in call.selection]
+        assert len(texts) == 3  # once per call, not per batch
+    finally:
+        handle.remove()
+    picks, _ = reference_picks(oracle, tiny_clip, pixels, QUESTION, 24)
+    assert kept[16] == kept[20] == kept[7] == picks
+    # each batch of 16 normalised on its own would have chosen otherwise: the check can tell
+    alone = [reference_picks(oracle, tiny_clip, part, QUESTION, 24)[0] for part in (pixels[:16], pixels[16:])]
+    assert alone[0] + alone[1] != picks
+
+
 def test_llava_15_picks_follow_the_question_and_generate_runs(models64, tiny_clip, make_image):
     model, oracle, processor = models64["llava"]
     handle = visionzip.apply(model, processor)

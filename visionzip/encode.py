@@ -12,6 +12,7 @@ from .selection import LazyTiles
 
 if TYPE_CHECKING:
     from .settings import Handle, Settings
+    from .tower import TowerSignals
 
 
 def reduce_tiles(
@@ -19,12 +20,20 @@ def reduce_tiles(
 ) -> TileOutput:
     """(T, 3, H, W) tiles -> the per-tile method's (T, k, E) projected tokens and what it chose.
     first_tile: the index of the first of these tiles among all the call's tiles, when they come in chunks."""
-    method = get_method(settings.method)
-    with handle.capture(attention=method.needs_attention) as signals:
+    signals = tower_signals(handle, tiles, settings, first_tile, **tower_kwargs)
+    return get_method(settings.method).reduce_tiles(signals, settings, handle.base.multi_modal_projector)
+
+
+def tower_signals(
+    handle: Handle, tiles: torch.Tensor, settings: Settings, first_tile: int = 0, **tower_kwargs: Any
+) -> TowerSignals:
+    """(T, 3, H, W) tiles -> what the tower gives the per-tile method to choose from (its feature layer, and
+    the attention signals when the method reads them)."""
+    with handle.capture(attention=get_method(settings.method).needs_attention) as signals:
         handle.base.vision_tower(tiles, **tower_kwargs)
     signals.handle = handle  # for methods that read more of the model or the call (CDPruner)
     signals.first_tile = first_tile
-    return method.reduce_tiles(signals, settings, handle.base.multi_modal_projector)
+    return signals
 
 
 def stock_tile_features(handle: Handle, tiles: torch.Tensor, **tower_kwargs: Any) -> torch.Tensor:

@@ -10,6 +10,7 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
+import torch
 from torch import nn
 
 from .budget import Budget
@@ -49,6 +50,7 @@ class Call:
     visual_tokens: list[int] = field(default_factory=list)
     layer_tokens: list[int] | None = None  # FastV: image tokens each language-model layer ran on (last prefill)
     text_tower: str | None = None  # CDPruner: which CLIP text tower scored the question
+    text_embeds: torch.Tensor | None = None  # CDPruner: the question's embedding by it, computed once per call
 
 
 class Handle(Protocol):

@@ -22,12 +22,13 @@ from typing import TYPE_CHECKING, Any
 import torch
 from PIL import Image
 
-from .encode import reduce_packed, reduce_tiles, stock_tile_features
+from .encode import reduce_packed, reduce_tiles, stock_tile_features, tower_signals
 from .methods import get_method
 from .selection import ImageSelection
 
 if TYPE_CHECKING:
-    from .settings import Handle
+    from .methods.base import TileOutput
+    from .settings import Handle, Settings
 
 
 def frame_pixel_values(processor: Any, frames: Sequence[Image.Image]) -> torch.Tensor:
@@ -65,24 +66,28 @@ def frame_features(handle: Handle, pixel_values: torch.Tensor, batch_size: int =
     the frame's stock tokens), and one ImageSelection per frame (grid (0, 0), the tile's size) is
     recorded on the handle; disabled, it is stock LLaVA's per-tile path.  Frames go through the tower
     `batch_size` at a time; the frames are the tiles of one call whatever `batch_size` is (Random draws
-    frame k's patches as the k-th tile of one seeded call).
+    frame k's patches as the k-th tile of one seeded call; CDPruner normalises relevance over every frame).
     """
     if pixel_values.dim() != 4 or pixel_values.shape[0] == 0:
         raise ValueError(f"expected (frames, 3, H, W) pixel values, got shape {tuple(pixel_values.shape)}")
     settings = handle.settings
     tower = handle.base.vision_tower
     pixel_values = pixel_values.to(device=tower.device, dtype=tower.dtype)
-    chunks, tiles = [], []
-    for start in range(0, pixel_values.shape[0], batch_size):
-        batch = pixel_values[start : start + batch_size]
-        if not settings.enabled:
-            chunks.append(stock_tile_features(handle, batch))  # the stock side pays for no CLS row
-        elif get_method(settings.method).budget_rule == "per tile":
-            output = reduce_tiles(handle, batch, settings, first_tile=start)  # a seeded draw goes on where it was
-            chunks.append(output.features)
-            tiles.extend(output.tiles[i : i + 1] for i in range(len(output.tiles)))  # lazy: no host-GPU sync here
-        else:
-            stock = stock_tile_features(handle, batch)  # (B, P or 1 + P, E)
+    batches = [
+        (start, pixel_values[start : start + batch_size]) for start in range(0, pixel_values.shape[0], batch_size)
+    ]
+    if settings.enabled and get_method(settings.method).budget_rule == "per tile":
+        outputs = reduce_frame_tiles(handle, batches, settings)
+        chunks = [output.features for output in outputs]
+        # one record per frame, lazy: no host-GPU sync here
+        tiles = [output.tiles[i : i + 1] for output in outputs for i in range(len(output.tiles))]
+    else:
+        chunks, tiles = [], []
+        for _, batch in batches:
+            stock = stock_tile_features(handle, batch)  # (B, P or 1 + P, E); the stock side pays for no CLS row
+            if not settings.enabled:
+                chunks.append(stock)
+                continue
             patch_map = torch.arange(stock.shape[1]) - (stock.shape[1] - handle.side * handle.side)  # CLS -> -1
             frames = [reduce_packed(handle, frame, patch_map, 1, settings) for frame in stock]
             chunks.append(torch.stack([features for features, _ in frames]))
@@ -93,6 +98,21 @@ def frame_features(handle: Handle, pixel_values: torch.Tensor, batch_size: int =
         method, describe = get_method(settings.method).name, settings.describe(handle.family.PRESETS_KEY)
         handle.record([ImageSelection(tile_size, (0, 0), tile, features.shape[1], method, describe) for tile in tiles])
     return features
+
+
+def reduce_frame_tiles(handle: Handle, batches: list[tuple[int, torch.Tensor]], settings: Settings) -> list[TileOutput]:
+    """A per-tile method on (first frame, frames) batches, as one call: a seeded draw goes on where the last
+    batch left it, and a method that scales its scores over the call's tiles (CDPruner) gets their range
+    over every frame, so no choice depends on the batch size."""
+    method = get_method(settings.method)
+    if not method.spans_call or len(batches) == 1:
+        return [reduce_tiles(handle, batch, settings, first_tile=start) for start, batch in batches]
+    captured = [tower_signals(handle, batch, settings, first_tile=start) for start, batch in batches]
+    spans = [method.score_span(signals, settings) for signals in captured]
+    span = (torch.stack([low for low, _ in spans]).min(), torch.stack([high for _, high in spans]).max())
+    for signals in captured:
+        signals.score_span = span
+    return [method.reduce_tiles(signals, settings, handle.base.multi_modal_projector) for signals in captured]
 
 
 def video_prompt(

@@ -65,6 +65,7 @@ class Method:
     reference: ClassVar[str]  # paper and official code
     reads_text: ClassVar[bool] = False  # chooses by the question (text-dependent)
     needs_attention: ClassVar[bool] = False  # needs the feature layer's CLS row and head-mean keys
+    spans_call: ClassVar[bool] = False  # scales its scores over all of a call's tiles (`score_span`)
     budget_kind: ClassVar[str] = "tokens"  # "tokens", or "dominant+contextual" (VisionZip)
     # How its choice reads on a picture (TileSelection): kept patches, merged groups, the CLS token.
     keeps_cls: ClassVar[bool] = False
@@ -110,6 +111,12 @@ class Method:
         self, signals: TowerSignals, settings: Settings, project: Callable[[torch.Tensor], torch.Tensor]
     ) -> TileOutput:
         raise TypeError(f"{self.title} is not a per-tile method")
+
+    def score_span(self, signals: TowerSignals, settings: Settings) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """For a method that scales its scores by their range over all of a call's tiles (CDPruner): the
+        (min, max) over these tiles, so that a call reaching the tower in chunks (a video's frames) can pass
+        the whole call's range to every chunk (`TowerSignals.score_span`).  None: each chunk chooses alone."""
+        return None
 
     # -- per image ------------------------------------------------------------------------------
     def image_tokens(self, settings: Settings, stock_tokens: int) -> int:

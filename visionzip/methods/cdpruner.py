@@ -37,21 +37,33 @@ LOOKAHEAD = 32  # picks a screened guess runs ahead, every tile at once: each gu
 
 
 # -- the method: pure tensor functions ------------------------------------------------------------
-def relevance(image_embeds: torch.Tensor, text_embeds: torch.Tensor, theta: float | None = None) -> torch.Tensor:
+def relevance(
+    image_embeds: torch.Tensor,
+    text_embeds: torch.Tensor,
+    theta: float | None = None,
+    span: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> torch.Tensor:
     """(T, N, P) image and (M, P) text embeddings -> (T, N) relevance, in the wider of their dtypes.
 
-    r = mean over segments of -cos(image, text), then (r - min + 1e-6) / (max - min) with min and max
-    over all T tiles together (the official code normalises the whole batch of tiles at once).  With
+    r = mean over segments of -cos(image, text) (`raw_relevance`), then (r - min + 1e-6) / (max - min)
+    with min and max over all T tiles together (the official code normalises the whole batch of tiles at
+    once), or `span`: the (min, max) of r over all of a call's tiles when they come in chunks.  With
     `theta` (the paper's option, commented out in the official code): r -> exp(theta / (2 (1 - theta)) r).
     """
-    dtype = torch.promote_types(image_embeds.dtype, text_embeds.dtype)
-    image = image_embeds.to(dtype) / image_embeds.to(dtype).norm(dim=-1, keepdim=True)
-    text = text_embeds.to(dtype) / text_embeds.to(dtype).norm(dim=-1, keepdim=True)
-    scores = (-(image @ text.T)).mean(dim=-1)  # (T, N): the minus sign is the official one
-    scores = (scores - scores.min() + 1e-6) / (scores.max() - scores.min())
+    scores = raw_relevance(image_embeds, text_embeds)
+    low, high = span if span is not None else (scores.min(), scores.max())
+    scores = (scores - low + 1e-6) / (high - low)
     if theta is not None:
         scores = torch.exp(theta / (2 * (1 - theta)) * scores)
     return scores
+
+
+def raw_relevance(image_embeds: torch.Tensor, text_embeds: torch.Tensor) -> torch.Tensor:
+    """(T, N, P), (M, P) -> (T, N) the mean over text segments of -cos(image, text), before normalising."""
+    dtype = torch.promote_types(image_embeds.dtype, text_embeds.dtype)
+    image = image_embeds.to(dtype) / image_embeds.to(dtype).norm(dim=-1, keepdim=True)
+    text = text_embeds.to(dtype) / text_embeds.to(dtype).norm(dim=-1, keepdim=True)
+    return (-(image @ text.T)).mean(dim=-1)  # the minus sign is the official one
 
 
 def dpp_kernel(features: torch.Tensor, relevance: torch.Tensor) -> torch.Tensor:
@@ -178,6 +190,7 @@ class CDPruner(Method):
     budget_rule = "per tile"
     reference = "arXiv 2506.10967; github.com/Theia-4869/CDPruner"
     reads_text = True
+    spans_call = True  # relevance is min-max normalised over all of a call's tiles
     kept_as = "relevant to the question and diverse (DPP)"  # how the app's overlay names them
 
     def __init__(self, theta: float | None = None) -> None:
@@ -207,23 +220,38 @@ class CDPruner(Method):
     def reduce_tiles(
         self, signals: TowerSignals, settings: Settings, project: Callable[[torch.Tensor], torch.Tensor]
     ) -> TileOutput:
+        features = project(signals.patches)  # (T, N, E): stock LLaVA's tokens, before any is dropped
+        with torch.no_grad():  # the choice is discrete; gradients, if any, flow through the kept features
+            scores = relevance(*self.embeddings(signals, settings), self.theta, signals.score_span)  # (T, N)
+            kept = dpp_select(features, scores, settings.tokens).sort(dim=1).values  # (T, k)
+        tokens = take_tokens(features, kept)  # (T, k, E)
+        return TileOutput(tokens, kept, kept_tiles(kept, signals.side))
+
+    def score_span(self, signals: TowerSignals, settings: Settings) -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.no_grad():
+            scores = raw_relevance(*self.embeddings(signals, settings))
+        return scores.min(), scores.max()
+
+    @staticmethod
+    def embeddings(signals: TowerSignals, settings: Settings) -> tuple[torch.Tensor, torch.Tensor]:
+        """(T, N, P) the patches' and (M, P) the question's CLIP embeddings; the question's once per call
+        (every image, every chunk of a video's frames), kept on the call with the text tower's label."""
         from ..clip_text import clip_text_for
 
         if not isinstance(settings.text, str) or not settings.text.strip():
             raise ValueError("CDPruner chooses by the question: pass it per call, handle.use(..., text='...')")
-        handle = signals.handle
+        handle, patches = signals.handle, signals.patches  # (T, N, C) the feature layer's patch states
         clip = clip_text_for(handle.base.config.vision_config)
-        patches = signals.patches  # (T, N, C) the feature layer's patch states
-        features = project(patches)  # (T, N, E): stock LLaVA's tokens, before any is dropped
-        with torch.no_grad():  # the choice is discrete; gradients, if any, flow through the kept features
+        with torch.no_grad():
             image_embeds = clip.embed_patches(post_layernorm(handle.base.vision_tower)(patches))  # (T, N, P)
-            scores = relevance(image_embeds, clip.embed_text(settings.text, patches.device), self.theta)
-            kept = dpp_select(features, scores, settings.tokens).sort(dim=1).values  # (T, k)
-        tokens = take_tokens(features, kept)  # (T, k, E)
-        call = handle.current_call()
-        if call is not None:
-            call.text_tower = clip.label
-        return TileOutput(tokens, kept, kept_tiles(kept, signals.side))
+            call = handle.current_call()
+            if call is None or call.text_embeds is None or call.text_tower != clip.label:
+                text_embeds = clip.embed_text(settings.text, patches.device)
+                if call is not None:
+                    call.text_tower, call.text_embeds = clip.label, text_embeds
+            else:
+                text_embeds = call.text_embeds
+        return image_embeds, text_embeds
 
 
 def post_layernorm(vision_tower: nn.Module) -> nn.Module:
