@@ -12,7 +12,7 @@ import logging
 import os
 import re
 
-from app.engine import EngineError, EngineServer
+from app.engine import offer_server
 from app.models import ON_ZEROGPU, ModelLoadError, ModelRegistry, resolve_device
 from app.ui import build_demo, launch
 
@@ -81,25 +81,10 @@ def make_registry(args: argparse.Namespace) -> ModelRegistry:
             labels = registry.add_projector(path)
             logging.getLogger("app").info("tuned projector %s offered on %s", path, ", ".join(labels))
         for entry in args.engine:
-            add_engine(registry, entry)
+            logging.getLogger("app").info("vLLM server offered as %r", offer_server(registry, entry))
     except (ModelLoadError, ValueError) as error:
         raise SystemExit(f"app.py: {error}") from None
     return registry
-
-
-def add_engine(registry: ModelRegistry, entry: str) -> None:
-    """One --engine [SIDE=]URL: listed under what the server reports now; a server not up yet is listed by its
-    address and read again when a side picks it (its header says why it could not be read)."""
-    side, equals, url = entry.partition("=")
-    if not (equals and side in ("left", "right")):
-        side, url = "", entry
-    server = EngineServer.at(url)
-    try:
-        server.read_report()
-    except EngineError as error:
-        logging.getLogger("app").warning("--engine %s: %s", url, error)
-    label = registry.add_engine(server, side or None)
-    logging.getLogger("app").info("vLLM server offered as %r", label)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -17,11 +17,13 @@ from __future__ import annotations
 import base64
 import io
 import json
+import logging
 import re
 import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 import httpx
@@ -31,6 +33,9 @@ from app.modes import FULL_MODE, Mode
 from app.stats import TurnStats
 from visionzip_vllm.options import FULL, OPTIONS_KEY, REFUSED, STOCK_ARCHITECTURES, server_settings
 from visionzip_vllm.report import MIDDLEWARE, PATH
+
+if TYPE_CHECKING:
+    from app.models import ModelRegistry
 
 LABEL_PREFIX = "vLLM server · "  # every engine side's model label starts so (see is_engine_label)
 CONNECT_TIMEOUT_S = 5.0
@@ -176,6 +181,21 @@ class EngineServer:
             return self.client.request(method, f"{self.url}{path}", **kwargs)
         except httpx.HTTPError as error:
             raise EngineError(transport_problem(self.url, error)) from None
+
+
+def offer_server(registry: ModelRegistry, entry: str) -> str:
+    """One `--engine [SIDE=]URL`, offered in the registry's model lists (on SIDE's first): listed under what the
+    server reports now; a server not up yet is listed by its address and read again when a side picks it (its
+    header then says why it could not be read).  Returns the label; ValueError for an address that is not one."""
+    side, equals, url = entry.partition("=")
+    if not (equals and side in ("left", "right")):
+        side, url = "", entry
+    server = EngineServer.at(url)
+    try:
+        server.read_report()
+    except EngineError as error:
+        logging.getLogger("app").warning("--engine %s: %s", url, error)
+    return registry.add_engine(server, side or None)
 
 
 def transport_problem(url: str, error: httpx.HTTPError) -> str:
