@@ -364,6 +364,22 @@ class Handlers:
         report.check_request(mode)
         return mode
 
+    def side_choices(self, conversation: Conversation, side: str) -> tuple[list[str], list[str], bool]:
+        """A side's method titles and budget names to choose from, and whether it may choose at all: a vLLM side
+        offers what its server lets a request ask for, or (a server that fixes them) only its own settings."""
+        mode, model = conversation.sides[side].mode, conversation.sides[side].model
+        server = self.registry.engines.get(model)
+        report = server.report if server is not None else None
+        live = server is None or (report is not None and report.per_request)  # else the server's mode, fixed
+        if server is None:
+            titles = method_titles()
+        elif live:  # the methods a request may ask this server for
+            titles = [title for title in method_titles() if report.serves(method_name(title))]
+        else:
+            titles = [mode.method_title]
+        choices = mode_choices(self.registry.family(model), mode.method if mode.enabled else FULL) if live else []
+        return titles, choices + ([] if mode.name in choices else [mode.name]), live  # the server's own, on vLLM
+
     def mode_controls(self, conversation: Conversation, values: bool = True) -> Results:
         """Each side's method, budget choices and custom boxes as the mode in force (`values`: the
         custom numbers too, so a refused budget leaves no trace)."""
@@ -371,18 +387,8 @@ class Handlers:
         for side in SIDES:
             mode = conversation.sides[side].mode
             family = self.registry.family(conversation.sides[side].model)
-            server = self.registry.engines.get(conversation.sides[side].model)
-            report = server.report if server is not None else None
-            live = server is None or (report is not None and report.per_request)  # else the server's mode, fixed
-            if server is None:
-                titles = method_titles()
-            elif live:  # the methods a request may ask this server for
-                titles = [title for title in method_titles() if report.serves(method_name(title))]
-            else:
-                titles = [mode.method_title]
+            titles, choices, live = self.side_choices(conversation, side)
             controls[f"{side}_method"] = gr.Dropdown(choices=titles, value=mode.method_title, interactive=live)
-            choices = mode_choices(family, mode.method if mode.enabled else FULL) if live else []
-            choices += [] if mode.name in choices else [mode.name]  # the server's own settings, on a vLLM side
             labels = budget_labels(family, mode)  # in the unit the budget counts on this family
             controls[f"{side}_mode"] = gr.Dropdown(
                 choices=choices, value=mode.name, interactive=live, info=labels["info"]

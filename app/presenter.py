@@ -15,10 +15,9 @@ import gradio as gr
 from app.conversation import SIDES, Conversation
 from app.handlers import new_conversation
 from app.models import ModelRegistry
-from app.modes import method_titles
 from app.page import Page
 from app.render import SIDE_NAMES
-from app.talk import RECORDINGS, SHORTCUTS, SLOWDOWNS, TalkHandlers, budget_choices, figures_html, speedup_html
+from app.talk import RECORDINGS, SHORTCUTS, SLOWDOWNS, TalkHandlers, figures_html, speedup_html
 
 if TYPE_CHECKING:
     from app.ui import Wiring
@@ -122,18 +121,19 @@ class TalkPage(Page):
 
     def render_side(self, side: str) -> None:
         mode = self.start.sides[side].mode
-        family = self.registry.family(self.registry.default)
+        titles, budgets, live = self.talk.side_choices(self.start, side)  # a side on a vLLM server: what it serves
         with gr.Column(scale=2):
             title = f"### {SIDE_NAMES[side]}: {mode.label}\n{self.start.sides[side].model}"
             self.add(f"{side}_title", gr.Markdown(title, elem_id=f"talk-{side}-title", elem_classes="talk-title"))
             with gr.Row(equal_height=True):
-                method = gr.Dropdown(
-                    method_titles(), value=mode.method_title, label="Method", scale=3, elem_id=f"talk-{side}-method"
-                )
-                self.add(f"{side}_method", method)
-                budgets = budget_choices(family, mode)
-                budget = gr.Dropdown(budgets, value=mode.name, label="Budget", scale=3, elem_id=f"talk-{side}-budget")
-                self.add(f"{side}_budget", budget)
+                for part, label, choices, value in (
+                    ("method", "Method", titles, mode.method_title),
+                    ("budget", "Budget", budgets, mode.name),
+                ):
+                    dropdown = gr.Dropdown(
+                        choices, value=value, label=label, interactive=live, scale=3, elem_id=f"talk-{side}-{part}"
+                    )
+                    self.add(f"{side}_{part}", dropdown)
                 self.add(f"{side}_down", gr.Button("−", scale=1, min_width=56, elem_id=f"talk-{side}-down"))
                 self.add(f"{side}_up", gr.Button("+", scale=1, min_width=56, elem_id=f"talk-{side}-up"))
             # every budget the method allows on this image (issue 19, item 4): a preview, drawn on release

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
@@ -26,7 +26,7 @@ from app.handlers import ON_SERVER, Handlers, same_file, uploaded_path
 from app.hosting import machine_description, timing_method
 from app.media import MediaError
 from app.models import ModelLoadError
-from app.modes import CUSTOM, CUSTOM_TOKENS, FULL, method_titles, mode_choices, translate_mode, use_mode
+from app.modes import CUSTOM, CUSTOM_TOKENS, make_mode, method_titles, mode_choices, translate_mode, use_mode
 from app.render import SIDE_NAMES
 from app.stats import TurnStats
 
@@ -240,17 +240,23 @@ class TalkHandlers:
     def scrub_right(self, conversation: Conversation, value: float) -> Results:
         return self.scrub_side(conversation, "right", value)
 
-    def controls(self, conversation: Conversation, family: Callable[[str], str] | None = None) -> Results:
-        """Each side's method and budget dropdowns as the conversation's modes (presets only)."""
+    def controls(self, conversation: Conversation, live: bool = False) -> Results:
+        """Each side's method and budget dropdowns as the conversation's modes (presets only); `live`: what each
+        side may choose now (a vLLM side: what its server serves), else a replay's recorded settings."""
         results: Results = {}
         for side in SIDES:
             mode = conversation.sides[side].mode
-            choices = [mode.name]
-            if family is not None:
-                choices = budget_choices(family(conversation.sides[side].model), mode)
-            results[f"{side}_method"] = gr.Dropdown(choices=method_titles(), value=mode.method_title)
-            results[f"{side}_budget"] = gr.Dropdown(choices=choices, value=mode.name)
+            titles, choices, interactive = method_titles(), [mode.name], True
+            if live:
+                titles, choices, interactive = self.side_choices(conversation, side)
+            results[f"{side}_method"] = gr.Dropdown(choices=titles, value=mode.method_title, interactive=interactive)
+            results[f"{side}_budget"] = gr.Dropdown(choices=choices, value=mode.name, interactive=interactive)
         return results
+
+    def side_choices(self, conversation: Conversation, side: str) -> tuple[list[str], list[str], bool]:
+        """The page's `side_choices` (a vLLM side: what its server serves), presets only: a talk picks presets."""
+        titles, choices, live = self.page.side_choices(conversation, side)
+        return titles, [name for name in choices if name not in (CUSTOM, CUSTOM_TOKENS)], live
 
     def servable(self, conversation: Conversation) -> Conversation:
         """The conversation with each side on a model this app serves: a replayed recording may name one it
@@ -424,7 +430,7 @@ class TalkHandlers:
         page_event = SimpleNamespace(target=SimpleNamespace(elem_id=f"{changed}-method")) if changed else None
         results = self.page.set_mode(self.servable(conversation), **values, event=page_event)
         conversation = results["state"]
-        return {**self.views(conversation), **self.controls(conversation, self.registry.family)}
+        return {**self.views(conversation), **self.controls(conversation, live=True)}
 
     def step_budget(self, conversation: Conversation, side: str, step: int) -> Results:
         """The side's next larger (step -1) or smaller (+1) preset budget of its method."""
@@ -432,18 +438,14 @@ class TalkHandlers:
         mode = conversation.sides[side].mode
         if not mode.enabled:
             raise gr.Error(f"The {side} side runs the full model: pick a method first.")
-        choices = budget_choices(self.registry.family(conversation.sides[side].model), mode)
-        index = choices.index(mode.name) + step if mode.name in choices else 0
+        _, choices, live = self.side_choices(conversation, side)
+        if not live:
+            raise gr.Error(f"The {side} side runs on a vLLM server that sets its own method and budget.")
+        family = self.registry.family(conversation.sides[side].model)
+        presets = [name for name in choices if name != mode.name or name in mode_choices(family, mode.method)]
+        labels = [make_mode(name, family).label for name in presets]  # a vLLM server's own settings: the preset
+        index = labels.index(mode.label) + step if mode.label in labels else 0  # they equal, if any
         budgets = {s: conversation.sides[s].mode.name for s in SIDES}
-        budgets[side] = choices[min(max(index, 0), len(choices) - 1)]
+        budgets[side] = presets[min(max(index, 0), len(presets) - 1)]
         titles = {s: conversation.sides[s].mode.method_title for s in SIDES}
         return self.set_mode(conversation, titles["left"], budgets["left"], titles["right"], budgets["right"])
-
-
-def budget_choices(family: str, mode) -> list[str]:
-    """A side's preset budgets, most tokens first (no custom entries: a talk picks presets)."""
-    return [
-        name
-        for name in mode_choices(family, mode.method if mode.enabled else FULL)
-        if name not in (CUSTOM, CUSTOM_TOKENS)
-    ]

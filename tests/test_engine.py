@@ -256,6 +256,13 @@ def test_a_presenter_turn_with_the_left_side_on_vllm_is_recorded_and_replays_nam
     assert replayed.sides["left"].model == engine_label and vllm_server.checkpoint not in json.dumps(
         recording.to_document(replayed, turn.measured_on)
     )
+    # the presenter's controls offer what the server serves; its keys step the budget the next request asks for
+    controls = talk.controls(conversation, live=True)
+    assert not {"FastV", "CDPruner"} & {value for _, value in controls["left_method"].choices}
+    stepped = talk.step_budget(conversation, "left", 1)["state"]  # one preset smaller than the server's own
+    assert stepped.sides["left"].mode.label == "VisionZip 27+5/tile" and "left_overlay" in talk.preview(stepped)
+    turn = list(talk.ask(QUESTIONS[1], stepped))[-1]["state"].turns[-1]
+    assert turn.stats["left"].error is None and turn.stats["left"].mode == "VisionZip 27+5/tile"
 
 
 # -- error cases: no vLLM needed ---------------------------------------------------------------------
