@@ -29,6 +29,7 @@ from urllib.parse import urlsplit
 import httpx
 from PIL import Image
 
+from app.modes import FULL as FULL_TITLE
 from app.modes import FULL_MODE, Mode
 from app.stats import TurnStats
 from visionzip_vllm.options import FULL, OPTIONS_KEY, REFUSED, STOCK_ARCHITECTURES, server_settings
@@ -61,6 +62,13 @@ FAMILIES = {  # vLLM's stock architecture -> the library's family
     "LlavaForConditionalGeneration": "llava",
     "LlavaOnevisionForConditionalGeneration": "llava_onevision",
 }
+
+
+# a request may ask a server for at most its own count of visual tokens (vLLM sizes its caches from it)
+FULL_REFUSED = (
+    "Full asks for every visual token, more than this server's own {server} lets a request ask for (vLLM sizes "
+    "its encoder cache and KV cache from it): to compare against the full model, start a server without reduction"
+)
 
 
 def request_options(mode: Mode) -> dict:
@@ -105,15 +113,17 @@ class ServerReport:
         stock = {ours: stock for stock, ours in STOCK_ARCHITECTURES.items()}.get(self.architecture, self.architecture)
         return FAMILIES.get(stock, "llava_next")
 
-    @staticmethod
-    def serves(method: str) -> bool:
-        """Whether a request may ask for `method` (a library name, or FULL): not FastV or CDPruner (the plugin's
-        REFUSED, with its reasons)."""
+    def serves(self, method: str) -> bool:
+        """Whether a request may ask for `method` (a library name, or the page's FULL): not FastV or CDPruner (the
+        plugin's REFUSED, with its reasons), and not every token from a server that reduces (`FULL_REFUSED`)."""
+        if method in (FULL, FULL_TITLE):
+            return not self.mode.enabled
         return method not in REFUSED
 
-    @staticmethod
-    def check_request(mode: Mode) -> None:
+    def check_request(self, mode: Mode) -> None:
         """A ValueError with the plugin's reason where a request cannot ask for `mode`'s method."""
+        if not mode.enabled and self.mode.enabled:
+            raise ValueError(FULL_REFUSED.format(server=self.mode.label))
         if mode.enabled and mode.method in REFUSED:
             raise ValueError(REFUSED[mode.method])
 

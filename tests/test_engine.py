@@ -192,9 +192,13 @@ def test_a_vllm_side_offers_what_the_server_serves_and_refuses_a_budget_above_it
     controls = handlers.mode_controls(conversation)
     methods = controls["right_method"].choices
     assert controls["right_method"].interactive and controls["right_mode"].interactive
-    assert ("DivPrune", "DivPrune") in methods and not {"FastV", "CDPruner"} & {value for _, value in methods}
+    assert ("DivPrune", "DivPrune") in methods and not {"FastV", "CDPruner", "Full"} & {value for _, value in methods}
     with pytest.raises(gr.Error, match="Right side: FastV drops image tokens inside the language model"):
         right_mode(handlers, conversation, "FastV 320", "FastV")  # what the API could still ask for
+    with pytest.raises(
+        gr.Error, match=f"Right side: Full asks for every visual token, more than .* {re.escape(SERVER_MODE)}"
+    ):
+        right_mode(handlers, conversation, "Full", "Full")  # above the server's own count on every image
     conversation = list(handlers.ask(QUESTIONS[0], conversation))[-1]["state"]
     kept = conversation.sides
     conversation = right_mode(handlers, conversation, "VisionZip 640", "VisionZip")["state"]
