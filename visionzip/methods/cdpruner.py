@@ -14,6 +14,7 @@ segments, k kept per tile.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -122,8 +123,8 @@ class GreedyMap:
         self.step += 1
 
     def copy(self) -> GreedyMap:
-        twin = object.__new__(GreedyMap)
-        twin.tiles, twin.gains, twin.step = self.tiles, self.gains, self.step
+        """A state to run ahead on (a guess) without moving this one: `take` replaces the gains, writes the rest."""
+        twin = copy.copy(self)
         twin.vectors, twin.taken = self.vectors.clone(), self.taken.clone()
         return twin
 
