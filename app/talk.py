@@ -438,11 +438,10 @@ class TalkHandlers:
         mode = conversation.sides[side].mode
         if not mode.enabled:
             raise gr.Error(f"The {side} side runs the full model: pick a method first.")
-        _, choices, live = self.side_choices(conversation, side)
-        if not live:
+        if not self.side_choices(conversation, side)[2]:
             raise gr.Error(f"The {side} side runs on a vLLM server that sets its own method and budget.")
         family = self.registry.family(conversation.sides[side].model)
-        presets = [name for name in choices if name != mode.name or name in mode_choices(family, mode.method)]
+        presets = [name for name in mode_choices(family, mode.method) if name not in (CUSTOM, CUSTOM_TOKENS)]
         labels = [make_mode(name, family).label for name in presets]  # a vLLM server's own settings: the preset
         index = labels.index(mode.label) + step if mode.label in labels else 0  # they equal, if any
         budgets = {s: conversation.sides[s].mode.name for s in SIDES}

@@ -9,8 +9,9 @@ variant is one vision step, `get_image_features` under the method; `own ms` is t
 and the projector's time, as `bench.phases` counts it (DivPrune's therefore holds the stock unpad/newline
 packing it chooses from, which the full model pays too; `stock` shows that part alone, and `own beyond
 stock` is DivPrune's own less stock's).  CDPruner's swap is its whole `reduce_tiles` and its CLIP side
-(`ClipText.embed_text`, the question's text tower); the projector is timed apart in both rows.  Every round runs every variant, in an order rotated each round; the first --warmup rounds are
-dropped, each figure is the median of the rest.  `selection alone` then times just the selection functions
+(`ClipText.embed_text`, the question's text tower); the projector is timed apart in both rows.  Every
+round runs every variant, in an order rotated each round; the first --warmup rounds are dropped, each
+figure is the median of the rest.  `selection alone` then times just the selection functions
 (DivPrune's greedy max-min, CDPruner's kernel and greedy MAP), variants interleaved, 3 x --repeats rounds
 after one untimed, on the arguments they got in a vision step.  Every %tower divides by the tower's median
 over all variants' rounds (the same work in each; on a shared CPU its time swings with the load).  The
@@ -83,26 +84,22 @@ def baseline_functions(commit: str, path: str, names: tuple[str, ...]) -> dict[s
     relative imports resolve here, but for BASELINE_IMPORTS, which are the commit's too)."""
     source = git_show(commit, path)
     package = ".".join(Path(path).parent.parts)
+    dots = "." * (package.count(".") + 1)  # as the file imports a module of visionzip/: from ..similarity
     for name in BASELINE_IMPORTS:
-        imported = f"{(package.count('.') + 1) * '.'}{name} import"  # as the file writes it: from ..similarity
-        if f"from {imported}" in source:
-            private = baseline_module(commit, f"visionzip/{name}.py", "visionzip")
-            source = source.replace(
-                f"from {imported}", f"from {imported.removesuffix(f'{name} import')}{private} import"
-            )
+        if f"from {dots}{name} import" in source:
+            private = baseline_module(commit, f"visionzip/{name}.py", "visionzip").__name__.rpartition(".")[2]
+            source = source.replace(f"from {dots}{name} import", f"from {dots}{private} import")
     module = baseline_module(commit, path, package, source)
     return {name: _attribute(module, name) for name in names}
 
 
-def baseline_module(commit: str, path: str, package: str, source: str | None = None) -> str | types.ModuleType:
-    """`path` at `commit` (or `source` given for it) as a module `_baseline_NAME` of `package`: the module,
-    and its bare name when it was loaded for another baseline file to import."""
-    name = f"_baseline_{Path(path).stem}"
-    module = types.ModuleType(f"{package}.{name}")
+def baseline_module(commit: str, path: str, package: str, source: str | None = None) -> types.ModuleType:
+    """`path` at `commit` (or `source` given for it) as a module `_baseline_NAME` of `package`."""
+    module = types.ModuleType(f"{package}._baseline_{Path(path).stem}")
     module.__package__ = package
     sys.modules[module.__name__] = module  # a dataclass in it looks its module up while being made
     exec(compile(source or git_show(commit, path), f"{commit}:{path}", "exec"), module.__dict__)
-    return module if source is not None else name
+    return module
 
 
 def git_show(commit: str, path: str) -> str:

@@ -13,7 +13,7 @@ SCREEN_BLOCK_ROWS = 512  # bfloat16 bands: matrix units want larger blocks (2,92
 
 def cosine_gram(vectors: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
     """(..., N, E) vectors, optional (..., N) weights w -> (..., N, N) w_i w_j cos(v_i, v_j), in float32
-    or wider (the vectors' dtype if wider).  Entries off the diagonal blocks are exactly symmetric."""
+    or wider (the vectors' or weights' dtype if wider).  Entries off the diagonal blocks are exactly symmetric."""
     return symmetric_product(weighted_unit_rows(vectors, weights), BLOCK_ROWS)
 
 

@@ -112,11 +112,11 @@ class Method:
     ) -> TileOutput:
         raise TypeError(f"{self.title} is not a per-tile method")
 
-    def score_span(self, signals: TowerSignals, settings: Settings) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """For a method that scales its scores by their range over all of a call's tiles (CDPruner): the
-        (min, max) over these tiles, so that a call reaching the tower in chunks (a video's frames) can pass
-        the whole call's range to every chunk (`TowerSignals.score_span`).  None: each chunk chooses alone."""
-        return None
+    def score_span(self, signals: TowerSignals, settings: Settings) -> tuple[torch.Tensor, torch.Tensor]:
+        """For a method that scales its scores by their range over all of a call's tiles (`spans_call`,
+        CDPruner): the (min, max) over these tiles, so that a call reaching the tower in chunks (a video's
+        frames) can pass the whole call's range to every chunk (`TowerSignals.score_span`)."""
+        raise TypeError(f"{self.title} does not scale its scores over a call's tiles")
 
     # -- per image ------------------------------------------------------------------------------
     def image_tokens(self, settings: Settings, stock_tokens: int) -> int:
