@@ -203,7 +203,7 @@ def test_llava_next_picks_and_features_match_the_reference(models64, tiny_clip, 
 def test_video_frames_are_scored_over_the_whole_clip_in_any_batches(models64, tiny_clip, make_image, monkeypatch):
     """A video's frames reach the tower 16 at a time; relevance is normalised over every frame of the call, as
     the official code normalises one batch of tiles, so no frame's choice depends on how frames are batched;
-    the question goes through the text tower once per call."""
+    the question goes through the text tower once per call, and each frame through the image projection once."""
     from visionzip.clip_text import ClipText
     from visionzip.video import frame_features, frame_pixel_values
 
@@ -211,6 +211,10 @@ def test_video_frames_are_scored_over_the_whole_clip_in_any_batches(models64, ti
     pixels = frame_pixel_values(processor, [make_image(336, 336, seed=seed) for seed in range(20)])
     embed_text, texts = ClipText.embed_text, []
     monkeypatch.setattr(ClipText, "embed_text", lambda clip, *args: texts.append(args) or embed_text(clip, *args))
+    embed_patches, embedded = ClipText.embed_patches, []  # frames through the CLIP image projection
+    monkeypatch.setattr(
+        ClipText, "embed_patches", lambda clip, states: embedded.append(len(states)) or embed_patches(clip, states)
+    )
     handle = visionzip.apply(model, processor)
     try:
         kept = {}
@@ -218,6 +222,8 @@ def test_video_frames_are_scored_over_the_whole_clip_in_any_batches(models64, ti
             with handle.use(method="cdpruner", tokens=24, text=QUESTION) as call, torch.no_grad():
                 assert frame_features(handle, pixels, batch_size=batch_size).shape[:2] == (20, 24)
             kept[batch_size] = [image.tiles[0].kept.tolist() for image in call.selection]
+            assert sum(embedded) == 20, batch_size  # each frame once, though its batch is scored twice
+            embedded.clear()
         assert len(texts) == 3  # once per call, not per batch
     finally:
         handle.remove()

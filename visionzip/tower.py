@@ -34,6 +34,7 @@ class TowerSignals:
     # that read more of the model or the call than the feature layer (CDPruner: post_layernorm, the question)
     first_tile: int = 0  # these tiles' place among the call's tiles: a video's frames reach the tower in chunks
     score_span: tuple[torch.Tensor, torch.Tensor] | None = None  # the whole call's (min, max) (Method.score_span)
+    scores: torch.Tensor | None = None  # (T, P) the method's raw scores of these tiles, kept by score_span
     cls_tokens: int = 1  # leading CLS tokens before the patches: 1 (CLIP), 0 (SigLIP)
 
     @property

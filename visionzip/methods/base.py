@@ -115,7 +115,8 @@ class Method:
     def score_span(self, signals: TowerSignals, settings: Settings) -> tuple[torch.Tensor, torch.Tensor]:
         """For a method that scales its scores by their range over all of a call's tiles (`spans_call`,
         CDPruner): the (min, max) over these tiles, so that a call reaching the tower in chunks (a video's
-        frames) can pass the whole call's range to every chunk (`TowerSignals.score_span`)."""
+        frames) can pass the whole call's range to every chunk (`TowerSignals.score_span`).  It may keep the
+        scores on the signals (`TowerSignals.scores`), so that reduce_tiles does not compute them again."""
         raise TypeError(f"{self.title} does not scale its scores over a call's tiles")
 
     # -- per image ------------------------------------------------------------------------------

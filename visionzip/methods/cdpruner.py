@@ -51,7 +51,13 @@ def relevance(
     once), or `span`: the (min, max) of r over all of a call's tiles when they come in chunks.  With
     `theta` (the paper's option, commented out in the official code): r -> exp(theta / (2 (1 - theta)) r).
     """
-    scores = raw_relevance(image_embeds, text_embeds)
+    return normalised_relevance(raw_relevance(image_embeds, text_embeds), theta, span)
+
+
+def normalised_relevance(
+    scores: torch.Tensor, theta: float | None = None, span: tuple[torch.Tensor, torch.Tensor] | None = None
+) -> torch.Tensor:
+    """(T, N) `raw_relevance` -> (T, N) `relevance`: min-max over all T tiles, or over `span`; then theta."""
     low, high = span if span is not None else (scores.min(), scores.max())
     scores = (scores - low + 1e-6) / (high - low)
     if theta is not None:
@@ -223,15 +229,16 @@ class CDPruner(Method):
     ) -> TileOutput:
         features = project(signals.patches)  # (T, N, E): stock LLaVA's tokens, before any is dropped
         with torch.no_grad():  # the choice is discrete; gradients, if any, flow through the kept features
-            scores = relevance(*self.embeddings(signals, settings), self.theta, signals.score_span)  # (T, N)
+            raw = signals.scores if signals.scores is not None else raw_relevance(*self.embeddings(signals, settings))
+            scores = normalised_relevance(raw, self.theta, signals.score_span)  # (T, N)
             kept = dpp_select(features, scores, settings.tokens).sort(dim=1).values  # (T, k)
         tokens = take_tokens(features, kept)  # (T, k, E)
         return TileOutput(tokens, kept, kept_tiles(kept, signals.side))
 
     def score_span(self, signals: TowerSignals, settings: Settings) -> tuple[torch.Tensor, torch.Tensor]:
-        with torch.no_grad():
-            scores = raw_relevance(*self.embeddings(signals, settings))
-        return scores.min(), scores.max()
+        with torch.no_grad():  # kept on the signals: reduce_tiles scores these tiles with them, not again
+            signals.scores = raw_relevance(*self.embeddings(signals, settings))  # (T, N)
+        return signals.scores.min(), signals.scores.max()
 
     @staticmethod
     def embeddings(signals: TowerSignals, settings: Settings) -> tuple[torch.Tensor, torch.Tensor]:
