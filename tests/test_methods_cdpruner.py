@@ -222,7 +222,7 @@ def test_video_frames_are_scored_over_the_whole_clip_in_any_batches(models64, ti
             with handle.use(method="cdpruner", tokens=24, text=QUESTION) as call, torch.no_grad():
                 assert frame_features(handle, pixels, batch_size=batch_size).shape[:2] == (20, 24)
             kept[batch_size] = [image.tiles[0].kept.tolist() for image in call.selection]
-            assert sum(embedded) == 20, batch_size  # each frame once, though its batch is scored twice
+            assert sum(embedded) == 20, batch_size  # each frame once: for the clip's range and to choose
             embedded.clear()
         assert len(texts) == 3  # once per call, not per batch
     finally:
