@@ -256,7 +256,7 @@ class TalkHandlers:
     def side_choices(self, conversation: Conversation, side: str) -> tuple[list[str], list[str], bool]:
         """The page's `side_choices` (a vLLM side: what its server serves), presets only: a talk picks presets."""
         titles, choices, live = self.page.side_choices(conversation, side)
-        return titles, [name for name in choices if name not in (CUSTOM, CUSTOM_TOKENS)], live
+        return titles, preset_names(choices), live
 
     def servable(self, conversation: Conversation) -> Conversation:
         """The conversation with each side on a model this app serves: a replayed recording may name one it
@@ -441,10 +441,15 @@ class TalkHandlers:
         if not self.side_choices(conversation, side)[2]:
             raise gr.Error(f"The {side} side runs on a vLLM server that sets its own method and budget.")
         family = self.registry.family(conversation.sides[side].model)
-        presets = [name for name in mode_choices(family, mode.method) if name not in (CUSTOM, CUSTOM_TOKENS)]
+        presets = preset_names(mode_choices(family, mode.method))
         labels = [make_mode(name, family).label for name in presets]  # a vLLM server's own settings: the preset
         index = labels.index(mode.label) + step if mode.label in labels else 0  # they equal, if any
         budgets = {s: conversation.sides[s].mode.name for s in SIDES}
         budgets[side] = presets[min(max(index, 0), len(presets) - 1)]
         titles = {s: conversation.sides[s].mode.method_title for s in SIDES}
         return self.set_mode(conversation, titles["left"], budgets["left"], titles["right"], budgets["right"])
+
+
+def preset_names(choices: list[str]) -> list[str]:
+    """A budget list without its custom entries: a talk picks presets."""
+    return [name for name in choices if name not in (CUSTOM, CUSTOM_TOKENS)]
